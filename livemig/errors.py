@@ -1,0 +1,93 @@
+"""The error tree of livemig.
+
+One root, :class:`MigrationError`, split by who is to blame, so that a caller
+can decide what to do without parsing messages:
+
+* the peer sent something wrong -> :class:`StreamFormatError` (with the stream
+  offset, the channel and the section it happened in);
+* the caller asked for something impossible -> :class:`ConfigError`,
+  :class:`StateError`;
+* the environment broke -> :class:`TransportError` / :class:`ChannelError`
+  (the OS error is kept as ``__cause__``).
+
+The command line prints ``str(error)`` on one line and exits non-zero; the
+message therefore has to say what was wrong and where on its own.
+"""
+
+from __future__ import annotations
+
+
+class MigrationError(Exception):
+    """Root of every error livemig raises on purpose."""
+
+
+class StreamFormatError(MigrationError):
+    """The peer's bytes do not follow the wire format.
+
+    ``offset`` is the position in the named stream (main channel, multifd
+    channel N, snapshot file) where the offending record starts.
+    """
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        offset: int | None = None,
+        where: str | None = None,
+        raw: bytes | None = None,
+    ) -> None:
+        self.message = message
+        self.offset = offset
+        self.where = where
+        self.raw = raw
+        super().__init__(message)
+
+    def locate(self, where: str, base_offset: int = 0) -> "StreamFormatError":
+        """Attach the stream name and turn a buffer offset into a stream offset."""
+        if self.where is None:
+            self.where = where
+        if self.offset is not None and base_offset:
+            self.offset += base_offset
+        return self
+
+    def __str__(self) -> str:
+        parts = []
+        if self.where:
+            parts.append(self.where)
+        if self.offset is not None:
+            parts.append(f"offset {self.offset:#x}")
+        prefix = ", ".join(parts)
+        return f"{prefix}: {self.message}" if prefix else self.message
+
+
+class TruncatedStream(StreamFormatError):
+    """The peer closed (or the file ended) in the middle of a record."""
+
+
+class LimitExceeded(StreamFormatError):
+    """A length read from the wire is above the limit livemig accepts."""
+
+
+class ConfigError(MigrationError):
+    """The caller asked for something that cannot work (bad URI, bad option)."""
+
+
+class StateError(MigrationError):
+    """An operation was called in a run state that does not allow it."""
+
+    def __init__(self, state: object, required: object) -> None:
+        self.state = state
+        self.required = required
+        super().__init__(f"operation needs state {required}, but the state is {state}")
+
+
+class TransportError(MigrationError):
+    """A channel could not be opened, or it broke (the OS error is the cause)."""
+
+
+class ChannelError(TransportError):
+    """One multifd channel failed; names the channel."""
+
+
+class PeerError(MigrationError):
+    """The peer reported a failure of its own (QEMU's error text is kept)."""

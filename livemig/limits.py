@@ -1,0 +1,52 @@
+"""Every limit on a length read from the wire, in one place.
+
+A length from the peer is compared with these before anything is allocated,
+so a hostile stream can make livemig fail, never make it allocate.
+"""
+
+#: x86's target page size; the only one livemig supports (the JSON
+#: description's ``page_size`` and the mapped-ram header are checked against it).
+TARGET_PAGE_SIZE = 4096
+
+#: A counted string's length is one byte, so idstrs cannot exceed this.
+MAX_IDSTR = 255
+
+#: Machine type names are short ("pc-i440fx-10.0"); a be32 length above this
+#: is garbage, not a machine.
+MAX_MACHINE_NAME = 256
+
+#: The configuration capability list: QEMU validates at most a handful.
+MAX_CONFIG_CAPABILITIES = 64
+
+#: COMMAND payloads are tiny except POSTCOPY_RAM_DISCARD; one 64 KiB frame is
+#: far above anything QEMU emits in one command.
+MAX_COMMAND_LEN = 65535
+
+#: RAM blocks in one MEM_SIZE list. A pc guest has 6-10; DIMMs add one each.
+MAX_RAM_BLOCKS = 4096
+
+#: Size of one RAM block (and of the total). 16 TiB is beyond any guest this
+#: tool will see; it bounds the bitmap allocation (4 Mi pages per 16 GiB).
+MAX_RAM_BLOCK_BYTES = 1 << 44
+
+#: The vmstate JSON description: ~100 KB for a pc guest; 64 MiB leaves room for
+#: machines with thousands of devices while bounding the buffer.
+MAX_VMDESC_JSON = 64 << 20
+
+#: Bytes of device sections kept in memory between the end of RAM and EOF
+#: (they can only be split once the JSON arrives at the very end).
+MAX_DEVICE_STATE_TAIL = 256 << 20
+
+#: multifd: pages per packet is 512 KiB / page size (MULTIFD_PACKET_SIZE).
+MULTIFD_PACKET_BYTES = 512 << 10
+MULTIFD_PAGES_PER_PACKET = MULTIFD_PACKET_BYTES // TARGET_PAGE_SIZE
+
+#: The 10.0 receiver refuses a compressed payload above 2 x 512 KiB.
+MAX_MULTIFD_COMPRESSED_PAYLOAD = 2 * MULTIFD_PACKET_BYTES
+
+#: multifd-channels is a u8 parameter in QEMU.
+MAX_MULTIFD_CHANNELS = 255
+
+#: The main channel's read buffer: large enough that RAM records are parsed in
+#: bulk (hundreds of pages per parse call), small enough to stay in L2/L3.
+MAIN_READ_BUFFER = 4 << 20
