@@ -119,8 +119,10 @@ EOF
     *) die "bookworm-backports offers qemu-system-x86 '${ver:-nothing}', expected 1:10.0.x" ;;
   esac
   log "downloading qemu-system-x86 $ver"
-  (cd "$work/debs" && quiet apt-get "${APT[@]}" download \
-     "qemu-system-x86=$ver" "qemu-system-common=$ver" "qemu-system-data=$ver")
+  cd "$work/debs"
+  quiet apt-get "${APT[@]}" download \
+    "qemu-system-x86=$ver" "qemu-system-common=$ver" "qemu-system-data=$ver"
+  cd /
 
   # The shared libraries these packages link against all exist in bookworm main under the
   # same (soname-carrying) package names; install the ones that are missing.

@@ -37,22 +37,32 @@ else
 fi
 
 # --- 2. virtualenv ---------------------------------------------------------------------------
-command -v "$PYTHON" >/dev/null || die "python interpreter '$PYTHON' not found"
+# On a bare Debian system (as root) the interpreter and its venv module come from apt.
+apt_python() {
+  log "apt-get install python3 python3-venv"
+  export DEBIAN_FRONTEND=noninteractive
+  apt-get install -y -qq --no-install-recommends python3 python3-venv >/dev/null 2>&1 \
+    || { apt-get update -qq && apt-get install -y -qq --no-install-recommends \
+           python3 python3-venv >/dev/null; }
+}
+can_apt_python() {
+  [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null && [ "$PYTHON" = python3 ] \
+    && { ! command -v python3 >/dev/null \
+         || [ "$(readlink -f "$(command -v python3)")" = "$(readlink -f /usr/bin/python3)" ]; }
+}
+
+if ! command -v "$PYTHON" >/dev/null; then
+  can_apt_python || die "python interpreter '$PYTHON' not found"
+  apt_python
+  hash -r
+fi
 "$PYTHON" -c 'import sys; sys.exit(sys.version_info < (3, 11))' \
   || die "$PYTHON is $("$PYTHON" -V 2>&1); livemig needs Python >= 3.11"
-
 if ! "$PYTHON" -c 'import venv, ensurepip' 2>/dev/null; then
-  # Debian splits venv/ensurepip out of the interpreter package.
-  if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null \
-     && [ "$(readlink -f "$(command -v "$PYTHON")")" = "$(readlink -f /usr/bin/python3)" ]; then
-    log "apt-get install python3-venv"
-    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends \
-      python3-venv >/dev/null \
-      || { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq \
-             --no-install-recommends python3-venv >/dev/null; }
-  else
-    die "$PYTHON cannot create virtualenvs (on Debian: apt-get install python3-venv)"
-  fi
+  # Debian ships venv's ensurepip separately (python3-venv).
+  can_apt_python || die "$PYTHON cannot create virtualenvs (on Debian: apt-get install python3-venv)"
+  apt_python
+  "$PYTHON" -c 'import venv, ensurepip' || die "python3-venv did not make ensurepip available"
 fi
 
 if ! "$VENV/bin/python" -c 'import sys' 2>/dev/null; then
@@ -71,8 +81,8 @@ if [ "$(cat "$stamp" 2>/dev/null || true)" = "$want" ] \
 else
   log "pip install -e '.[test]' into $VENV"
   rm -f "$stamp"
-  (cd "$ROOT" && "$VENV/bin/python" -m pip install --quiet --disable-pip-version-check \
-     -e '.[test]')
+  cd "$ROOT"
+  "$VENV/bin/python" -m pip install --quiet --disable-pip-version-check -e '.[test]'
   "$VENV/bin/python" -c 'import livemig, numpy, zstandard, qemu.qmp, rich, pytest, hypothesis' \
     || die "the virtualenv cannot import livemig and its test dependencies after installing"
   echo "$want" >"$stamp"

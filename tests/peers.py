@@ -9,6 +9,8 @@ Not a test module: a helper that tests import (``from peers import QemuPeer``).
 * :class:`QemuPeer` starts one QEMU (TCG, no default devices, no display) with a QMP
   socket, talks QMP through ``qemu.qmp`` on a private event loop running in a background
   thread, and always kills the process and removes its temporary files on exit.
+* :func:`capture_info`, :func:`read_capture` and :func:`expected_guest_ram` read the
+  recorded migrations in tests/data (see tests/data/README.md).
 * :class:`RecordingSink` accepts any number of connections on a unix or TCP socket and
   records each connection's bytes separately (e.g. the main and multifd channels of a
   migration whose source needs nothing back).
@@ -20,6 +22,8 @@ from __future__ import annotations
 
 import asyncio
 import functools
+import json
+import lzma
 import os
 import re
 import shutil
@@ -40,6 +44,7 @@ import pytest
 from qemu.qmp import ExecuteError, QMPClient
 
 __all__ = [
+    "DATA_DIR",
     "INSTALL_SCRIPT",
     "MIGRATION_TERMINAL_STATES",
     "QEMU_BINARIES",
@@ -48,10 +53,14 @@ __all__ = [
     "QmpCommandError",
     "RecordingSink",
     "blob_bytes",
+    "capture_info",
+    "capture_names",
+    "expected_guest_ram",
     "free_tcp_port",
     "make_blob",
     "parse_size",
     "qemu_version",
+    "read_capture",
     "require_qemu",
 ]
 
@@ -212,6 +221,56 @@ def _kill_process(proc: subprocess.Popen[bytes], private_dir: str) -> None:
         except subprocess.TimeoutExpired:
             pass
     shutil.rmtree(private_dir, ignore_errors=True)
+
+
+# --------------------------------------------------------------------------------------------
+# Recorded captures (tests/data, made by tests/data/make_captures.py)
+# --------------------------------------------------------------------------------------------
+
+DATA_DIR = Path(__file__).resolve().parent / "data"
+
+
+@functools.cache
+def _capture_index() -> dict[str, Any]:
+    return dict(json.loads((DATA_DIR / "captures.json").read_text()))
+
+
+def capture_info(name: str) -> dict[str, Any]:
+    """The captures.json entry of capture ``name`` (e.g. "qemu7.2-multifd-zlib-2ch")."""
+    for entry in _capture_index()["captures"]:
+        if entry["name"] == name:
+            return dict(entry)
+    known = [e["name"] for e in _capture_index()["captures"]]
+    raise KeyError(f"no capture {name!r} in {DATA_DIR / 'captures.json'}; known: {known}")
+
+
+def capture_names() -> list[str]:
+    return [e["name"] for e in _capture_index()["captures"]]
+
+
+def read_capture(relpath: str | os.PathLike[str]) -> bytes:
+    """Bytes of a file under tests/data, decompressed if it is stored as ``.xz``.
+
+    ``relpath`` may name the stored file ("qemu7.2-precopy.stream.xz") or the logical one
+    ("qemu7.2-precopy.stream"); both return the uncompressed bytes.
+    """
+    path = DATA_DIR / relpath
+    if not path.exists() and path.with_name(path.name + ".xz").exists():
+        path = path.with_name(path.name + ".xz")
+    data = path.read_bytes()
+    return lzma.decompress(data) if path.name.endswith(".xz") else data
+
+
+def expected_guest_ram(entry: Mapping[str, Any], size: int | None = None) -> bytes:
+    """The first ``size`` bytes (default: all) of the capture source's pc.ram: zeros with
+    the entry's blobs placed at their addresses."""
+    total = int(entry["memory_bytes"]) if size is None else size
+    ram = bytearray(total)
+    for b in entry["blobs"]:
+        addr, data = int(b["addr"]), blob_bytes(int(b["size"]), int(b["seed"]))
+        if addr < total:
+            ram[addr:min(total, addr + len(data))] = data[: total - addr]
+    return bytes(ram)
 
 
 # --------------------------------------------------------------------------------------------

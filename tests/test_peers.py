@@ -18,14 +18,19 @@ from peers import (
     QmpCommandError,
     RecordingSink,
     blob_bytes,
+    capture_info,
+    capture_names,
+    expected_guest_ram,
     free_tcp_port,
     make_blob,
     parse_size,
+    read_capture,
     require_qemu,
 )
 
 VERSIONS = ["7.2", "10.0"]
 BLOB_ADDR = 0x100000
+PAGE = 4096  # x86 target page size
 
 
 @pytest.fixture
@@ -250,3 +255,50 @@ def test_multifd_into_recording_sink(version: str, short_tmp: Path) -> None:
     assert len(main) == 1 and channels == [0, 1]
     assert conns[0][:4] == b"QEVM"  # the main channel connects (and is accepted) first
     assert info["status"] == "completed"
+
+
+# ---- recorded captures (tests/data) ---------------------------------------------------------
+
+
+@pytest.mark.parametrize("name", capture_names())
+def test_capture_files_match_the_index(name: str) -> None:
+    entry = capture_info(name)
+    assert entry["qemu_full_version"].startswith(entry["qemu_version"] + ".")
+    query = json.loads(read_capture(entry["files"]["query_migrate"]))
+    assert query["status"] == "completed"
+    blob_pages = sum(b["size"] for b in entry["blobs"]) // PAGE
+    assert query["ram"]["normal"] >= blob_pages
+    sizes = entry["uncompressed_size"]
+    if entry["kind"] == "multifd":
+        conns = [read_capture(f"{name}/{c['file']}") for c in entry["connections"]]
+        assert [len(c) for c in conns] == [sizes[c["file"]] for c in entry["connections"]]
+        for data, c in zip(conns, entry["connections"], strict=True):
+            if c["role"] == "main":
+                assert data[:4] == b"QEVM"
+            else:
+                assert data[:4] == bytes.fromhex("11223344") and data[24] == c["channel_id"]
+        assert sorted(c["channel_id"] for c in entry["connections"] if c["role"] != "main") \
+            == list(range(entry["multifd"]["channels"]))
+        streams = conns if entry["multifd"]["compression"] == "none" else []
+    else:
+        stored = entry["files"]["stream" if entry["kind"] == "precopy" else "file"]
+        data = read_capture(stored)
+        assert len(data) == sizes[stored]
+        assert data[:4] == b"QEVM"
+        streams = [data]
+    # uncompressed captures carry every blob page verbatim
+    ram = expected_guest_ram(entry, 8 << 20)
+    for b in entry["blobs"] if streams else []:
+        step = 1 if entry["kind"] != "mapped-ram" else b["size"] // PAGE  # first page only
+        for addr in range(b["addr"], b["addr"] + b["size"], PAGE * step):
+            page = ram[addr:addr + PAGE]
+            assert any(page in s for s in streams), f"page {addr:#x} missing"
+
+
+def test_expected_guest_ram_places_blobs() -> None:
+    entry = {"memory_bytes": 1 << 20, "blobs": [{"addr": 0x1000, "size": 100, "seed": 4}]}
+    ram = expected_guest_ram(entry)
+    assert len(ram) == 1 << 20
+    assert ram[0x1000:0x1064] == blob_bytes(100, 4)
+    assert ram[:0x1000] == bytes(0x1000) and ram[0x1064:] == bytes(len(ram) - 0x1064)
+    assert expected_guest_ram(entry, 0x1010) == ram[:0x1010]
