@@ -476,3 +476,18 @@ __all__ = [
     "encode_footer", "encode_command", "encode_vmdescription", "find_vmdescription",
     "LimitExceeded",
 ]
+
+
+def fork_for_tail(decoder: MainStreamDecoder, description: object) -> MainStreamDecoder:
+    """A copy of ``decoder`` (waiting at a device section) that parses the tail
+    with ``description``; if the tail turns out not to be complete yet, the
+    copy is thrown away and the original stays usable."""
+    import copy
+
+    if decoder.state not in (_State.TAIL_WAIT, _State.VMDESC):
+        raise StreamFormatError("internal: decoder is not waiting for the tail")
+    trial = copy.deepcopy(decoder)
+    trial.description = description
+    if trial.state is _State.TAIL_WAIT:
+        trial.state = _State.RECORDS
+    return trial

@@ -1,0 +1,267 @@
+"""Layer 2: the byte channels a migration arrives on.
+
+A destination listens on ``tcp:`` or ``unix:`` and accepts the main channel
+plus one connection per multifd channel. QEMU 8.0+ connects them in no fixed
+order (multifd initial packets may even arrive before the main stream's first
+byte), so every connection is classified by peeking at its first four bytes:
+``QEVM`` is the main channel, anything else a multifd channel. QEMU 7.2
+connects the main channel first, which the same rule handles.
+
+``exec:`` reads the stream from a command's stdout; ``file:`` reads a file
+(seekable, which mapped-ram files need).
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import time
+from typing import Protocol
+
+from livemig.errors import ConfigError, TransportError
+from livemig.io.uri import ExecUri, FileUri, TcpUri, UnixUri, Uri
+
+QEVM = b"QEVM"
+
+#: Seconds to wait for the source to connect at all; a migration that never
+#: starts must not hang a script forever.
+DEFAULT_ACCEPT_TIMEOUT = 3600.0
+
+#: Seconds between the main connection and the last multifd connection; QEMU
+#: opens them all at once, so a missing channel means a mismatched
+#: multifd-channels setting (QEMU itself would wait forever here).
+MULTIFD_CONNECT_TIMEOUT = 30.0
+
+
+class ByteSource(Protocol):
+    """What the main-channel loop reads from."""
+
+    name: str
+
+    def readinto(self, view: memoryview) -> int: ...
+    def seek(self, offset: int) -> None: ...
+    def close(self) -> None: ...
+
+
+class SocketSource:
+    def __init__(self, sock: socket.socket, name: str = "main channel") -> None:
+        self.sock = sock
+        self.name = name
+
+    def readinto(self, view: memoryview) -> int:
+        try:
+            return self.sock.recv_into(view)
+        except OSError as e:
+            raise TransportError(f"{self.name}: receive failed: {e}") from e
+
+    def seek(self, offset: int) -> None:
+        raise ConfigError(f"{self.name}: a mapped-ram stream can only be read from a file")
+
+    def send(self, data: bytes) -> None:
+        try:
+            self.sock.sendall(data)
+        except OSError as e:
+            raise TransportError(f"{self.name}: return path send failed: {e}") from e
+
+    def close(self) -> None:
+        _close_socket(self.sock)
+
+
+class FileSource:
+    def __init__(self, path: str, offset: int = 0) -> None:
+        try:
+            self.fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+        except OSError as e:
+            raise ConfigError(f"cannot open {path}: {e.strerror}") from e
+        self.name = path
+        self.pos = offset
+        self.size = os.fstat(self.fd).st_size
+
+    def readinto(self, view: memoryview) -> int:
+        try:
+            n = os.preadv(self.fd, [view], self.pos)
+        except OSError as e:
+            raise TransportError(f"{self.name}: read failed at offset {self.pos:#x}: {e}") from e
+        self.pos += n
+        return n
+
+    def seek(self, offset: int) -> None:
+        self.pos = offset
+
+    def close(self) -> None:
+        if self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1
+
+
+class ExecSource:
+    """The stdout of ``sh -c COMMAND`` (QEMU's exec: migration)."""
+
+    def __init__(self, command: str) -> None:
+        self.name = f"exec:{command}"
+        try:
+            self.proc = subprocess.Popen(["/bin/sh", "-c", command], stdin=subprocess.DEVNULL,
+                                         stdout=subprocess.PIPE)
+        except OSError as e:
+            raise TransportError(f"cannot start {self.name}: {e}") from e
+        assert self.proc.stdout is not None
+        self.fd = self.proc.stdout.fileno()
+
+    def readinto(self, view: memoryview) -> int:
+        return os.readv(self.fd, [view])
+
+    def seek(self, offset: int) -> None:
+        raise ConfigError(f"{self.name}: a mapped-ram stream can only be read from a file")
+
+    def close(self) -> None:
+        if self.proc.stdout:
+            self.proc.stdout.close()
+        try:
+            self.proc.wait(timeout=5)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()
+
+    def check_exit(self) -> None:
+        rc = self.proc.wait(timeout=30)
+        if rc != 0:
+            raise TransportError(f"{self.name} exited with status {rc}")
+
+
+def _close_socket(sock: socket.socket) -> None:
+    try:
+        sock.shutdown(socket.SHUT_RDWR)
+    except OSError:
+        pass
+    sock.close()
+
+
+class Listener:
+    """A listening socket for tcp: or unix:, removed again on close."""
+
+    def __init__(self, uri: Uri) -> None:
+        self.uri = uri
+        self._unlink: str | None = None
+        try:
+            if isinstance(uri, TcpUri):
+                fam = socket.AF_INET6 if ":" in uri.host else socket.AF_INET
+                self.sock = socket.socket(fam, socket.SOCK_STREAM)
+                self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+                self.sock.bind((uri.host, uri.port))
+            elif isinstance(uri, UnixUri):
+                self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+                if os.path.exists(uri.path) and _is_socket(uri.path):
+                    os.unlink(uri.path)
+                self.sock.bind(uri.path)
+                self._unlink = uri.path
+            else:
+                raise ConfigError(f"cannot listen on {uri}")
+            self.sock.listen(256)
+        except OSError as e:
+            raise TransportError(f"cannot listen on {uri}: {e.strerror or e}") from e
+
+    @property
+    def address(self) -> str:
+        if isinstance(self.uri, TcpUri):
+            host, port = self.sock.getsockname()[:2]
+            return str(TcpUri(host, port))
+        return str(self.uri)
+
+    def accept_migration(self, multifd_channels: int, *,
+                         timeout: float = DEFAULT_ACCEPT_TIMEOUT,
+                         ) -> tuple[socket.socket, list[socket.socket]]:
+        """Accept the main channel and ``multifd_channels`` more, classified by content."""
+        main: socket.socket | None = None
+        multifd: list[socket.socket] = []
+        deadline = time.monotonic() + timeout
+        try:
+            while main is None or len(multifd) < multifd_channels:
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    have = "no connection" if main is None and not multifd else (
+                        f"the main channel {'and' if main else 'missing,'} "
+                        f"{len(multifd)} of {multifd_channels} multifd channels")
+                    raise TransportError(f"{self.address}: timed out waiting for the migration "
+                                         f"({have}); do both sides use the same "
+                                         "multifd-channels?")
+                self.sock.settimeout(left)
+                try:
+                    conn, _ = self.sock.accept()
+                except socket.timeout:
+                    continue
+                conn.settimeout(None)
+                _tune(conn)
+                kind = _classify(conn, left)
+                if kind == "main":
+                    if main is not None:
+                        conn.close()
+                        raise TransportError(f"{self.address}: a second main channel connected")
+                    main = conn
+                    deadline = min(deadline, time.monotonic() + MULTIFD_CONNECT_TIMEOUT)
+                else:
+                    if len(multifd) >= multifd_channels:
+                        conn.close()
+                        raise TransportError(
+                            f"{self.address}: more channels connected than expected "
+                            f"(multifd-channels is {multifd_channels} here; is multifd "
+                            "enabled with another channel count on the source?)")
+                    multifd.append(conn)
+        except BaseException:
+            for s in multifd + ([main] if main else []):
+                _close_socket(s)
+            raise
+        return main, multifd
+
+    def close(self) -> None:
+        self.sock.close()
+        if self._unlink:
+            try:
+                os.unlink(self._unlink)
+            except OSError:
+                pass
+
+
+def _is_socket(path: str) -> bool:
+    import stat
+    try:
+        return stat.S_ISSOCK(os.stat(path).st_mode)
+    except OSError:
+        return False
+
+
+def _tune(conn: socket.socket) -> None:
+    if conn.family in (socket.AF_INET, socket.AF_INET6):
+        conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    try:
+        conn.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4 << 20)
+    except OSError:
+        pass
+
+
+def _classify(conn: socket.socket, timeout: float) -> str:
+    conn.settimeout(min(timeout, MULTIFD_CONNECT_TIMEOUT))
+    try:
+        head = conn.recv(4, socket.MSG_PEEK | socket.MSG_WAITALL)
+    except OSError as e:
+        conn.close()
+        raise TransportError(f"a connection failed before sending anything: {e}") from e
+    finally:
+        try:
+            conn.settimeout(None)
+        except OSError:
+            pass
+    if len(head) < 4:
+        conn.close()
+        raise TransportError("a connection closed before sending 4 bytes (not a QEMU "
+                             "migration?)")
+    return "main" if head == QEVM else "multifd"
+
+
+def open_source(uri: Uri) -> ByteSource:
+    """exec: and file: sources (sockets go through :class:`Listener`)."""
+    if isinstance(uri, FileUri):
+        return FileSource(uri.path, uri.offset)
+    if isinstance(uri, ExecUri):
+        return ExecSource(uri.command)
+    raise ConfigError(f"{uri} needs a listener")

@@ -1,0 +1,102 @@
+"""Migration URIs as QEMU spells them: tcp:, unix:, exec:, file:."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Union
+
+from livemig.errors import ConfigError
+
+
+@dataclass(frozen=True)
+class TcpUri:
+    host: str
+    port: int
+
+    def __str__(self) -> str:
+        host = f"[{self.host}]" if ":" in self.host else self.host
+        return f"tcp:{host}:{self.port}"
+
+
+@dataclass(frozen=True)
+class UnixUri:
+    path: str
+
+    def __str__(self) -> str:
+        return f"unix:{self.path}"
+
+
+@dataclass(frozen=True)
+class ExecUri:
+    command: str
+
+    def __str__(self) -> str:
+        return f"exec:{self.command}"
+
+
+@dataclass(frozen=True)
+class FileUri:
+    path: str
+    offset: int = 0
+
+    def __str__(self) -> str:
+        return f"file:{self.path}" + (f",offset={self.offset}" if self.offset else "")
+
+
+Uri = Union[TcpUri, UnixUri, ExecUri, FileUri]
+
+_SUFFIX = {"": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40}
+
+
+def parse_size(text: str) -> int:
+    """``4096``, ``64M``, ``1G`` (binary units, as QEMU's qemu_strtosz)."""
+    t = text.strip().lower().removesuffix("b").removesuffix("i")
+    unit = t[-1:] if t[-1:] in _SUFFIX and not t[-1:].isdigit() else ""
+    num = t[: len(t) - len(unit)] if unit else t
+    try:
+        value = float(num) * _SUFFIX[unit]
+    except ValueError:
+        raise ConfigError(f"not a size: {text!r} (examples: 4096, 64M, 1G)") from None
+    if value < 0 or value != int(value):
+        raise ConfigError(f"not a size: {text!r}")
+    return int(value)
+
+
+def parse_uri(text: str) -> Uri:
+    """Parse a migration URI, refusing anything QEMU would not accept either."""
+    scheme, sep, rest = text.partition(":")
+    if not sep or not rest:
+        raise ConfigError(f"bad migration URI {text!r}: expected tcp:HOST:PORT, unix:PATH, "
+                          "exec:COMMAND or file:PATH")
+    if scheme == "tcp":
+        if rest.startswith("["):
+            host, sep2, port = rest[1:].partition("]:")
+        else:
+            host, sep2, port = rest.rpartition(":")
+        if not sep2 or not port:
+            raise ConfigError(f"bad tcp URI {text!r}: expected tcp:HOST:PORT")
+        try:
+            port_n = int(port.split(",")[0])
+        except ValueError:
+            raise ConfigError(f"bad tcp URI {text!r}: port {port!r} is not a number") from None
+        if not 0 <= port_n <= 65535:
+            raise ConfigError(f"bad tcp URI {text!r}: port {port_n} out of range")
+        return TcpUri(host or "0.0.0.0", port_n)
+    if scheme == "unix":
+        if len(rest.encode()) > 107:
+            raise ConfigError(f"unix socket path too long ({len(rest)} bytes, at most 107): "
+                              f"{rest}")
+        return UnixUri(rest)
+    if scheme == "exec":
+        return ExecUri(rest)
+    if scheme == "file":
+        path, _, opts = rest.partition(",")
+        offset = 0
+        if opts:
+            key, _, val = opts.partition("=")
+            if key != "offset" or not val:
+                raise ConfigError(f"bad file URI {text!r}: the only option is offset=N")
+            offset = parse_size(val)
+        return FileUri(path, offset)
+    raise ConfigError(f"unsupported migration URI scheme {scheme!r} in {text!r} "
+                      "(livemig speaks tcp:, unix:, exec: and file:)")

@@ -1,0 +1,309 @@
+"""The main channel of an incoming migration, from the first byte to the JSON.
+
+The loader drives :class:`~livemig.wire.stream.MainStreamDecoder` over a large
+read buffer (records are parsed in bulk, pages are handed to the sink as
+numpy views into that buffer) and does what a QEMU destination does with
+each record: places pages, answers PING on the return path, meets the
+multifd channels at every sync point.
+
+After the RAM sections come device sections, which can only be split with
+the JSON description at the very end; from the first device section (or EOF)
+on, the loader collects the rest of the stream in a bounded buffer and parses
+it once a complete description is there. It does not wait for the source to
+close the connection: a source with a return path waits for our SHUT first.
+"""
+
+from __future__ import annotations
+
+import struct
+import zlib
+from dataclasses import dataclass, field
+from typing import Callable, Protocol
+
+import numpy as np
+
+from livemig import limits
+from livemig.errors import ConfigError, MigrationError, StreamFormatError, TruncatedStream
+from livemig.io.channels import ByteSource
+from livemig.migration.failure import FailureLatch
+from livemig.migration.multifd_recv import MultifdReceiver
+from livemig.migration.stats import TransferStats
+from livemig.wire.constants import Command, ReturnPathMessage, SectionType
+from livemig.wire.events import (
+    CommandRecord,
+    Configuration,
+    DeviceSection,
+    DeviceStateTail,
+    EndOfStream,
+    RamBlockInfo,
+    RamBlockList,
+    RamCompressedPage,
+    RamEndOfSection,
+    RamMultifdFlush,
+    RamPages,
+    RamXbzrlePage,
+    RamZeroPages,
+    SectionHeader,
+    Seek,
+    VmDescriptionRecord,
+)
+from livemig.wire.ram import xbzrle_decode
+from livemig.wire.stream import MainStreamDecoder, find_vmdescription, fork_for_tail
+
+PS = limits.TARGET_PAGE_SIZE
+
+
+class RamSink(Protocol):
+    def set_layout(self, config: Configuration | None, ram_section_id: int,
+                   blocks: tuple[RamBlockInfo, ...]) -> None: ...
+    def write_pages(self, block: str, offsets: np.ndarray, data: np.ndarray) -> None: ...
+    def write_page_bytes(self, block: str, offset: int, page: bytes | bytearray) -> None: ...
+    def zero_pages(self, block: str, offsets: np.ndarray, fill: int = 0) -> None: ...
+    def read_page(self, block: str, offset: int) -> bytearray: ...
+    def copy_mapped_ram_block(self, src_fd: int, info: RamBlockInfo) -> None: ...
+
+
+@dataclass
+class LoadResult:
+    configuration: Configuration | None = None
+    blocks: tuple[RamBlockInfo, ...] = ()
+    ram_section_id: int = 0
+    device_sections: list[DeviceSection] = field(default_factory=list)
+    vmdesc_json: bytes | None = None
+    switchover_start: bool = False
+    return_path: bool = False
+    commands: list[CommandRecord] = field(default_factory=list)
+    multifd_sync_mode: str | None = None
+    page_records: int = 0
+    zero_records: int = 0
+    stream_bytes: int = 0
+
+
+def rp_message(kind: ReturnPathMessage, payload: bytes = b"") -> bytes:
+    return struct.pack(">HH", kind, len(payload)) + payload
+
+
+class MainChannelLoader:
+    def __init__(self, source: ByteSource, sink: RamSink, *, stats: TransferStats,
+                 latch: FailureLatch, multifd: MultifdReceiver | None = None,
+                 send_return_path: Callable[[bytes], None] | None = None) -> None:
+        self.source = source
+        self.sink = sink
+        self.stats = stats
+        self.latch = latch
+        self.multifd = multifd
+        self.send_rp = send_return_path
+        self.decoder = MainStreamDecoder()
+        self.result = LoadResult()
+        self._section: SectionHeader | None = None
+        self._flush_in_section = False
+        self._tail_offset: int | None = None
+
+    @property
+    def where(self) -> str:
+        return self.source.name
+
+    def run(self) -> LoadResult:
+        try:
+            self._run()
+        except StreamFormatError as e:
+            raise e.locate(self.where)
+        return self.result
+
+    # -- reading -------------------------------------------------------------
+
+    def _run(self) -> None:
+        buf = bytearray(limits.MAIN_READ_BUFFER)
+        view = memoryview(buf)
+        start = end = base = 0
+        eof = False
+        dec = self.decoder
+        while True:
+            self.latch.raise_if_failed()
+            events, pos = dec.parse(buf, start, end, base, final=eof)
+            progressed = pos != start or bool(events)
+            start = pos
+            seek = self._handle(events)
+            if seek is not None:
+                base, start, end, eof = seek, 0, 0, False
+                self.source.seek(seek)
+                continue
+            if dec.done:
+                self.result.stream_bytes = base + start
+                return
+            if self._tail_offset is not None:
+                self._tail(bytearray(view[start:end]), base + start, eof)
+                return
+            if eof:
+                raise TruncatedStream(f"the stream ends inside a {dec.expecting()}",
+                                      offset=base + end)
+            if progressed and end - start >= 16:
+                continue
+            if start and (start == end or end == len(buf) or start > len(buf) // 2):
+                buf[0:end - start] = buf[start:end]
+                base += start
+                end -= start
+                start = 0
+            if end == len(buf):
+                raise StreamFormatError(f"a record in a {dec.expecting()} is larger than the "
+                                        f"{len(buf)}-byte read buffer", offset=base + start)
+            n = self.source.readinto(view[end:])
+            if n == 0:
+                eof = True
+                if self.latch.failed:
+                    self.latch.raise_if_failed()
+            end += n
+            self.stats.main_bytes = base + end
+
+    def _tail(self, tail: bytearray, tail_base: int, eof: bool) -> None:
+        """Collect the rest of the stream until a complete JSON ends it, then parse it."""
+        chunk = bytearray(1 << 20)
+        cview = memoryview(chunk)
+        last_error: StreamFormatError | None = None
+        self.stats.phase = "device state"
+        while True:
+            loc = find_vmdescription(tail)
+            if loc is not None:
+                try:
+                    self._parse_tail(tail, tail_base, loc[1])
+                    return
+                except StreamFormatError as e:
+                    last_error = e
+            elif self.decoder.state.name == "VMDESC" and not tail and eof:
+                # EOF, then nothing: QEMU tolerates a missing description.
+                self.decoder.parse(tail, 0, 0, tail_base, final=True)
+                return
+            if eof:
+                if last_error is not None:
+                    raise last_error
+                raise TruncatedStream(
+                    "the stream ended before the vmstate description (JSON) that follows EOF "
+                    f"was complete ({len(tail)} bytes of device state and description "
+                    "arrived); device sections cannot be delimited without it",
+                    offset=tail_base + len(tail))
+            self.latch.raise_if_failed()
+            n = self.source.readinto(cview)
+            if n == 0:
+                eof = True
+                continue
+            if len(tail) + n > limits.MAX_DEVICE_STATE_TAIL + limits.MAX_VMDESC_JSON:
+                raise StreamFormatError(
+                    f"more than {limits.MAX_DEVICE_STATE_TAIL >> 20} MiB of device state "
+                    "without a complete vmstate description", offset=tail_base)
+            tail += cview[:n]
+            self.stats.main_bytes = tail_base + len(tail)
+
+    def _parse_tail(self, tail: bytearray, tail_base: int, json_at: int) -> None:
+        from livemig.wire.vmstate import parse_vmdescription
+
+        desc = parse_vmdescription(bytes(tail[json_at:]))
+        trial = fork_for_tail(self.decoder, desc)
+        events, pos = trial.parse(tail, 0, len(tail), tail_base, final=True,
+                                  max_events=1 << 30)
+        if not trial.done or pos != len(tail):
+            raise StreamFormatError("device sections do not end where the vmstate "
+                                    "description begins", offset=tail_base + pos)
+        self.decoder = trial
+        self._handle(events)
+
+    # -- events --------------------------------------------------------------
+
+    def _handle(self, events: list) -> int | None:
+        r = self.result
+        stats = self.stats
+        for ev in events:
+            t = type(ev)
+            if t is RamPages:
+                self.sink.write_pages(ev.block, ev.offsets, ev.data)
+                stats.normal_pages += len(ev.offsets)
+            elif t is RamZeroPages:
+                self.sink.zero_pages(ev.block, ev.offsets, ev.fill)
+                stats.zero_pages += len(ev.offsets)
+            elif t is RamEndOfSection:
+                self._end_of_section(ev)
+            elif t is RamMultifdFlush:
+                self._flush_in_section = True
+                r.multifd_sync_mode = "per-round"
+                if self.multifd is not None:
+                    self.multifd.barrier.main_sync(self.where)
+            elif t is SectionHeader:
+                self._section = ev
+                self._flush_in_section = False
+            elif t is RamBlockList:
+                self._block_list(ev)
+            elif t is Seek:
+                return ev.offset
+            elif t is RamXbzrlePage:
+                page = self.sink.read_page(ev.block, ev.offset)
+                xbzrle_decode(ev.encoded, page)
+                self.sink.write_page_bytes(ev.block, ev.offset, page)
+                stats.normal_pages += 1
+            elif t is RamCompressedPage:
+                self.sink.write_page_bytes(ev.block, ev.offset, _inflate_page(ev))
+                stats.normal_pages += 1
+            elif t is CommandRecord:
+                self._command(ev)
+            elif t is Configuration:
+                r.configuration = ev
+                stats.phase = "RAM"
+            elif t is DeviceSection:
+                r.device_sections.append(ev)
+            elif t is DeviceStateTail:
+                self._tail_offset = ev.offset
+            elif t is EndOfStream:
+                self._tail_offset = ev.offset + 1
+            elif t is VmDescriptionRecord:
+                r.vmdesc_json = ev.raw_json
+        return None
+
+    def _block_list(self, ev: RamBlockList) -> None:
+        r = self.result
+        r.blocks = ev.blocks
+        r.ram_section_id = self.decoder.ram_section_id or 0
+        self.stats.total_ram = ev.total
+        self.sink.set_layout(r.configuration, r.ram_section_id, ev.blocks)
+        if self.multifd is not None:
+            self.multifd.set_blocks({b.name: b.length for b in ev.blocks})
+        if any(b.mapped_ram for b in ev.blocks):
+            fd = getattr(self.source, "fd", None)
+            if fd is None:
+                raise ConfigError("a mapped-ram stream can only be read from a file")
+            for b in ev.blocks:
+                self.sink.copy_mapped_ram_block(fd, b)
+
+    def _end_of_section(self, ev: RamEndOfSection) -> None:
+        r = self.result
+        if ev.section_kind == SectionType.SECTION_START and r.multifd_sync_mode is None:
+            r.multifd_sync_mode = "per-round" if self._flush_in_section else "per-section"
+        if self.multifd is not None and r.multifd_sync_mode == "per-section":
+            self.multifd.barrier.main_sync(self.where)
+
+    def _command(self, ev: CommandRecord) -> None:
+        r = self.result
+        r.commands.append(ev)
+        if ev.cmd == Command.OPEN_RETURN_PATH:
+            if self.send_rp is None:
+                raise StreamFormatError(f"the source asked for a return path, which "
+                                        f"{self.where} cannot carry", offset=ev.offset)
+            r.return_path = True
+        elif ev.cmd == Command.PING:
+            if not r.return_path or self.send_rp is None:
+                raise StreamFormatError("PING without a return path", offset=ev.offset)
+            self.send_rp(rp_message(ReturnPathMessage.PONG, ev.data))
+        elif ev.cmd == Command.SWITCHOVER_START:
+            r.switchover_start = True
+
+
+def _inflate_page(ev: RamCompressedPage) -> bytes:
+    d = zlib.decompressobj()
+    try:
+        page = d.decompress(ev.compressed, PS + 1)
+    except zlib.error as e:
+        raise StreamFormatError(f"compressed page at {ev.offset:#x} of {ev.block}: {e}") from None
+    if len(page) != PS or not d.eof:
+        raise StreamFormatError(f"compressed page at {ev.offset:#x} of {ev.block} does not "
+                                f"inflate to exactly one page ({len(page)} bytes)")
+    return page
+
+
+__all__ = ["MainChannelLoader", "LoadResult", "RamSink", "MigrationError"]

@@ -1,0 +1,245 @@
+"""The destination side of multifd: one thread per channel, and the sync barrier.
+
+Each channel thread reads its initial packet, then packets until the source
+closes the channel, moving pages from the socket into the snapshot with one
+receive and one positional write per packet (a compressed packet is inflated
+in between; zlib and zstd release the GIL, so channels inflate in parallel).
+
+The barrier is what keeps an old copy of a page from winning: a channel that
+reads a SYNC packet stops until the main stream reaches the matching sync
+marker and every channel has reached its SYNC (spec/ram.md §6.1).
+"""
+
+from __future__ import annotations
+
+import socket
+import threading
+from typing import Protocol
+
+import numpy as np
+
+from livemig import limits
+from livemig.errors import ChannelError, MigrationError, StreamFormatError, TruncatedStream
+from livemig.migration.failure import FailureLatch
+from livemig.migration.stats import TransferStats
+from livemig.wire.constants import MultifdCompression
+from livemig.wire.multifd import (
+    COMMON_HEADER_SIZE,
+    INIT_PACKET_SIZE,
+    RAM_HEADER_SIZE,
+    decode_init_packet,
+    decode_ram_packet,
+    is_device_state,
+    make_decompressor,
+    packet_header_size,
+    peek_common_header,
+)
+
+PS = limits.TARGET_PAGE_SIZE
+
+#: How long the main stream waits at a sync point for the channels. QEMU
+#: sends a SYNC on every channel right before the marker; minutes of silence
+#: mean a dead or mismatched source.
+SYNC_TIMEOUT = 600.0
+
+
+class PageSink(Protocol):
+    def write_pages(self, block: str, offsets: np.ndarray, data: np.ndarray) -> None: ...
+    def zero_pages(self, block: str, offsets: np.ndarray, fill: int = 0) -> None: ...
+
+
+class SyncBarrier:
+    def __init__(self, channels: int, latch: FailureLatch) -> None:
+        self.n = channels
+        self.latch = latch
+        self.cond = threading.Condition()
+        self.arrived = 0
+        self.generation = 0
+        self.ended: set[int] = set()
+        self.released_all = False
+        latch.on_failure(self._wake)
+
+    def _wake(self) -> None:
+        with self.cond:
+            self.cond.notify_all()
+
+    def channel_reached(self) -> None:
+        with self.cond:
+            self.arrived += 1
+            gen = self.generation
+            self.cond.notify_all()
+            while self.generation == gen and not self.latch.failed and not self.released_all:
+                self.cond.wait()
+        self.latch.raise_if_failed()
+
+    def channel_ended(self, channel: int) -> None:
+        with self.cond:
+            self.ended.add(channel)
+            self.cond.notify_all()
+
+    def main_sync(self, where: str) -> None:
+        with self.cond:
+            ok = self.cond.wait_for(
+                lambda: self.arrived >= self.n or self.latch.failed
+                or len(self.ended) + self.arrived >= self.n and bool(self.ended),
+                timeout=SYNC_TIMEOUT)
+            self.latch.raise_if_failed()
+            if not ok:
+                raise ChannelError(f"{where}: multifd channels did not reach the sync point in "
+                                   f"{SYNC_TIMEOUT:.0f} s ({self.arrived} of {self.n} did)")
+            if self.arrived < self.n:
+                raise ChannelError(f"{where}: multifd channel(s) "
+                                   f"{', '.join(map(str, sorted(self.ended)))} closed before "
+                                   "the sync point")
+            self.arrived -= self.n
+            self.generation += 1
+            self.cond.notify_all()
+
+    def release_all(self) -> None:
+        with self.cond:
+            self.released_all = True
+            self.cond.notify_all()
+
+
+def _recv_exact(sock: socket.socket, view: memoryview, where: str, what: str,
+                *, eof_ok: bool = False) -> bool:
+    got = 0
+    n = len(view)
+    while got < n:
+        try:
+            r = sock.recv_into(view[got:], n - got, socket.MSG_WAITALL)
+        except OSError as e:
+            raise ChannelError(f"{where}: receive failed in {what}: {e}") from e
+        if r == 0:
+            if got == 0 and eof_ok:
+                return False
+            raise TruncatedStream(f"{where}: the source closed the channel in the middle of "
+                                  f"{what} ({got} of {n} bytes)")
+        got += r
+    return True
+
+
+class MultifdReceiver:
+    """Owns the channel threads; :meth:`join` re-raises nothing (the latch does)."""
+
+    def __init__(self, sockets: list[socket.socket], compression: MultifdCompression,
+                 sink: PageSink, latch: FailureLatch, stats: TransferStats) -> None:
+        self.sockets = sockets
+        self.n = len(sockets)
+        self.compression = compression
+        self.sink = sink
+        self.latch = latch
+        self.stats = stats
+        self.barrier = SyncBarrier(self.n, latch)
+        self.block_sizes: dict[str, int] = {}
+        self.layout_ready = threading.Event()
+        self.finishing = False
+        self._ids: dict[int, int] = {}
+        self._ids_lock = threading.Lock()
+        self.stats.multifd_bytes = [0] * self.n
+        latch.on_failure(self.layout_ready.set)
+        for s in sockets:
+            latch.add_socket(s)
+        self.threads = [threading.Thread(target=self._run, args=(i,), name=f"multifd-recv-{i}")
+                        for i in range(self.n)]
+
+    def start(self) -> None:
+        for t in self.threads:
+            t.start()
+
+    def set_blocks(self, sizes: dict[str, int]) -> None:
+        self.block_sizes = dict(sizes)
+        self.layout_ready.set()
+
+    def finish(self) -> None:
+        """The main stream is complete: end the channels and join them."""
+        self.finishing = True
+        self.barrier.release_all()
+        for s in self.sockets:
+            try:
+                s.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
+        self.join()
+
+    def join(self) -> None:
+        for t in self.threads:
+            t.join()
+        for s in self.sockets:
+            s.close()
+
+    def _run(self, conn_index: int) -> None:
+        where = f"multifd connection {conn_index}"
+        try:
+            self._channel(conn_index, where)
+        except MigrationError as e:
+            if not self.finishing:
+                self.latch.fail(e)
+        except Exception as e:  # a bug must still end the migration, with its cause
+            self.latch.fail(e)
+        finally:
+            self.barrier.channel_ended(conn_index)
+
+    def _channel(self, conn_index: int, where: str) -> None:
+        sock = self.sockets[conn_index]
+        init = bytearray(INIT_PACKET_SIZE)
+        _recv_exact(sock, memoryview(init), where, "the initial packet")
+        try:
+            pkt = decode_init_packet(init, channels=self.n)
+        except StreamFormatError as e:
+            raise e.locate(where)
+        with self._ids_lock:
+            if pkt.channel_id in self._ids:
+                raise StreamFormatError(f"{where}: channel id {pkt.channel_id} used twice")
+            self._ids[pkt.channel_id] = conn_index
+        ch = pkt.channel_id
+        where = f"multifd channel {ch}"
+        self.layout_ready.wait()
+        self.latch.raise_if_failed()
+        decomp = make_decompressor(self.compression)
+        header = bytearray(RAM_HEADER_SIZE)
+        hview = memoryview(header)
+        bounce = bytearray(limits.MULTIFD_PACKET_BYTES)
+        bview = memoryview(bounce)
+        cbuf = bytearray(limits.MAX_MULTIFD_COMPRESSED_PAYLOAD)
+        cview = memoryview(cbuf)
+        pages = np.frombuffer(bounce, dtype=np.uint8).reshape(-1, PS)
+        offset = INIT_PACKET_SIZE
+        index = 0
+        nbytes = INIT_PACKET_SIZE
+        while True:
+            if not _recv_exact(sock, hview[:COMMON_HEADER_SIZE], where, "a packet header",
+                               eof_ok=True):
+                return
+            try:
+                size = packet_header_size(header, packet_index=index)
+                if is_device_state(peek_common_header(header)[2]):
+                    raise StreamFormatError(f"packet {index}: device-state packets are not "
+                                            "supported by livemig receive yet")
+                _recv_exact(sock, hview[COMMON_HEADER_SIZE:size], where, "a packet header")
+                pkt_ = decode_ram_packet(header, compression=self.compression,
+                                         block_sizes=self.block_sizes, packet_index=index)
+                n = pkt_.normal_pages
+                if n:
+                    psize = pkt_.payload_size
+                    if self.compression is MultifdCompression.NONE:
+                        _recv_exact(sock, bview[:n * PS], where, f"packet {index}'s pages")
+                        data = pages[:n]
+                    else:
+                        _recv_exact(sock, cview[:psize], where, f"packet {index}'s payload")
+                        out = decomp.decompress(cview[:psize], n * PS)
+                        data = np.frombuffer(out, dtype=np.uint8).reshape(n, PS)
+                    self.sink.write_pages(pkt_.ramblock, pkt_.normal, data)
+                    nbytes += psize
+                    self.stats.normal_pages += n
+                if pkt_.zero_pages:
+                    self.sink.zero_pages(pkt_.ramblock, pkt_.zero)
+                    self.stats.zero_pages += pkt_.zero_pages
+            except StreamFormatError as e:
+                raise e.locate(where, offset)
+            nbytes += size
+            offset = nbytes
+            self.stats.multifd_bytes[conn_index] = nbytes
+            index += 1
+            if pkt_.is_sync:
+                self.barrier.channel_reached()
