@@ -1,0 +1,45 @@
+"""livemig: a live-migration engine for virtual machines that speaks QEMU's protocol.
+
+The public API; everything else may move between releases.
+"""
+
+from livemig.errors import (
+    ChannelError,
+    ConfigError,
+    LimitExceeded,
+    MigrationError,
+    StateError,
+    StreamFormatError,
+    TransportError,
+    TruncatedStream,
+)
+
+__version__ = "0.1.0"
+
+
+def receive(*args, **kwargs):  # type: ignore[no-untyped-def]
+    """Receive a migration into a snapshot; see :func:`livemig.migration.receive.receive`."""
+    from livemig.migration.receive import receive as _receive
+
+    return _receive(*args, **kwargs)
+
+
+def inspect(path: str, *, fields: bool = False) -> dict:  # type: ignore[type-arg]
+    """Describe a snapshot or stream file; see :func:`livemig.migration.inspect.inspect_file`."""
+    from livemig.migration.inspect import inspect_file
+
+    return inspect_file(path, fields=fields)
+
+
+def extract(snapshot: str, block: str, output: str) -> int:
+    """Write one RAM block of a snapshot as a raw image."""
+    from livemig.migration.inspect import extract as _extract
+
+    return _extract(snapshot, block, output)
+
+
+__all__ = [
+    "__version__", "receive", "inspect", "extract",
+    "MigrationError", "StreamFormatError", "TruncatedStream", "LimitExceeded", "ConfigError",
+    "StateError", "TransportError", "ChannelError",
+]

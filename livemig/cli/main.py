@@ -1,0 +1,192 @@
+"""The ``livemig`` command line."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from typing import Any
+
+from livemig import __version__
+from livemig.errors import MigrationError
+
+EXIT_OK = 0
+EXIT_FAILED = 1
+EXIT_USAGE = 2
+
+
+def _build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="livemig",
+        description="A live-migration engine that speaks QEMU's migration protocol.",
+        epilog="Run 'livemig COMMAND --help' for the options of one command.")
+    p.add_argument("--version", action="version", version=f"livemig {__version__}")
+    p.add_argument("--debug", action="store_true",
+                   help="show Python tracebacks for errors (for bug reports)")
+    sub = p.add_subparsers(dest="command", metavar="COMMAND")
+
+    r = sub.add_parser(
+        "receive", help="receive a migration from QEMU into a snapshot file",
+        description="Listen for (or read) a QEMU migration and keep the whole VM, RAM and "
+                    "device state, in a QEMU mapped-ram snapshot file. Point QEMU's "
+                    "'migrate' at the same URI. Exits 0 once the snapshot is on disk.",
+        epilog="Example: livemig receive tcp:127.0.0.1:4444 -o vm.snap, then in QEMU's "
+               "monitor: migrate tcp:127.0.0.1:4444. QEMU 10 restores it with "
+               "'migrate-set-capabilities mapped-ram on' and 'migrate-incoming file:vm.snap'.")
+    r.add_argument("uri", metavar="URI",
+                   help="tcp:HOST:PORT, unix:PATH (listen), exec:COMMAND (read its stdout) or "
+                        "file:PATH (a file written by QEMU's 'migrate file:')")
+    r.add_argument("-o", "--output", required=True, metavar="SNAPSHOT",
+                   help="the snapshot file to write (created only when complete)")
+    r.add_argument("--multifd-channels", type=int, default=0, metavar="N",
+                   help="expect N multifd channels (QEMU's multifd capability with "
+                        "multifd-channels=N); 0 = multifd off (default)")
+    r.add_argument("--multifd-compression", default="none", choices=["none", "zlib", "zstd"],
+                   help="QEMU's multifd-compression parameter (default: none)")
+    r.add_argument("--accept-timeout", type=float, default=3600.0, metavar="SECONDS",
+                   help="give up if no source connects within this time (default: 3600)")
+    r.add_argument("-q", "--quiet", action="store_true", help="no progress, no summary")
+    r.add_argument("--json", action="store_true", help="print the summary as JSON")
+
+    i = sub.add_parser(
+        "inspect", help="show what a snapshot or a migration stream file holds",
+        description="Machine type, stream version, RAM blocks (pages present, zero pages) "
+                    "and every device section (size, sha256 of its body) of a snapshot or of "
+                    "a stream QEMU wrote with 'migrate exec:cat > FILE' or 'migrate file:'.")
+    i.add_argument("path", metavar="SNAPSHOT_OR_STREAM")
+    i.add_argument("--json", action="store_true", help="machine-readable output")
+    i.add_argument("--fields", action="store_true",
+                   help="also decode every device section's vmstate fields")
+
+    e = sub.add_parser(
+        "extract", help="write one RAM block of a snapshot as a raw image",
+        description="Write one RAM block as a raw file: byte N of the file is byte N of the "
+                    "block (for pc.ram below 3.5 GiB, guest-physical address N).")
+    e.add_argument("snapshot", metavar="SNAPSHOT")
+    e.add_argument("--block", required=True, metavar="NAME", help="RAM block name, e.g. pc.ram")
+    e.add_argument("-o", "--output", required=True, metavar="RAWFILE")
+    return p
+
+
+def _fmt_size(n: int) -> str:
+    for unit, shift in (("GiB", 30), ("MiB", 20), ("KiB", 10)):
+        if n >= 1 << shift:
+            return f"{n / (1 << shift):.1f} {unit}"
+    return f"{n} B"
+
+
+def _cmd_receive(args: argparse.Namespace) -> int:
+    from livemig.cli.progress import ProgressDisplay
+    from livemig.migration.receive import receive
+    from livemig.migration.stats import TransferStats
+
+    stats = TransferStats()
+
+    def listening(addr: str) -> None:
+        if not args.quiet and not args.json:
+            print(f"livemig: waiting for a migration on {addr}", file=sys.stderr, flush=True)
+
+    with ProgressDisplay(stats, quiet=args.quiet):
+        res = receive(args.uri, args.output, multifd_channels=args.multifd_channels,
+                      multifd_compression=args.multifd_compression, stats=stats,
+                      accept_timeout=args.accept_timeout, on_listening=listening)
+    summary = {
+        "snapshot": res.snapshot,
+        "snapshot_bytes": res.snapshot_bytes,
+        "machine": res.load.configuration.machine if res.load.configuration else None,
+        "ram_total": stats.total_ram,
+        "normal_pages": stats.normal_pages,
+        "zero_pages": stats.zero_pages,
+        "device_sections": len(res.load.device_sections),
+        "bytes_received": stats.bytes,
+        "seconds": round(stats.elapsed, 3),
+    }
+    if args.json:
+        print(json.dumps(summary))
+    elif not args.quiet:
+        el = max(stats.elapsed, 1e-9)
+        print(f"livemig: {summary['machine']}: {_fmt_size(stats.total_ram)} RAM "
+              f"({stats.normal_pages} pages, {stats.zero_pages} zero pages) and "
+              f"{summary['device_sections']} device sections in {stats.elapsed:.2f} s "
+              f"({_fmt_size(int(stats.bytes / el))}/s) -> {res.snapshot}", file=sys.stderr)
+    return EXIT_OK
+
+
+def _print_inspection(r: dict[str, Any]) -> None:
+    print(f"{r['file']}: {r['format']}, QEMU stream version {r['stream_version']}")
+    print(f"  machine:      {r['machine']}")
+    if r["capabilities"]:
+        print(f"  capabilities: {', '.join(r['capabilities'])}")
+    print(f"  RAM:          {_fmt_size(r['ram_total'])} in {len(r['ram_blocks'])} blocks")
+    w = max((len(b["name"]) for b in r["ram_blocks"]), default=4)
+    print(f"    {'block':<{w}}  {'size':>10}  {'present':>9}  {'zero':>9}")
+    for b in r["ram_blocks"]:
+        print(f"    {b['name']:<{w}}  {_fmt_size(b['size']):>10}  {b['pages_present']:>9}  "
+              f"{b['zero_pages']:>9}")
+    print(f"  devices:      {len(r['devices'])} sections")
+    w = max((len(d["idstr"]) for d in r["devices"]), default=5)
+    for d in r["devices"]:
+        print(f"    {d['idstr']:<{w}}  inst {d['instance_id']:<3} v{d['version']:<3} "
+              f"{d['size']:>7} B  {d['sha256'][:16]}")
+        if "fields" in d:
+            text = json.dumps(d["fields"], indent=2)
+            print("      " + text.replace("\n", "\n      "))
+
+
+def _cmd_inspect(args: argparse.Namespace) -> int:
+    from livemig.migration.inspect import inspect_file
+
+    if not os.path.exists(args.path):
+        raise _UsageError(f"{args.path}: no such file")
+    r = inspect_file(args.path, fields=args.fields)
+    if args.json:
+        print(json.dumps(r, indent=2))
+    else:
+        _print_inspection(r)
+    return EXIT_OK
+
+
+def _cmd_extract(args: argparse.Namespace) -> int:
+    from livemig.migration.inspect import extract
+
+    if not os.path.exists(args.snapshot):
+        raise _UsageError(f"{args.snapshot}: no such file")
+    n = extract(args.snapshot, args.block, args.output)
+    print(f"livemig: wrote {args.block} ({_fmt_size(n)}) to {args.output}", file=sys.stderr)
+    return EXIT_OK
+
+
+class _UsageError(Exception):
+    pass
+
+
+_COMMANDS = {"receive": _cmd_receive, "inspect": _cmd_inspect, "extract": _cmd_extract}
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = _build_parser()
+    args = parser.parse_args(argv)
+    if not args.command:
+        parser.print_help(sys.stderr)
+        return EXIT_USAGE
+    try:
+        return _COMMANDS[args.command](args)
+    except KeyboardInterrupt:
+        print("livemig: interrupted", file=sys.stderr)
+        return 130
+    except (MigrationError, _UsageError) as e:
+        if args.debug:
+            raise
+        msg = str(e).replace("\n", " ")
+        print(f"livemig {args.command}: error: {msg}", file=sys.stderr)
+        return EXIT_FAILED
+    except OSError as e:
+        if args.debug:
+            raise
+        print(f"livemig {args.command}: error: {e}", file=sys.stderr)
+        return EXIT_FAILED
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,65 @@
+"""Progress on a terminal for long transfers (bytes, rate, pages), via rich."""
+
+from __future__ import annotations
+
+import sys
+import threading
+import time
+
+from livemig.migration.stats import TransferStats
+
+
+def _fmt_bytes(n: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if n < 1024 or unit == "TiB":
+            return f"{n:.1f} {unit}" if unit != "B" else f"{int(n)} B"
+        n /= 1024
+    return f"{n:.1f} TiB"
+
+
+class ProgressDisplay:
+    """Redraws one status line from a TransferStats in a thread of its own.
+
+    Only draws when stderr is a terminal; ``quiet`` turns it off entirely.
+    """
+
+    def __init__(self, stats: TransferStats, *, quiet: bool = False, label: str = "") -> None:
+        self.stats = stats
+        self.enabled = not quiet and sys.stderr.isatty()
+        self.label = label
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        self._live = None
+
+    def _line(self) -> str:
+        s = self.stats
+        el = max(s.elapsed, 1e-6)
+        total = f" of {_fmt_bytes(s.total_ram)} RAM" if s.total_ram else ""
+        return (f"{self.label}{s.phase}: {_fmt_bytes(s.bytes)} received{total}, "
+                f"{_fmt_bytes(s.bytes / el)}/s, {s.normal_pages} pages + "
+                f"{s.zero_pages} zero pages, {el:.1f} s")
+
+    def __enter__(self) -> "ProgressDisplay":
+        if self.enabled:
+            from rich.console import Console
+            from rich.live import Live
+            from rich.text import Text
+
+            self._live = Live(Text(self._line()), console=Console(stderr=True),
+                              refresh_per_second=4, transient=True)
+            self._live.__enter__()
+
+            def loop() -> None:
+                while not self._stop.wait(0.25):
+                    self._live.update(Text(self._line()))  # type: ignore[union-attr]
+
+            self._thread = threading.Thread(target=loop, name="progress")
+            self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join()
+        if self._live is not None:
+            self._live.__exit__(None, None, None)
