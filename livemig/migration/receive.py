@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import socket
+import time
 from dataclasses import dataclass
 
 from livemig import limits
@@ -65,6 +66,7 @@ def receive(uri: str | Uri, output: str, *, multifd_channels: int = 0,
             main, chans = listener.accept_migration(multifd_channels, timeout=accept_timeout)
             listener.close()
             listener = None
+            stats.started = time.monotonic()
             latch.add_socket(main)
             sock_source = SocketSource(main)
             source = sock_source
