@@ -49,6 +49,28 @@ def _build_parser() -> argparse.ArgumentParser:
     r.add_argument("-q", "--quiet", action="store_true", help="no progress, no summary")
     r.add_argument("--json", action="store_true", help="print the summary as JSON")
 
+    s = sub.add_parser(
+        "send", help="migrate a snapshot into a QEMU destination",
+        description="Migrate a snapshot into a QEMU started with -incoming (or -incoming defer "
+                    "plus --dest-qmp). Writes the stream QEMU's own source would write for "
+                    "that VM. Exits 0 once the destination confirmed the migration (tcp:/unix:) "
+                    "or the command exited 0 (exec:).",
+        epilog="Example: qemu-system-x86_64 -M pc-i440fx-10.0 -m 1G -incoming "
+               "unix:/tmp/mig.sock ... ; livemig send vm.snap unix:/tmp/mig.sock")
+    s.add_argument("snapshot", metavar="SNAPSHOT")
+    s.add_argument("uri", metavar="URI",
+                   help="tcp:HOST:PORT or unix:PATH (the destination's -incoming address), or "
+                        "exec:COMMAND (the stream goes to its stdin)")
+    s.add_argument("--multifd-channels", type=int, default=0, metavar="N",
+                   help="use N multifd channels (must match the destination); 0 = off")
+    s.add_argument("--multifd-compression", default="none", choices=["none", "zlib", "zstd"])
+    s.add_argument("--dest-qmp", metavar="unix:PATH",
+                   help="the destination's QMP socket: check machine type and RAM size before "
+                        "sending, set the capabilities and parameters that must match, start "
+                        "migrate-incoming if needed, and report QEMU's own error on failure")
+    s.add_argument("-q", "--quiet", action="store_true", help="no progress, no summary")
+    s.add_argument("--json", action="store_true", help="print the summary as JSON")
+
     i = sub.add_parser(
         "inspect", help="show what a snapshot or a migration stream file holds",
         description="Machine type, stream version, RAM blocks (pages present, zero pages) "
@@ -113,6 +135,32 @@ def _cmd_receive(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def _cmd_send(args: argparse.Namespace) -> int:
+    from livemig.cli.progress import ProgressDisplay
+    from livemig.migration.send import send
+    from livemig.migration.stats import TransferStats
+
+    if not os.path.exists(args.snapshot):
+        raise _UsageError(f"{args.snapshot}: no such file")
+    stats = TransferStats()
+    with ProgressDisplay(stats, quiet=args.quiet, verb="sent"):
+        res = send(args.snapshot, args.uri, multifd_channels=args.multifd_channels,
+                   multifd_compression=args.multifd_compression, dest_qmp=args.dest_qmp,
+                   stats=stats)
+    summary = {"snapshot": args.snapshot, "uri": args.uri, "verdict": res.verdict,
+               "ram_total": stats.total_ram, "normal_pages": stats.normal_pages,
+               "zero_pages": stats.zero_pages, "bytes_sent": stats.bytes,
+               "seconds": round(stats.elapsed, 3)}
+    if args.json:
+        print(json.dumps(summary))
+    elif not args.quiet:
+        el = max(stats.elapsed, 1e-9)
+        print(f"livemig: sent {_fmt_size(stats.total_ram)} RAM ({stats.normal_pages} pages, "
+              f"{stats.zero_pages} zero pages) to {args.uri} in {stats.elapsed:.2f} s "
+              f"({_fmt_size(int(stats.bytes / el))}/s): {res.verdict}", file=sys.stderr)
+    return EXIT_OK
+
+
 def _print_inspection(r: dict[str, Any]) -> None:
     print(f"{r['file']}: {r['format']}, QEMU stream version {r['stream_version']}")
     print(f"  machine:      {r['machine']}")
@@ -161,7 +209,7 @@ class _UsageError(Exception):
     pass
 
 
-_COMMANDS = {"receive": _cmd_receive, "inspect": _cmd_inspect, "extract": _cmd_extract}
+_COMMANDS = {"receive": _cmd_receive, "send": _cmd_send, "inspect": _cmd_inspect, "extract": _cmd_extract}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -23,7 +23,9 @@ class ProgressDisplay:
     Only draws when stderr is a terminal; ``quiet`` turns it off entirely.
     """
 
-    def __init__(self, stats: TransferStats, *, quiet: bool = False, label: str = "") -> None:
+    def __init__(self, stats: TransferStats, *, quiet: bool = False, label: str = "",
+                 verb: str = "received") -> None:
+        self.verb = verb
         self.stats = stats
         self.enabled = not quiet and sys.stderr.isatty()
         self.label = label
@@ -35,7 +37,7 @@ class ProgressDisplay:
         s = self.stats
         el = max(s.elapsed, 1e-6)
         total = f" of {_fmt_bytes(s.total_ram)} RAM" if s.total_ram else ""
-        return (f"{self.label}{s.phase}: {_fmt_bytes(s.bytes)} received{total}, "
+        return (f"{self.label}{s.phase}: {_fmt_bytes(s.bytes)} {self.verb}{total}, "
                 f"{_fmt_bytes(s.bytes / el)}/s, {s.normal_pages} pages + "
                 f"{s.zero_pages} zero pages, {el:.1f} s")
 

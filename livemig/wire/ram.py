@@ -17,6 +17,8 @@ The block named last is remembered for the whole migration, not per section
 
 from __future__ import annotations
 
+import struct
+
 import numpy as np
 
 from livemig import limits
@@ -379,3 +381,53 @@ def xbzrle_decode(encoded: bytes | memoryview, page: bytearray | memoryview) -> 
         i += nzrun
         d += nzrun
 
+
+
+# -- encoders ----------------------------------------------------------------
+
+_BE64 = struct.Struct(">Q")
+
+
+def encode_block_list(blocks: list[RamBlockInfo] | tuple[RamBlockInfo, ...]) -> bytes:
+    """MEM_SIZE word + entries (plain: no page size, address or mapped-ram fields)."""
+    total = sum(b.length for b in blocks)
+    out = bytearray(_BE64.pack(total | RamFlag.MEM_SIZE))
+    for b in blocks:
+        name = b.name.encode("ascii")
+        out += bytes([len(name)]) + name + _BE64.pack(b.length)
+    return bytes(out)
+
+
+def encode_eos() -> bytes:
+    return _BE64.pack(RamFlag.EOS)
+
+
+def encode_multifd_flush() -> bytes:
+    return _BE64.pack(RamFlag.MULTIFD_FLUSH)
+
+
+def encode_named_record(block: str, offset: int, flag: RamFlag) -> bytes:
+    """The word and block name of a record that names its block (no CONTINUE)."""
+    name = block.encode("ascii")
+    return _BE64.pack(offset | flag) + bytes([len(name)]) + name
+
+
+def encode_zero_records(block: str, offsets: np.ndarray, *, name_first: bool) -> bytes:
+    """ZERO records for ``offsets`` (fill byte 0), built with numpy in one go.
+
+    With ``name_first`` the first record names the block; the others CONTINUE.
+    """
+    n = len(offsets)
+    if n == 0:
+        return b""
+    rec = np.zeros(n, dtype=[("word", ">u8"), ("fill", "u1")])
+    rec["word"] = offsets.astype(np.uint64) | np.uint64(RamFlag.ZERO | RamFlag.CONTINUE)
+    raw = rec.tobytes()
+    if not name_first:
+        return raw
+    return encode_named_record(block, int(offsets[0]), RamFlag.ZERO) + b"\x00" + raw[9:]
+
+
+def page_record_headers(offsets: np.ndarray) -> np.ndarray:
+    """be64 words ``offset | PAGE | CONTINUE`` for a run of pages."""
+    return (offsets.astype(np.uint64) | np.uint64(RamFlag.PAGE | RamFlag.CONTINUE)).astype(">u8")
