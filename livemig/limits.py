@@ -25,9 +25,13 @@ MAX_COMMAND_LEN = 65535
 #: RAM blocks in one MEM_SIZE list. A pc guest has 6-10; DIMMs add one each.
 MAX_RAM_BLOCKS = 4096
 
-#: Size of one RAM block (and of the total). 16 TiB is beyond any guest this
-#: tool will see; it bounds the bitmap allocation (4 Mi pages per 16 GiB).
-MAX_RAM_BLOCK_BYTES = 1 << 44
+#: Size of one RAM block. 1 TiB is beyond any guest this tool will see; it
+#: bounds the per-page state arrays (one byte per page: 256 MiB at the limit,
+#: allocated lazily, and a sparse file).
+MAX_RAM_BLOCK_BYTES = 1 << 40
+
+#: Sum of all RAM blocks (the MEM_SIZE word).
+MAX_RAM_TOTAL_BYTES = 1 << 42
 
 #: The vmstate JSON description: ~100 KB for a pc guest; 64 MiB leaves room for
 #: machines with thousands of devices while bounding the buffer.

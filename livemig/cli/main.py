@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import signal
 import sys
 from typing import Any
 
@@ -209,6 +210,14 @@ class _UsageError(Exception):
     pass
 
 
+class _Terminated(BaseException):
+    pass
+
+
+def _terminate(signum: int, frame: object) -> None:
+    raise _Terminated()
+
+
 _COMMANDS = {"receive": _cmd_receive, "send": _cmd_send, "inspect": _cmd_inspect, "extract": _cmd_extract}
 
 
@@ -218,11 +227,23 @@ def main(argv: list[str] | None = None) -> int:
     if not args.command:
         parser.print_help(sys.stderr)
         return EXIT_USAGE
+    # SIGTERM unwinds like Ctrl-C, so that half-written output is removed.
+    signal.signal(signal.SIGTERM, _terminate)
     try:
         return _COMMANDS[args.command](args)
     except KeyboardInterrupt:
-        print("livemig: interrupted", file=sys.stderr)
+        print(f"livemig {args.command}: interrupted", file=sys.stderr)
         return 130
+    except _Terminated:
+        print(f"livemig {args.command}: terminated", file=sys.stderr)
+        return 143
+    except BrokenPipeError:
+        # the reader of our output went away (e.g. `livemig inspect X | head`)
+        try:
+            sys.stdout = open(os.devnull, "w")
+        except OSError:
+            pass
+        return EXIT_OK
     except (MigrationError, _UsageError) as e:
         if args.debug:
             raise

@@ -16,8 +16,9 @@ from __future__ import annotations
 import os
 import socket
 import subprocess
+import threading
 import time
-from typing import Protocol
+from typing import Callable, Protocol
 
 from livemig.errors import ConfigError, TransportError
 from livemig.io.uri import ExecUri, FileUri, TcpUri, UnixUri, Uri
@@ -57,6 +58,15 @@ class SocketSource:
 
     def seek(self, offset: int) -> None:
         raise ConfigError(f"{self.name}: a mapped-ram stream can only be read from a file")
+
+    def alive(self) -> bool:
+        """False once the peer has closed its side (without consuming any data)."""
+        try:
+            return self.sock.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT) != b""
+        except BlockingIOError:
+            return True
+        except OSError:
+            return False
 
     def send(self, data: bytes) -> None:
         try:
@@ -109,7 +119,10 @@ class ExecSource:
         self.fd = self.proc.stdout.fileno()
 
     def readinto(self, view: memoryview) -> int:
-        return os.readv(self.fd, [view])
+        try:
+            return os.readv(self.fd, [view])
+        except OSError as e:
+            raise TransportError(f"{self.name}: read failed: {e.strerror or e}") from e
 
     def seek(self, offset: int) -> None:
         raise ConfigError(f"{self.name}: a mapped-ram stream can only be read from a file")
@@ -143,6 +156,7 @@ class Listener:
     def __init__(self, uri: Uri) -> None:
         self.uri = uri
         self._unlink: str | None = None
+        self._watching = False
         try:
             if isinstance(uri, TcpUri):
                 fam = socket.AF_INET6 if ":" in uri.host else socket.AF_INET
@@ -213,7 +227,37 @@ class Listener:
             raise
         return main, multifd
 
+    def watch_for_extra(self, on_extra: "Callable[[str], None]") -> "threading.Thread":
+        """Keep accepting after the migration's channels arrived: QEMU opens all of its
+        channels at once, so one more connection means the source uses more multifd
+        channels than we were told (the extra channel would otherwise just be ignored
+        and the migration would fail later, for a less obvious reason)."""
+        self._watching = True
+
+        def loop() -> None:
+            self.sock.settimeout(0.2)
+            while self._watching:
+                try:
+                    conn, _ = self.sock.accept()
+                except (socket.timeout, OSError):
+                    continue
+                conn.close()
+                on_extra(f"{self.address}: the source opened more connections than the main "
+                         "channel and the expected multifd channels (does it use more "
+                         "multifd-channels than this side, or multifd at all?)")
+                return
+
+        t = threading.Thread(target=loop, name="listener-watch")
+        t.start()
+        self._watch_thread = t
+        return t
+
     def close(self) -> None:
+        self._watching = False
+        t = getattr(self, "_watch_thread", None)
+        if t is not None and t is not threading.current_thread():
+            t.join()
+            self._watch_thread = None
         self.sock.close()
         if self._unlink:
             try:

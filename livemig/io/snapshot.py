@@ -185,7 +185,7 @@ class SnapshotWriter:
             return bytearray(PS)
         return bytearray(os.pread(self.fd, PS, b.pages_offset + offset))
 
-    def copy_mapped_ram_block(self, src_fd: int, info: RamBlockInfo) -> None:
+    def copy_mapped_ram_block(self, src_fd: int, info: RamBlockInfo) -> int:
         """Take a block from another mapped-ram file (``file:`` sources)."""
         b = self._block(info.name)
         hdr = info.mapped_ram
@@ -196,6 +196,7 @@ class SnapshotWriter:
                         b.pages_offset + first * PS, count * PS)
             self._account(count * PS)
         b.present |= present
+        return int(np.count_nonzero(present))
 
     # -- completion ----------------------------------------------------------
 

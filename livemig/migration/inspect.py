@@ -65,11 +65,12 @@ class CountingSink:
     def read_page(self, block: str, offset: int) -> bytearray:
         raise ConfigError("inspect cannot apply XBZRLE pages (it does not keep page contents)")
 
-    def copy_mapped_ram_block(self, src_fd: int, info: RamBlockInfo) -> None:
+    def copy_mapped_ram_block(self, src_fd: int, info: RamBlockInfo) -> int:
         self.mapped_ram = True
         present = read_bitmap(src_fd, info)
         b = self.blocks[info.name]
         b.state[:] = np.where(present, _DATA, _ZERO)
+        return int(np.count_nonzero(present))
 
 
 @dataclass

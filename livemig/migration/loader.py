@@ -60,7 +60,7 @@ class RamSink(Protocol):
     def write_page_bytes(self, block: str, offset: int, page: bytes | bytearray) -> None: ...
     def zero_pages(self, block: str, offsets: np.ndarray, fill: int = 0) -> None: ...
     def read_page(self, block: str, offset: int) -> bytearray: ...
-    def copy_mapped_ram_block(self, src_fd: int, info: RamBlockInfo) -> None: ...
+    def copy_mapped_ram_block(self, src_fd: int, info: RamBlockInfo) -> int: ...
 
 
 @dataclass
@@ -176,6 +176,12 @@ class MainChannelLoader:
             if eof:
                 if last_error is not None:
                     raise last_error
+                early = find_vmdescription(tail, exact=False)
+                if early is not None:
+                    self._parse_tail(tail, tail_base, early[1], end=early[2])
+                    raise StreamFormatError(
+                        f"{len(tail) - early[2]} bytes of garbage after the end of the stream",
+                        offset=tail_base + early[2])
                 raise TruncatedStream(
                     "the stream ended before the vmstate description (JSON) that follows EOF "
                     f"was complete ({len(tail)} bytes of device state and description "
@@ -193,14 +199,19 @@ class MainChannelLoader:
             tail += cview[:n]
             self.stats.main_bytes = tail_base + len(tail)
 
-    def _parse_tail(self, tail: bytearray, tail_base: int, json_at: int) -> None:
+    def _parse_tail(self, tail: bytearray, tail_base: int, json_at: int,
+                    end: int | None = None) -> None:
         from livemig.wire.vmstate import parse_vmdescription
 
-        desc = parse_vmdescription(bytes(tail[json_at:]))
+        end = len(tail) if end is None else end
+        desc = parse_vmdescription(bytes(tail[json_at:end]))
+        if desc.page_size != PS:
+            raise StreamFormatError(f"the vmstate description says page_size {desc.page_size}; "
+                                    f"livemig supports {PS}-byte target pages",
+                                    offset=tail_base + json_at)
         trial = fork_for_tail(self.decoder, desc)
-        events, pos = trial.parse(tail, 0, len(tail), tail_base, final=True,
-                                  max_events=1 << 30)
-        if not trial.done or pos != len(tail):
+        events, pos = trial.parse(tail, 0, end, tail_base, final=True, max_events=1 << 30)
+        if not trial.done or pos != end:
             raise StreamFormatError("device sections do not end where the vmstate "
                                     "description begins", offset=tail_base + pos)
         self.decoder = trial
@@ -215,17 +226,17 @@ class MainChannelLoader:
             t = type(ev)
             if t is RamPages:
                 self.sink.write_pages(ev.block, ev.offsets, ev.data)
-                stats.normal_pages += len(ev.offsets)
+                stats.add_pages(len(ev.offsets))
             elif t is RamZeroPages:
                 self.sink.zero_pages(ev.block, ev.offsets, ev.fill)
-                stats.zero_pages += len(ev.offsets)
+                stats.add_pages(0, len(ev.offsets))
             elif t is RamEndOfSection:
                 self._end_of_section(ev)
             elif t is RamMultifdFlush:
                 self._flush_in_section = True
                 r.multifd_sync_mode = "per-round"
                 if self.multifd is not None:
-                    self.multifd.barrier.main_sync(self.where)
+                    self.multifd.barrier.main_sync(self.where, self._main_alive)
             elif t is SectionHeader:
                 self._section = ev
                 self._flush_in_section = False
@@ -237,10 +248,10 @@ class MainChannelLoader:
                 page = self.sink.read_page(ev.block, ev.offset)
                 xbzrle_decode(ev.encoded, page)
                 self.sink.write_page_bytes(ev.block, ev.offset, page)
-                stats.normal_pages += 1
+                stats.add_pages(1)
             elif t is RamCompressedPage:
                 self.sink.write_page_bytes(ev.block, ev.offset, _inflate_page(ev))
-                stats.normal_pages += 1
+                stats.add_pages(1)
             elif t is CommandRecord:
                 self._command(ev)
             elif t is Configuration:
@@ -269,14 +280,19 @@ class MainChannelLoader:
             if fd is None:
                 raise ConfigError("a mapped-ram stream can only be read from a file")
             for b in ev.blocks:
-                self.sink.copy_mapped_ram_block(fd, b)
+                self.stats.add_pages(self.sink.copy_mapped_ram_block(fd, b))
 
     def _end_of_section(self, ev: RamEndOfSection) -> None:
         r = self.result
-        if ev.section_kind == SectionType.SECTION_START and r.multifd_sync_mode is None:
+        if (ev.section_kind == SectionType.SECTION_START and r.multifd_sync_mode is None
+                and self.multifd is not None):
             r.multifd_sync_mode = "per-round" if self._flush_in_section else "per-section"
         if self.multifd is not None and r.multifd_sync_mode == "per-section":
-            self.multifd.barrier.main_sync(self.where)
+            self.multifd.barrier.main_sync(self.where, self._main_alive)
+
+    def _main_alive(self) -> bool:
+        alive = getattr(self.source, "alive", None)
+        return alive() if alive is not None else True
 
     def _command(self, ev: CommandRecord) -> None:
         r = self.result

@@ -14,7 +14,8 @@ from __future__ import annotations
 
 import socket
 import threading
-from typing import Protocol
+import time
+from typing import Callable, Protocol
 
 import numpy as np
 
@@ -77,12 +78,25 @@ class SyncBarrier:
             self.ended.add(channel)
             self.cond.notify_all()
 
-    def main_sync(self, where: str) -> None:
+    def main_sync(self, where: str, main_alive: Callable[[], bool] | None = None) -> None:
+        """Wait until every channel reached its SYNC, then release them all.
+
+        ``main_alive`` is polled while waiting: a source that hangs up its main
+        channel at a sync point must not keep us waiting for the channels.
+        """
+        deadline = time.monotonic() + SYNC_TIMEOUT
         with self.cond:
-            ok = self.cond.wait_for(
-                lambda: self.arrived >= self.n or self.latch.failed
-                or len(self.ended) + self.arrived >= self.n and bool(self.ended),
-                timeout=SYNC_TIMEOUT)
+            while True:
+                ok = self.cond.wait_for(
+                    lambda: self.arrived >= self.n or self.latch.failed
+                    or len(self.ended) + self.arrived >= self.n and bool(self.ended),
+                    timeout=0.25)
+                if ok or time.monotonic() > deadline:
+                    break
+                if main_alive is not None and not main_alive():
+                    raise TruncatedStream(f"the source closed the {where} while the multifd "
+                                          f"channels were at a sync point ({self.arrived} of "
+                                          f"{self.n} had reached it)")
             self.latch.raise_if_failed()
             if not ok:
                 raise ChannelError(f"{where}: multifd channels did not reach the sync point in "
@@ -101,19 +115,20 @@ class SyncBarrier:
             self.cond.notify_all()
 
 
-def _recv_exact(sock: socket.socket, view: memoryview, where: str, what: str,
+def _recv_exact(sock: socket.socket, view: memoryview, what: str,
                 *, eof_ok: bool = False) -> bool:
+    """Fill ``view`` from ``sock``; errors name ``what`` (the caller adds the channel)."""
     got = 0
     n = len(view)
     while got < n:
         try:
             r = sock.recv_into(view[got:], n - got, socket.MSG_WAITALL)
         except OSError as e:
-            raise ChannelError(f"{where}: receive failed in {what}: {e}") from e
+            raise ChannelError(f"receive failed in {what}: {e}") from e
         if r == 0:
             if got == 0 and eof_ok:
                 return False
-            raise TruncatedStream(f"{where}: the source closed the channel in the middle of "
+            raise TruncatedStream(f"the source closed the channel in the middle of "
                                   f"{what} ({got} of {n} bytes)")
         got += r
     return True
@@ -183,11 +198,13 @@ class MultifdReceiver:
     def _channel(self, conn_index: int, where: str) -> None:
         sock = self.sockets[conn_index]
         init = bytearray(INIT_PACKET_SIZE)
-        _recv_exact(sock, memoryview(init), where, "the initial packet")
         try:
+            _recv_exact(sock, memoryview(init), "the initial packet")
             pkt = decode_init_packet(init, channels=self.n)
         except StreamFormatError as e:
             raise e.locate(where)
+        except ChannelError as e:
+            raise ChannelError(f"{where}: {e}") from e.__cause__
         with self._ids_lock:
             if pkt.channel_id in self._ids:
                 raise StreamFormatError(f"{where}: channel id {pkt.channel_id} used twice")
@@ -208,35 +225,36 @@ class MultifdReceiver:
         index = 0
         nbytes = INIT_PACKET_SIZE
         while True:
-            if not _recv_exact(sock, hview[:COMMON_HEADER_SIZE], where, "a packet header",
-                               eof_ok=True):
-                return
             try:
+                if not _recv_exact(sock, hview[:COMMON_HEADER_SIZE], f"packet {index}'s header",
+                                   eof_ok=True):
+                    return
                 size = packet_header_size(header, packet_index=index)
                 if is_device_state(peek_common_header(header)[2]):
                     raise StreamFormatError(f"packet {index}: device-state packets are not "
                                             "supported by livemig receive yet")
-                _recv_exact(sock, hview[COMMON_HEADER_SIZE:size], where, "a packet header")
+                _recv_exact(sock, hview[COMMON_HEADER_SIZE:size], f"packet {index}'s header")
                 pkt_ = decode_ram_packet(header, compression=self.compression,
                                          block_sizes=self.block_sizes, packet_index=index)
                 n = pkt_.normal_pages
                 if n:
                     psize = pkt_.payload_size
                     if self.compression is MultifdCompression.NONE:
-                        _recv_exact(sock, bview[:n * PS], where, f"packet {index}'s pages")
+                        _recv_exact(sock, bview[:n * PS], f"packet {index}'s pages")
                         data = pages[:n]
                     else:
-                        _recv_exact(sock, cview[:psize], where, f"packet {index}'s payload")
+                        _recv_exact(sock, cview[:psize], f"packet {index}'s payload")
                         out = decomp.decompress(cview[:psize], n * PS)
                         data = np.frombuffer(out, dtype=np.uint8).reshape(n, PS)
                     self.sink.write_pages(pkt_.ramblock, pkt_.normal, data)
                     nbytes += psize
-                    self.stats.normal_pages += n
                 if pkt_.zero_pages:
                     self.sink.zero_pages(pkt_.ramblock, pkt_.zero)
-                    self.stats.zero_pages += pkt_.zero_pages
+                self.stats.add_pages(n, pkt_.zero_pages)
             except StreamFormatError as e:
                 raise e.locate(where, offset)
+            except ChannelError as e:
+                raise ChannelError(f"{where}, offset {offset:#x}: {e}") from e.__cause__
             nbytes += size
             offset = nbytes
             self.stats.multifd_bytes[conn_index] = nbytes

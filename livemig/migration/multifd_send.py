@@ -197,4 +197,4 @@ class MultifdSender:
             sendmsg_all(sock, [hdr, payload])
             sent += len(hdr) + len(payload)
             self.stats.multifd_bytes[ch] = sent
-            self.stats.normal_pages += n
+            self.stats.add_pages(n)

@@ -7,7 +7,7 @@ import time
 from dataclasses import dataclass
 
 from livemig import limits
-from livemig.errors import ConfigError, MigrationError
+from livemig.errors import ConfigError, MigrationError, TransportError
 from livemig.io.channels import DEFAULT_ACCEPT_TIMEOUT, ExecSource, Listener, SocketSource, open_source
 from livemig.io.snapshot import SnapshotWriter
 from livemig.io.uri import ExecUri, FileUri, TcpUri, UnixUri, Uri, parse_uri
@@ -64,9 +64,8 @@ def receive(uri: str | Uri, output: str, *, multifd_channels: int = 0,
             if callable(on_listening):
                 on_listening(listener.address)
             main, chans = listener.accept_migration(multifd_channels, timeout=accept_timeout)
-            listener.close()
-            listener = None
             stats.started = time.monotonic()
+            listener.watch_for_extra(lambda msg: latch.fail(TransportError(msg)))
             latch.add_socket(main)
             sock_source = SocketSource(main)
             source = sock_source
@@ -85,6 +84,10 @@ def receive(uri: str | Uri, output: str, *, multifd_channels: int = 0,
             latch.raise_if_failed()
         if isinstance(source, ExecSource):
             source.check_exit()
+        if listener is not None:
+            listener.close()
+            listener = None
+        latch.raise_if_failed()
         stats.phase = "writing the snapshot"
         size = writer.commit(device_sections=[s.raw for s in result.device_sections],
                              vmdesc_json=result.vmdesc_json,

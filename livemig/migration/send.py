@@ -360,7 +360,7 @@ def _send_pages(load, sink, fd: int, out: _MainWriter, sender: MultifdSender | N
             for s in range(0, zero_idx.size, 1 << 16):
                 chunk = zero_idx[s:s + (1 << 16)].astype(np.uint64) * np.uint64(PS)
                 out.put(encode_zero_records(info.name, chunk, name_first=(s == 0)))
-            stats.zero_pages += int(zero_idx.size)
+            stats.add_pages(0, int(zero_idx.size))
         if not data_idx.size:
             continue
         if sender is not None:
@@ -372,7 +372,7 @@ def _send_pages(load, sink, fd: int, out: _MainWriter, sender: MultifdSender | N
         first = int(data_idx[0])
         page = os.pread(fd, PS, hdr.pages_offset + first * PS)
         out.put(encode_named_record(info.name, first * PS, RamFlag.PAGE) + page)
-        stats.normal_pages += 1
+        stats.add_pages(1)
         rest = data_idx[1:]
         for s in range(0, rest.size, MAIN_BATCH_PAGES):
             latch.raise_if_failed()
@@ -388,5 +388,5 @@ def _send_pages(load, sink, fd: int, out: _MainWriter, sender: MultifdSender | N
                     raise StreamFormatError(f"snapshot ends inside block {info.name}")
                 staging[a:b, 8:] = np.frombuffer(raw, dtype=np.uint8).reshape(b - a, PS)
             out.put(memoryview(staging[:k]).cast("B"))
-            stats.normal_pages += k
+            stats.add_pages(k)
             stats.main_bytes = out.sent

@@ -1,11 +1,13 @@
 """Counters a migration updates as it goes, read by progress displays.
 
-Plain integer attributes: each is written by one thread only (or under the
-GIL in single increments), and readers only need a recent value.
+Byte counters have one writer each (the main thread, or one channel's
+thread for its slot in ``multifd_bytes``); page counters are shared and go
+through :meth:`TransferStats.add_pages`. Readers only need a recent value.
 """
 
 from __future__ import annotations
 
+import threading
 import time
 from dataclasses import dataclass, field
 
@@ -19,6 +21,13 @@ class TransferStats:
     zero_pages: int = 0
     total_ram: int = 0
     phase: str = "waiting for the source"
+    _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
+
+    def add_pages(self, normal: int, zero: int = 0) -> None:
+        """Count pages from any thread (multifd channels count concurrently)."""
+        with self._lock:
+            self.normal_pages += normal
+            self.zero_pages += zero
 
     @property
     def bytes(self) -> int:

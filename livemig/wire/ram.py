@@ -147,7 +147,7 @@ class RamDecoder:
                 elif base == RamFlag.MEM_SIZE:
                     if kind != SectionType.SECTION_START or self.blocks:
                         raise cur.error("a second RAM block list (MEM_SIZE)", at=start)
-                    cur.check_limit(offset, limits.MAX_RAM_BLOCK_BYTES * 16,
+                    cur.check_limit(offset, limits.MAX_RAM_TOTAL_BYTES,
                                     "RAM total size", at=start)
                     self._list_remaining = offset
                     self._list_total = offset
@@ -268,7 +268,12 @@ class RamDecoder:
             if length % PS or length == 0:
                 raise cur.error(f"RAM block {name} length {length:#x} is not a positive "
                                 "multiple of the page size", at=start)
-            cur.check_limit(length, self._list_remaining, f"RAM block {name} length", at=start)
+            cur.check_limit(length, limits.MAX_RAM_BLOCK_BYTES, f"RAM block {name} length",
+                            at=start)
+            if length > self._list_remaining:
+                raise cur.error(f"RAM block {name} length {length:#x} is more than the "
+                                f"{self._list_remaining:#x} bytes left of the list's total",
+                                at=start)
             if len(self._list) >= limits.MAX_RAM_BLOCKS:
                 raise cur.error(f"more than {limits.MAX_RAM_BLOCKS} RAM blocks", at=start)
             info = RamBlockInfo(name, length, page_size, addr, mhdr)

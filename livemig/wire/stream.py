@@ -302,7 +302,7 @@ class MainStreamDecoder:
                             "the vmstate description", at=start)
         body = cur.pos
         try:
-            n = section_body_length(desc, cur.buf, body, base=cur.base)
+            n = section_body_length(desc, memoryview(cur.buf)[:cur.end], body, base=cur.base)
         except StreamFormatError as e:
             raise StreamFormatError(f"device section {hdr.idstr!r} instance {hdr.instance_id}: "
                                     f"{e.message}", offset=e.offset, raw=e.raw) from None
@@ -369,7 +369,7 @@ class MainStreamDecoder:
                 uuid = bytes(cur.take(16))
             elif name == CONFIG_SUBSECTION_PAGE_BITS:
                 page_bits = cur.be32()
-                if 1 << page_bits != limits.TARGET_PAGE_SIZE:
+                if page_bits != limits.TARGET_PAGE_SIZE.bit_length() - 1:
                     raise cur.error(f"target page bits {page_bits}: only 4 KiB target pages "
                                     "are supported", at=sub_at)
             else:
@@ -435,8 +435,12 @@ def encode_vmdescription(raw_json: bytes) -> bytes:
     return struct.pack(">BI", SectionType.VMDESCRIPTION, len(raw_json)) + raw_json
 
 
-def find_vmdescription(buf: bytes | bytearray | memoryview) -> tuple[int, int] | None:
-    """Where a complete stream's tail ends: ``(eof_offset, json_offset)`` or None.
+def find_vmdescription(buf: bytes | bytearray | memoryview, *,
+                       exact: bool = True) -> tuple[int, int, int] | None:
+    """Where a complete stream's tail ends: ``(eof_offset, json_offset, json_end)`` or None.
+
+    With ``exact=False`` (used once the input ended) the JSON may be followed
+    by other bytes, so that those can be reported as garbage.
 
     The stream ends with ``00`` (EOF) ``06`` be32 length and the JSON, whose
     text holds no NUL byte; so the last NUL of a complete tail is the EOF byte
@@ -446,6 +450,20 @@ def find_vmdescription(buf: bytes | bytearray | memoryview) -> tuple[int, int] |
     """
     mv = memoryview(buf)
     n = len(mv)
+    if not exact:
+        raw = bytes(mv)
+        j = raw.rfind(b'{"')
+        tries = 0
+        while j >= 6 and tries < 64:
+            c = j - 6
+            if raw[c] == 0 and raw[c + 1] == SectionType.VMDESCRIPTION:
+                (length,) = struct.unpack_from(">I", raw, c + 2)
+                end = j + length
+                if end <= n and raw[end - 1] == ord("}"):
+                    return c, j, end
+            j = raw.rfind(b'{"', 0, j)
+            tries += 1
+        return None
     if n < 7 or mv[n - 1] != ord("}"):
         return None
     last_nul = bytes(mv[max(0, n - limits.MAX_VMDESC_JSON - 6):]).rfind(b"\x00")
@@ -457,7 +475,7 @@ def find_vmdescription(buf: bytes | bytearray | memoryview) -> tuple[int, int] |
             continue
         (length,) = struct.unpack_from(">I", mv, c + 2)
         if c + 6 + length == n and mv[c + 6] == ord("{"):
-            return c, c + 6
+            return c, c + 6, n
     return None
 
 
