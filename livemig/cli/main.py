@@ -72,6 +72,26 @@ def _build_parser() -> argparse.ArgumentParser:
     s.add_argument("-q", "--quiet", action="store_true", help="no progress, no summary")
     s.add_argument("--json", action="store_true", help="print the summary as JSON")
 
+    y = sub.add_parser(
+        "relay", help="pass a live migration from one QEMU to another",
+        description="Accept a migration from a QEMU source on LISTEN_URI and forward it, as it "
+                    "arrives, to a QEMU destination listening on DEST_URI (started with "
+                    "-incoming). Each hop has its own multifd settings. Enable the source's "
+                    "return-path capability: the source then completes only once the "
+                    "destination confirmed, and fails (and keeps running) otherwise.",
+        epilog="Example: livemig relay unix:/tmp/in.sock unix:/tmp/out.sock "
+               "--in-multifd-channels 4 --out-multifd-channels 2 --out-multifd-compression zstd")
+    y.add_argument("listen", metavar="LISTEN_URI", help="tcp:HOST:PORT or unix:PATH")
+    y.add_argument("dest", metavar="DEST_URI", help="tcp:HOST:PORT or unix:PATH")
+    y.add_argument("--in-multifd-channels", type=int, default=0, metavar="N")
+    y.add_argument("--in-multifd-compression", default="none", choices=["none", "zlib", "zstd"])
+    y.add_argument("--out-multifd-channels", type=int, default=0, metavar="N")
+    y.add_argument("--out-multifd-compression", default="none", choices=["none", "zlib", "zstd"])
+    y.add_argument("--record", metavar="SNAPSHOT", help="also keep a snapshot of what passed")
+    y.add_argument("--accept-timeout", type=float, default=3600.0, metavar="SECONDS")
+    y.add_argument("-q", "--quiet", action="store_true", help="no progress, no summary")
+    y.add_argument("--json", action="store_true", help="print the summary as JSON")
+
     i = sub.add_parser(
         "inspect", help="show what a snapshot or a migration stream file holds",
         description="Machine type, stream version, RAM blocks (pages present, zero pages) "
@@ -162,6 +182,37 @@ def _cmd_send(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def _cmd_relay(args: argparse.Namespace) -> int:
+    from livemig.cli.progress import ProgressDisplay
+    from livemig.migration.relay import relay
+    from livemig.migration.stats import TransferStats
+
+    stats = TransferStats()
+
+    def listening(addr: str) -> None:
+        if not args.quiet and not args.json:
+            print(f"livemig: waiting for a migration on {addr}", file=sys.stderr, flush=True)
+
+    with ProgressDisplay(stats, quiet=args.quiet, verb="relayed"):
+        res = relay(args.listen, args.dest, in_multifd_channels=args.in_multifd_channels,
+                    in_multifd_compression=args.in_multifd_compression,
+                    out_multifd_channels=args.out_multifd_channels,
+                    out_multifd_compression=args.out_multifd_compression, record=args.record,
+                    stats=stats, accept_timeout=args.accept_timeout, on_listening=listening)
+    summary = {"machine": res.load.configuration.machine if res.load.configuration else None,
+               "ram_total": stats.total_ram, "normal_pages": stats.normal_pages,
+               "zero_pages": stats.zero_pages, "bytes_in": stats.bytes,
+               "recorded": res.recorded, "seconds": round(stats.elapsed, 3),
+               "verdict": stats.phase}
+    if args.json:
+        print(json.dumps(summary))
+    elif not args.quiet:
+        print(f"livemig: relayed {_fmt_size(stats.total_ram)} RAM ({stats.normal_pages} pages, "
+              f"{stats.zero_pages} zero pages) in {stats.elapsed:.2f} s: {stats.phase}",
+              file=sys.stderr)
+    return EXIT_OK
+
+
 def _print_inspection(r: dict[str, Any]) -> None:
     print(f"{r['file']}: {r['format']}, QEMU stream version {r['stream_version']}")
     print(f"  machine:      {r['machine']}")
@@ -218,7 +269,7 @@ def _terminate(signum: int, frame: object) -> None:
     raise _Terminated()
 
 
-_COMMANDS = {"receive": _cmd_receive, "send": _cmd_send, "inspect": _cmd_inspect, "extract": _cmd_extract}
+_COMMANDS = {"receive": _cmd_receive, "send": _cmd_send, "relay": _cmd_relay, "inspect": _cmd_inspect, "extract": _cmd_extract}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -86,7 +86,11 @@ def rp_message(kind: ReturnPathMessage, payload: bytes = b"") -> bytes:
 class MainChannelLoader:
     def __init__(self, source: ByteSource, sink: RamSink, *, stats: TransferStats,
                  latch: FailureLatch, multifd: MultifdReceiver | None = None,
-                 send_return_path: Callable[[bytes], None] | None = None) -> None:
+                 send_return_path: Callable[[bytes], None] | None = None,
+                 observer: Callable[[object], None] | None = None) -> None:
+        """``observer`` sees every record except pages, after the loader handled
+        it (a relay forwards them from there)."""
+        self.observer = observer
         self.source = source
         self.sink = sink
         self.stats = stats
@@ -265,6 +269,8 @@ class MainChannelLoader:
                 self._tail_offset = ev.offset + 1
             elif t is VmDescriptionRecord:
                 r.vmdesc_json = ev.raw_json
+            if self.observer is not None and t not in _PAGE_EVENTS:
+                self.observer(ev)
         return None
 
     def _block_list(self, ev: RamBlockList) -> None:
@@ -308,6 +314,10 @@ class MainChannelLoader:
             self.send_rp(rp_message(ReturnPathMessage.PONG, ev.data))
         elif ev.cmd == Command.SWITCHOVER_START:
             r.switchover_start = True
+
+
+_PAGE_EVENTS = (RamPages, RamZeroPages, RamXbzrlePage, RamCompressedPage, Seek,
+                DeviceStateTail)
 
 
 def _inflate_page(ev: RamCompressedPage) -> bytes:

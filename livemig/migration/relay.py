@@ -1,0 +1,497 @@
+"""``livemig relay``: pass a live migration from a QEMU source to a QEMU destination.
+
+Everything is forwarded as it arrives; nothing holds the whole VM. The
+incoming side is ``receive``'s loader and multifd receiver; what they
+deliver goes straight out:
+
+* records of the main stream (configuration, RAM section headers, block
+  list, device sections, EOF, JSON) are re-encoded or copied to the
+  destination's main channel in order;
+* pages go out on the destination's multifd channels (or as PAGE records
+  when the outgoing hop has no multifd); zero pages always as ZERO records
+  on the main channel, which every QEMU destination understands.
+
+Ordering. A page can be sent several times (one copy per precopy pass), and
+the two copies may arrive on different channels. Two rules keep the newest
+copy last at the destination: (1) a page always leaves on the same outgoing
+channel (chosen by its address), so copies on the outgoing side cannot
+overtake each other; (2) every incoming sync point and every RAM section end
+becomes an outgoing sync point (SYNC on every channel, then the marker the
+destination's machine type expects), so records on the main channel (a ZERO
+for a page that had data before) are ordered against the channels as well.
+
+Verdict. The relay opens a return path to the destination and answers the
+source's return path itself: the source gets SHUT(0) only after the
+destination confirmed, and SHUT(1) (so it fails and keeps running) if
+anything goes wrong on either hop.
+"""
+
+from __future__ import annotations
+
+import socket
+import struct
+import threading
+import time
+from dataclasses import dataclass
+
+import numpy as np
+
+from livemig import limits
+from livemig.errors import ChannelError, ConfigError, MigrationError, PeerError, TransportError
+from livemig.io.channels import DEFAULT_ACCEPT_TIMEOUT, Listener, SocketSource
+from livemig.io.snapshot import SnapshotWriter
+from livemig.io.uri import TcpUri, UnixUri, Uri, parse_uri
+from livemig.migration.failure import FailureLatch
+from livemig.migration.loader import LoadResult, MainChannelLoader, rp_message
+from livemig.migration.multifd_recv import MultifdReceiver
+from livemig.migration.multifd_send import sendmsg_all
+from livemig.migration.send import VERDICT_TIMEOUT, _connect, _ReturnPath, sync_mode_for_machine
+from livemig.migration.stats import TransferStats
+from livemig.wire.constants import (
+    Command,
+    MultifdCompression,
+    RamFlag,
+    ReturnPathMessage,
+    SectionType,
+)
+from livemig.wire.events import (
+    CommandRecord,
+    Configuration,
+    DeviceSection,
+    EndOfStream,
+    FileHeader,
+    RamBlockInfo,
+    RamEndOfSection,
+    RamMultifdFlush,
+    SectionHeader,
+    VmDescriptionRecord,
+)
+from livemig.wire.multifd import InitPacket, encode_ram_packet, encode_sync_packet, make_compressor
+from livemig.wire.ram import (
+    encode_block_list,
+    encode_eos,
+    encode_multifd_flush,
+    encode_named_record,
+    encode_zero_records,
+    page_record_headers,
+)
+from livemig.wire.stream import (
+    encode_command,
+    encode_file_header,
+    encode_footer,
+    encode_section_header,
+    encode_vmdescription,
+)
+
+PS = limits.TARGET_PAGE_SIZE
+PER_PACKET = limits.MULTIFD_PAGES_PER_PACKET
+#: Pages of one address chunk always use the same outgoing channel.
+CHUNK_PAGES = PER_PACKET
+
+
+class _OutMain:
+    """The destination's main channel; shared by the loader thread and, for
+    pages and zero pages, the incoming channel threads (hence the lock)."""
+
+    def __init__(self, sock: socket.socket, stats: TransferStats, latch: FailureLatch) -> None:
+        self.sock = sock
+        self.lock = threading.Lock()
+        # Page and ZERO records may only go inside a RAM section body. Incoming
+        # channels deliver pages at any time (QEMU's source keeps its own PART
+        # header buffered while its channels run), so the relay opens a PART
+        # section of its own when pages arrive between sections.
+        self.body_open = False
+        self.section_id = 0
+        self.latch = latch
+        self.buf = bytearray()
+        self.last_block: str | None = None
+        self.stats = stats
+        self.sent = 0
+
+    def put(self, data: bytes | bytearray | memoryview) -> None:
+        with self.lock:
+            self.buf += data
+            if len(self.buf) >= 1 << 20:
+                self._flush()
+
+    def flush(self) -> None:
+        with self.lock:
+            self._flush()
+
+    def set_body(self, is_open: bool, data: bytes = b"") -> None:
+        """Write ``data`` (a section header or an EOS) and open or close the body with it."""
+        with self.lock:
+            self.buf += data
+            self.body_open = is_open
+            self.last_block = None
+
+    def _await_body(self) -> None:
+        if not self.body_open:
+            self.buf += encode_section_header(SectionType.SECTION_PART, self.section_id)
+            self.body_open = True
+            self.last_block = None
+
+    def _flush(self) -> None:
+        if self.buf:
+            try:
+                self.sock.sendall(self.buf)
+            except OSError as e:
+                raise TransportError(f"destination main channel: send failed: "
+                                     f"{e.strerror or e}") from e
+            self.sent += len(self.buf)
+            self.buf = bytearray()
+
+    def zero_records(self, block: str, offsets: np.ndarray) -> None:
+        with self.lock:
+            self._await_body()
+            self.buf += encode_zero_records(block, offsets, name_first=self.last_block != block)
+            self.last_block = block
+            if len(self.buf) >= 1 << 20:
+                self._flush()
+
+    def page_records(self, block: str, offsets: np.ndarray, data: np.ndarray) -> None:
+        n = len(offsets)
+        with self.lock:
+            self._await_body()
+            start = 0
+            if self.last_block != block:
+                self.buf += encode_named_record(block, int(offsets[0]), RamFlag.PAGE)
+                self.buf += memoryview(np.ascontiguousarray(data[0])).cast("B")
+                self.last_block = block
+                start = 1
+            if n > start:
+                k = n - start
+                rec = np.empty((k, 8 + PS), dtype=np.uint8)
+                rec[:, :8] = page_record_headers(offsets[start:]).view(np.uint8).reshape(k, 8)
+                rec[:, 8:] = data[start:]
+                self.buf += memoryview(rec).cast("B")
+            if len(self.buf) >= 1 << 20:
+                self._flush()
+
+
+class _OutChannels:
+    """The destination's multifd channels, written directly by whichever thread
+    has pages (one lock per channel keeps packets whole and in order)."""
+
+    def __init__(self, socks: list[socket.socket], compression: MultifdCompression,
+                 uuid: bytes | None, stats: TransferStats) -> None:
+        self.socks = socks
+        self.n = len(socks)
+        self.locks = [threading.Lock() for _ in socks]
+        self.comps = [make_compressor(compression) if compression is not MultifdCompression.NONE
+                      else None for _ in socks]
+        self.flag = int(compression.flag)
+        self.stats = stats
+        self._num = 0
+        self._num_lock = threading.Lock()
+        self.sent = [0] * self.n
+        for i, s in enumerate(socks):
+            self._send(i, [InitPacket(uuid or bytes(16), i).encode()])
+
+    def _next_num(self) -> int:
+        with self._num_lock:
+            n = self._num
+            self._num += 1
+            return n
+
+    def _send(self, ch: int, bufs: list) -> None:
+        try:
+            sendmsg_all(self.socks[ch], bufs)
+        except OSError as e:
+            raise ChannelError(f"destination multifd channel {ch}: send failed: "
+                               f"{e.strerror or e}") from e
+        self.sent[ch] += sum(len(memoryview(b).cast("B")) for b in bufs)
+
+    def send_pages(self, block: str, offsets: np.ndarray, data: np.ndarray) -> None:
+        key = (offsets // np.uint64(PS * CHUNK_PAGES)).astype(np.int64)
+        order = np.argsort(key, kind="stable")
+        keys = key[order]
+        bounds = np.flatnonzero(np.diff(keys)) + 1
+        for part in np.split(order, bounds):
+            ch = int(key[part[0]]) % self.n
+            offs = offsets[part]
+            pages = data[part]
+            if not pages.flags.c_contiguous:
+                pages = np.ascontiguousarray(pages)
+            with self.locks[ch]:
+                payload: bytes | memoryview = memoryview(pages).cast("B")
+                comp = self.comps[ch]
+                if comp is not None:
+                    payload = comp.compress([payload])
+                hdr = encode_ram_packet(flags=self.flag, ramblock=block, normal_offsets=offs,
+                                        zero_offsets=None, packet_num=self._next_num(),
+                                        payload_size=len(payload))
+                self._send(ch, [hdr, payload])
+
+    def sync(self) -> None:
+        for ch in range(self.n):
+            with self.locks[ch]:
+                self._send(ch, [encode_sync_packet(self._next_num())])
+
+
+class _RelaySink:
+    """RamSink/PageSink of the incoming side: forwards pages, optionally records them."""
+
+    def __init__(self) -> None:
+        self.main: _OutMain | None = None
+        self.channels: _OutChannels | None = None
+        self.record: SnapshotWriter | None = None
+
+    def set_layout(self, config: Configuration | None, ram_section_id: int,
+                   blocks: tuple[RamBlockInfo, ...]) -> None:
+        # Forwarded here, before the incoming channels are let go: no page may
+        # reach the destination before the block list.
+        assert self.main is not None
+        self.main.section_id = ram_section_id
+        self.main.put(encode_block_list(blocks))
+        if self.record is not None:
+            self.record.set_layout(config, ram_section_id, blocks)
+
+    def write_pages(self, block: str, offsets: np.ndarray, data: np.ndarray) -> None:
+        if self.record is not None:
+            self.record.write_pages(block, offsets, data)
+        if self.channels is not None:
+            self.channels.send_pages(block, offsets, data)
+        else:
+            assert self.main is not None
+            self.main.page_records(block, offsets, data)
+
+    def write_page_bytes(self, block: str, offset: int, page: bytes | bytearray) -> None:
+        arr = np.frombuffer(bytes(page), dtype=np.uint8).reshape(1, PS)
+        self.write_pages(block, np.array([offset], dtype=np.uint64), arr)
+
+    def zero_pages(self, block: str, offsets: np.ndarray, fill: int = 0) -> None:
+        if fill:
+            self.write_pages(block, offsets, np.full((len(offsets), PS), fill, dtype=np.uint8))
+            return
+        if self.record is not None:
+            self.record.zero_pages(block, offsets)
+        assert self.main is not None
+        self.main.zero_records(block, offsets)
+
+    def read_page(self, block: str, offset: int) -> bytearray:
+        if self.record is not None:
+            return self.record.read_page(block, offset)
+        raise ConfigError("the source uses XBZRLE, which livemig relay only supports with "
+                          "--record (it needs the previous page contents)")
+
+    def copy_mapped_ram_block(self, src_fd: int, info: RamBlockInfo) -> int:
+        raise ConfigError("relay takes a live migration, not a mapped-ram file")
+
+
+@dataclass
+class RelayResult:
+    load: LoadResult
+    stats: TransferStats
+    recorded: str | None
+
+
+class _Forwarder:
+    """Turns the incoming main stream's records into the outgoing one."""
+
+    def __init__(self, sink: _RelaySink, dest: Uri, out_channels: int,
+                 out_comp: MultifdCompression, latch: FailureLatch, stats: TransferStats) -> None:
+        self.sink = sink
+        self.dest = dest
+        self.out_n = out_channels
+        self.out_comp = out_comp
+        self.latch = latch
+        self.stats = stats
+        self.mode = "per-round"
+        self.sid: int | None = None
+        self.kind: SectionType | None = None
+        self.rp: _ReturnPath | None = None
+        self.main_sock: socket.socket | None = None
+        self.chan_socks: list[socket.socket] = []
+
+    def __call__(self, ev: object) -> None:
+        t = type(ev)
+        if t is FileHeader:
+            self._connect()
+            self._main.put(encode_file_header())
+        elif t is Configuration:
+            cfg: Configuration = ev  # type: ignore[assignment]
+            if "mapped-ram" in cfg.capabilities:
+                raise ConfigError("relay takes a live migration, not a mapped-ram stream")
+            self.mode = sync_mode_for_machine(cfg.machine)
+            self._main.put(cfg.raw)
+            self._main.put(encode_command(Command.OPEN_RETURN_PATH))
+            self._main.put(encode_command(Command.PING, struct.pack(">I", 1)))
+            self._main.flush()
+            self.rp = _ReturnPath(self.main_sock, self.latch)  # type: ignore[arg-type]
+            self.rp.start()
+            if self.out_n:
+                time.sleep(0.05)  # QEMU 7.2 takes the first accepted connection as main
+                self.chan_socks = [_connect(self.dest) for _ in range(self.out_n)]
+                for s in self.chan_socks:
+                    self.latch.add_socket(s)
+                self.sink.channels = _OutChannels(self.chan_socks, self.out_comp,
+                                                  cfg.uuid, self.stats)
+        elif t is CommandRecord:
+            if ev.cmd == Command.SWITCHOVER_START:  # type: ignore[attr-defined]
+                self._main.put(encode_command(Command.SWITCHOVER_START))
+        elif t is SectionHeader:
+            h: SectionHeader = ev  # type: ignore[assignment]
+            self.sid, self.kind = h.section_id, h.kind
+            main = self._main
+            if h.kind == SectionType.SECTION_PART and main.body_open:
+                pass  # the relay already opened a PART for early pages: go on in it
+            else:
+                if main.body_open:  # END after a PART the relay opened itself
+                    self._sync_point(mid_section=False)
+                main.set_body(True, encode_section_header(h.kind, h.section_id, h.idstr,
+                                                          h.instance_id, h.version_id))
+        elif t is RamMultifdFlush:
+            self._sync_point(mid_section=True)
+        elif t is RamEndOfSection:
+            self._sync_point(mid_section=False)
+        elif t is DeviceSection:
+            self._main.put(ev.raw)  # type: ignore[attr-defined]
+        elif t is EndOfStream:
+            self._main.put(bytes([SectionType.EOF]))
+        elif t is VmDescriptionRecord:
+            self._main.put(encode_vmdescription(ev.raw_json))  # type: ignore[attr-defined]
+        self.stats.main_bytes = self._main.sent
+
+    @property
+    def _main(self) -> _OutMain:
+        assert self.sink.main is not None
+        return self.sink.main
+
+    def _connect(self) -> None:
+        self.main_sock = _connect(self.dest)
+        self.latch.add_socket(self.main_sock)
+        self.sink.main = _OutMain(self.main_sock, self.stats, self.latch)
+
+    def _sync_point(self, *, mid_section: bool) -> None:
+        chans = self.sink.channels
+        if chans is not None:
+            self._main.flush()
+            chans.sync()
+            if self.mode == "per-round":
+                self._main.put(encode_multifd_flush())
+            elif mid_section:
+                assert self.sid is not None
+                # per-section destinations sync at EOS: close this section here
+                self._main.set_body(True, encode_eos() + encode_footer(self.sid)
+                                    + encode_section_header(SectionType.SECTION_PART, self.sid))
+        if not mid_section:
+            assert self.sid is not None
+            self._main.set_body(False, encode_eos() + encode_footer(self.sid))
+        self._main.flush()
+
+    def finish(self) -> str:
+        self._main.flush()
+        if self.main_sock is None or self.rp is None:
+            raise TransportError("the source's migration ended before it started")
+        if not self.rp.done.wait(VERDICT_TIMEOUT):
+            raise PeerError(f"the destination did not confirm within {VERDICT_TIMEOUT:.0f} s")
+        self.latch.raise_if_failed()
+        if self.rp.shut is None:
+            raise PeerError("the destination closed its connection without confirming the "
+                            "migration")
+        if self.rp.shut != 0:
+            raise PeerError(f"the destination QEMU failed to load the migration (status "
+                            f"{self.rp.shut})")
+        return "confirmed by the destination"
+
+    def close(self) -> None:
+        for s in self.chan_socks + ([self.main_sock] if self.main_sock else []):
+            try:
+                s.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
+        if self.rp is not None:
+            self.rp.join(timeout=5)
+        for s in self.chan_socks + ([self.main_sock] if self.main_sock else []):
+            s.close()
+
+
+def relay(listen: str | Uri, dest: str | Uri, *, in_multifd_channels: int = 0,
+          in_multifd_compression: str = "none", out_multifd_channels: int = 0,
+          out_multifd_compression: str = "none", record: str | None = None,
+          stats: TransferStats | None = None, accept_timeout: float = DEFAULT_ACCEPT_TIMEOUT,
+          on_listening: object = None) -> RelayResult:
+    """Accept a migration on ``listen`` and forward it to the QEMU listening at ``dest``."""
+    lu = parse_uri(listen) if isinstance(listen, str) else listen
+    du = parse_uri(dest) if isinstance(dest, str) else dest
+    if not isinstance(lu, (TcpUri, UnixUri)) or not isinstance(du, (TcpUri, UnixUri)):
+        raise ConfigError("relay needs tcp: or unix: URIs on both sides")
+    try:
+        in_comp = MultifdCompression(in_multifd_compression)
+        out_comp = MultifdCompression(out_multifd_compression)
+    except ValueError as e:
+        raise ConfigError(f"unknown multifd compression: {e}") from None
+    for n in (in_multifd_channels, out_multifd_channels):
+        if not 0 <= n <= limits.MAX_MULTIFD_CHANNELS:
+            raise ConfigError(f"multifd channels must be 0..{limits.MAX_MULTIFD_CHANNELS}")
+    if in_comp is not MultifdCompression.NONE and not in_multifd_channels:
+        raise ConfigError("--in-multifd-compression needs --in-multifd-channels")
+    if out_comp is not MultifdCompression.NONE and not out_multifd_channels:
+        raise ConfigError("--out-multifd-compression needs --out-multifd-channels")
+    stats = stats or TransferStats()
+    latch = FailureLatch()
+    sink = _RelaySink()
+    writer = SnapshotWriter(record) if record else None
+    sink.record = writer
+    fwd = _Forwarder(sink, du, out_multifd_channels, out_comp, latch, stats)
+    listener = Listener(lu)
+    multifd = None
+    source = None
+    loader = None
+    try:
+        if callable(on_listening):
+            on_listening(listener.address)
+        main, chans = listener.accept_migration(in_multifd_channels, timeout=accept_timeout)
+        stats.started = time.monotonic()
+        listener.watch_for_extra(lambda msg: latch.fail(TransportError(msg)))
+        latch.add_socket(main)
+        source = SocketSource(main, "source main channel")
+        if chans:
+            multifd = MultifdReceiver(chans, in_comp, sink, latch, stats)
+            multifd.start()
+        stats.phase = "relaying"
+        loader = MainChannelLoader(source, sink, stats=stats, latch=latch, multifd=multifd,
+                                   send_return_path=source.send, observer=fwd)
+        result = loader.run()
+        if multifd is not None:
+            multifd.finish()
+        listener.close()
+        latch.raise_if_failed()
+        stats.phase = "waiting for the destination"
+        verdict = fwd.finish()
+        if writer is not None:
+            writer.commit(device_sections=[s.raw for s in result.device_sections],
+                          vmdesc_json=result.vmdesc_json,
+                          switchover_start=result.switchover_start)
+        if result.return_path:
+            source.send(rp_message(ReturnPathMessage.SHUT, b"\x00\x00\x00\x00"))
+        stats.phase = "completed: " + verdict
+        return RelayResult(result, stats, writer.path if writer else None)
+    except BaseException as e:
+        # Tell the source first (it then fails the migration and keeps running).
+        if source is not None and loader is not None and loader.result.return_path:
+            try:
+                source.send(rp_message(ReturnPathMessage.SHUT, b"\x00\x00\x00\x01"))
+            except MigrationError:
+                pass
+        latch.fail(e)
+        if multifd is not None:
+            multifd.finishing = True
+            multifd.barrier.release_all()
+            multifd.join()
+        if writer is not None:
+            writer.abort()
+        stats.phase = "failed"
+        first = latch.error
+        if first is not e and isinstance(first, BaseException):
+            raise first from None
+        raise
+    finally:
+        listener.close()
+        fwd.close()
+        if source is not None:
+            source.close()
+
+
+__all__ = ["relay", "RelayResult"]
