@@ -8,6 +8,7 @@ from livemig.errors import (
     ConfigError,
     LimitExceeded,
     MigrationError,
+    PeerError,
     StateError,
     StreamFormatError,
     TransportError,
@@ -22,6 +23,20 @@ def receive(*args, **kwargs):  # type: ignore[no-untyped-def]
     from livemig.migration.receive import receive as _receive
 
     return _receive(*args, **kwargs)
+
+
+def send(*args, **kwargs):  # type: ignore[no-untyped-def]
+    """Migrate a snapshot into a QEMU destination; see :func:`livemig.migration.send.send`."""
+    from livemig.migration.send import send as _send
+
+    return _send(*args, **kwargs)
+
+
+def relay(*args, **kwargs):  # type: ignore[no-untyped-def]
+    """Relay a live migration between two QEMUs; see :func:`livemig.migration.relay.relay`."""
+    from livemig.migration.relay import relay as _relay
+
+    return _relay(*args, **kwargs)
 
 
 def inspect(path: str, *, fields: bool = False) -> dict:  # type: ignore[type-arg]
@@ -39,7 +54,7 @@ def extract(snapshot: str, block: str, output: str) -> int:
 
 
 __all__ = [
-    "__version__", "receive", "inspect", "extract",
+    "__version__", "receive", "send", "relay", "inspect", "extract", "PeerError",
     "MigrationError", "StreamFormatError", "TruncatedStream", "LimitExceeded", "ConfigError",
     "StateError", "TransportError", "ChannelError",
 ]
