@@ -30,10 +30,9 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from livemig.wire.constants import Command, RamFlag, SectionType
-from livemig.wire.multifd import InitPacket, encode_ram_packet, encode_sync_packet
+from livemig.wire.constants import RamFlag, SectionType
+from livemig.wire.multifd import InitPacket, encode_ram_packet
 from livemig.wire.stream import (
-    encode_command,
     encode_configuration,
     encode_file_header,
     encode_footer,

@@ -19,14 +19,16 @@ RecursionError, ... escaping from a decoder, and no decoder that stops making pr
 from __future__ import annotations
 
 import random
+import tempfile
 from functools import cache
 from pathlib import Path
 
 import pytest
+from hostile_source import EOS, block_list, ram_word, walk_capture
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from peers import DATA_DIR, read_capture
 
-from hostile_source import EOS, block_list, ram_word, walk_capture
 from livemig.errors import MigrationError, StreamFormatError
 from livemig.wire.constants import MultifdCompression, RamFlag, SectionType
 from livemig.wire.events import DeviceStateTail, Seek
@@ -50,7 +52,6 @@ from livemig.wire.stream import (
     fork_for_tail,
 )
 from livemig.wire.vmstate import parse_vmdescription
-from peers import DATA_DIR, read_capture
 
 PS = 4096
 FUZZ = settings(max_examples=300, deadline=None, derandomize=False,
@@ -257,18 +258,30 @@ def test_unmutated_captures_end_done(name: str) -> None:
                                  HealthCheck.function_scoped_fixture])
 @given(data=st.data())
 def test_mutated_capture_through_the_loader(tmp_path: Path, data: st.DataObject) -> None:
-    """inspect's loader (sink, XBZRLE/compressed pages, return-path commands, the tail
-    collection) over a mutated file: its result or livemig's error."""
-    from livemig.migration.inspect import load_file
+    """The loader over a mutated file, both ways the command line uses it: ``inspect
+    --fields`` (counting sink, vmstate field decoding) and ``receive file:`` (the snapshot
+    writer). Its result or livemig's error, and a failed receive leaves no file behind."""
+    from livemig.migration.inspect import inspect_file
+    from livemig.migration.receive import receive
 
-    name = data.draw(st.sampled_from(["qemu7.2-precopy.stream", "qemu10.0-precopy.stream"]))
+    name = data.draw(st.sampled_from(["qemu7.2-precopy.stream", "qemu10.0-precopy.stream",
+                                      "qemu10.0-mapped-ram.bin"]))
     blob = data.draw(mutations(name))
-    path = tmp_path / "m.stream"
+    work = Path(tempfile.mkdtemp(dir=tmp_path))
+    path = work / "m.stream"
     path.write_bytes(blob)
     try:
-        load_file(str(path))
+        inspect_file(str(path), fields=True)
     except MigrationError as e:
         assert "\n" not in str(e)
+    out = work / "out.snap"
+    try:
+        receive(f"file:{path}", str(out))
+    except MigrationError as e:
+        assert "\n" not in str(e)
+        assert sorted(p.name for p in work.iterdir()) == ["m.stream"]
+    else:
+        assert out.exists()
 
 
 # --------------------------------------------------------------------------------------------

@@ -35,7 +35,6 @@ from functools import cache
 from pathlib import Path
 
 import pytest
-
 from hostile_source import (
     EOS,
     PKT_FLAGS,
@@ -58,11 +57,12 @@ from hostile_source import (
     start_cli,
     walk_capture,
 )
-from livemig.errors import LimitExceeded, MigrationError, StreamFormatError
+from peers import read_capture
+
+from livemig.errors import MigrationError, StreamFormatError
 from livemig.wire.constants import RamFlag, SectionType
 from livemig.wire.multifd import encode_sync_packet
 from livemig.wire.stream import MainStreamDecoder, encode_configuration, encode_file_header
-from peers import read_capture
 
 PS = 4096
 GiB = 1 << 30
@@ -685,10 +685,10 @@ SOCKET_CASES: list[tuple[str, Callable[[FakeSource], None], str, str | None]] = 
     ("channel-id-out-of-range", _id_out_of_range,
      r"multifd connection 1.*initial packet: channel id 2", None),
     ("duplicate-channel-id", _duplicate_id, r"multifd connection 1.*channel id 1 used twice",
-     "the error names 'main channel' first ('main channel: multifd connection 1: channel id 1 "
+     ("the error names 'main channel' first ('main channel: multifd connection 1: channel id 1 "
      "used twice'): the multifd thread raises it without `where`, the latch hands it to the "
      "main loop, and MainChannelLoader.run (livemig/migration/loader.py:106-110) locates "
-     "every StreamFormatError it sees in the main channel"),
+     "every StreamFormatError it sees in the main channel")),
     ("pages-alloc-129", _pages_alloc_129,
      r"multifd channel 0, offset 0x40: packet 0: pages_alloc 129 exceeds 128", None),
     ("normal-pages-129", _normal_pages_129,
@@ -704,26 +704,26 @@ SOCKET_CASES: list[tuple[str, Callable[[FakeSource], None], str, str | None]] = 
      r"multifd channel 0, offset 0x2580: packet 1: unknown flag bits 0x100", None),
     ("close-in-initial-packet", _close_in_init_packet,
      r"multifd connection 0.*initial packet",
-     "the truncation is raised outside the try that locates channel errors "
+     ("the truncation is raised outside the try that locates channel errors "
      "(livemig/migration/multifd_recv.py:186), so MainChannelLoader.run "
-     "(livemig/migration/loader.py:106-110) prefixes it with 'main channel'"),
+     "(livemig/migration/loader.py:106-110) prefixes it with 'main channel'")),
     ("close-in-common-header", _close_in_common_header,
      r"multifd channel 0.*packet 0",
-     "'main channel: multifd channel 0: the source closed the channel in the middle of a "
+     ("'main channel: multifd channel 0: the source closed the channel in the middle of a "
      "packet header (6 of 12 bytes)': blamed on the main channel (the first _recv_exact of a "
      "packet, livemig/migration/multifd_recv.py:211, is outside the try that locates errors, "
-     "then loader.py:110 adds 'main channel'), and no packet number or offset"),
+     "then loader.py:110 adds 'main channel'), and no packet number or offset")),
     ("close-in-packet-header", _close_in_packet_header,
      r"multifd channel 0.*packet 0",
-     "'multifd channel 0: multifd channel 0: the source closed the channel in the middle of "
+     ("'multifd channel 0: multifd channel 0: the source closed the channel in the middle of "
      "a packet header (688 of 1332 bytes)': _recv_exact (livemig/migration/multifd_recv.py:"
      "116) puts the channel name into the message and StreamFormatError.locate adds it "
-     "again; the packet number and stream offset are missing"),
+     "again; the packet number and stream offset are missing")),
     ("close-in-pages", _close_in_pages,
      r"multifd channel 1.*packet 0",
-     "'multifd channel 1: multifd channel 1: the source closed the channel in the middle of "
+     ("'multifd channel 1: multifd channel 1: the source closed the channel in the middle of "
      "packet 0's pages (5000 of 8192 bytes)': the channel named twice "
-     "(livemig/migration/multifd_recv.py:116 and :239), no stream offset"),
+     "(livemig/migration/multifd_recv.py:116 and :239), no stream offset")),
 ]
 
 

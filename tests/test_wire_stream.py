@@ -21,11 +21,7 @@ from collections import Counter
 from functools import cache
 from typing import Any
 
-import numpy as np
 import pytest
-from hypothesis import HealthCheck, given, settings
-from hypothesis import strategies as st
-
 from hostile_source import (
     EOS,
     Layout,
@@ -34,12 +30,16 @@ from hostile_source import (
     device_section,
     page_record,
     ram_part,
-    ram_word,
     ram_start,
+    ram_word,
     vmdesc_json,
     walk_capture,
     zero_record,
 )
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from peers import DATA_DIR, read_capture
+
 from livemig.errors import LimitExceeded, MigrationError, StreamFormatError, TruncatedStream
 from livemig.wire.constants import Command, RamFlag, SectionType
 from livemig.wire.cursor import Cursor
@@ -73,7 +73,6 @@ from livemig.wire.stream import (
     fork_for_tail,
 )
 from livemig.wire.vmstate import parse_vmdescription
-from peers import DATA_DIR, read_capture
 
 PS = 4096
 GARBAGE = b"\x00garbage after the JSON\x00"
@@ -384,11 +383,11 @@ def test_device_section_split_reads_past_the_buffer_end() -> None:
     cut = dev_at + 17 + 4  # the section header and field a have arrived, the subsection not
     # A buffer exactly as long as the valid bytes: "not enough bytes yet", as it should be.
     dec = MainStreamDecoder(description=desc)
-    events, used = dec.parse(s[:cut], 0, cut, 0)
+    _events, used = dec.parse(s[:cut], 0, cut, 0)
     assert used == dev_at
     # The same valid bytes in a larger receive buffer whose rest is old data.
     dec = MainStreamDecoder(description=desc)
-    events, used = dec.parse(s[:cut] + b"\xff" * 64, 0, cut, 0)
+    _events, used = dec.parse(s[:cut] + b"\xff" * 64, 0, cut, 0)
     assert used == dev_at
 
 
