@@ -167,7 +167,15 @@ class Listener:
                 self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
                 if os.path.exists(uri.path) and _is_socket(uri.path):
                     os.unlink(uri.path)
-                self.sock.bind(uri.path)
+                # Listen under a temporary name and rename: the path appears only
+                # once connections are accepted (no window of "connection refused").
+                tmp = f"{uri.path}.{os.getpid()}.tmp"
+                if len(tmp.encode()) > 107:
+                    tmp = uri.path
+                self.sock.bind(tmp)
+                self.sock.listen(256)
+                if tmp != uri.path:
+                    os.rename(tmp, uri.path)
                 self._unlink = uri.path
             else:
                 raise ConfigError(f"cannot listen on {uri}")

@@ -26,12 +26,20 @@ class FailureLatch:
         return self.error is not None
 
     def add_socket(self, sock: socket.socket) -> None:
+        """Shut ``sock`` down on failure (at once, if the failure already happened)."""
         with self._lock:
             self._sockets.append(sock)
+            failed = self.error is not None
+        if failed:
+            _shutdown(sock)
 
     def on_failure(self, cb: Callable[[], None]) -> None:
+        """Call ``cb`` on failure (at once, if the failure already happened)."""
         with self._lock:
             self._callbacks.append(cb)
+            failed = self.error is not None
+        if failed:
+            cb()
 
     def fail(self, exc: BaseException) -> None:
         with self._lock:
@@ -41,13 +49,17 @@ class FailureLatch:
             socks = list(self._sockets)
             cbs = list(self._callbacks)
         for s in socks:
-            try:
-                s.shutdown(socket.SHUT_RDWR)
-            except OSError:
-                pass
+            _shutdown(s)
         for cb in cbs:
             cb()
 
     def raise_if_failed(self) -> None:
         if self.error is not None:
             raise self.error
+
+
+def _shutdown(sock: socket.socket) -> None:
+    try:
+        sock.shutdown(socket.SHUT_RDWR)
+    except OSError:
+        pass

@@ -58,6 +58,7 @@ def receive(uri: str | Uri, output: str, *, multifd_channels: int = 0,
     multifd = None
     send_rp = None
     result: LoadResult | None = None
+    loader: MainChannelLoader | None = None
     try:
         if isinstance(u, (TcpUri, UnixUri)):
             listener = Listener(u)
@@ -97,17 +98,18 @@ def receive(uri: str | Uri, output: str, *, multifd_channels: int = 0,
         stats.phase = "completed"
         return ReceiveResult(writer.path, size, result, stats)
     except BaseException as e:
+        # Tell the source first: with a return path it then fails and keeps running.
+        if send_rp is not None and loader is not None and loader.result.return_path:
+            try:
+                send_rp(rp_message(ReturnPathMessage.SHUT, b"\x00\x00\x00\x01"))
+            except MigrationError:
+                pass
         latch.fail(e)
         if multifd is not None:
             multifd.finishing = True
             multifd.barrier.release_all()
             multifd.join()
         writer.abort()
-        if send_rp is not None and result is not None and result.return_path:
-            try:
-                send_rp(rp_message(ReturnPathMessage.SHUT, b"\x00\x00\x00\x01"))
-            except MigrationError:
-                pass
         stats.phase = "failed"
         first = latch.error
         if first is not e and isinstance(first, BaseException):
