@@ -54,7 +54,19 @@ def extract(snapshot: str, block: str, output: str) -> int:
 
 
 __all__ = [
-    "__version__", "receive", "send", "relay", "inspect", "extract", "PeerError",
-    "MigrationError", "StreamFormatError", "TruncatedStream", "LimitExceeded", "ConfigError",
-    "StateError", "TransportError", "ChannelError",
+    "ChannelError",
+    "ConfigError",
+    "LimitExceeded",
+    "MigrationError",
+    "PeerError",
+    "StateError",
+    "StreamFormatError",
+    "TransportError",
+    "TruncatedStream",
+    "__version__",
+    "extract",
+    "inspect",
+    "receive",
+    "relay",
+    "send",
 ]

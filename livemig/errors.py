@@ -42,7 +42,7 @@ class StreamFormatError(MigrationError):
         self.raw = raw
         super().__init__(message)
 
-    def locate(self, where: str, base_offset: int = 0) -> "StreamFormatError":
+    def locate(self, where: str, base_offset: int = 0) -> StreamFormatError:
         """Attach the stream name and turn a buffer offset into a stream offset."""
         if self.where is None:
             self.where = where

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import sys
 import threading
-import time
 
 from livemig.migration.stats import TransferStats
 
@@ -41,7 +40,7 @@ class ProgressDisplay:
                 f"{_fmt_bytes(s.bytes / el)}/s, {s.normal_pages} pages + "
                 f"{s.zero_pages} zero pages, {el:.1f} s")
 
-    def __enter__(self) -> "ProgressDisplay":
+    def __enter__(self) -> ProgressDisplay:
         if self.enabled:
             from rich.console import Console
             from rich.live import Live

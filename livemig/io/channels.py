@@ -18,7 +18,8 @@ import socket
 import subprocess
 import threading
 import time
-from typing import Callable, Protocol
+from collections.abc import Callable
+from typing import Protocol
 
 from livemig.errors import ConfigError, TransportError
 from livemig.io.uri import ExecUri, FileUri, TcpUri, UnixUri, Uri
@@ -210,7 +211,7 @@ class Listener:
                 self.sock.settimeout(left)
                 try:
                     conn, _ = self.sock.accept()
-                except socket.timeout:
+                except TimeoutError:
                     continue
                 conn.settimeout(None)
                 _tune(conn)
@@ -235,7 +236,7 @@ class Listener:
             raise
         return main, multifd
 
-    def watch_for_extra(self, on_extra: "Callable[[str], None]") -> "threading.Thread":
+    def watch_for_extra(self, on_extra: Callable[[str], None]) -> threading.Thread:
         """Keep accepting after the migration's channels arrived: QEMU opens all of its
         channels at once, so one more connection means the source uses more multifd
         channels than we were told (the extra channel would otherwise just be ignored
@@ -247,7 +248,7 @@ class Listener:
             while self._watching:
                 try:
                     conn, _ = self.sock.accept()
-                except (socket.timeout, OSError):
+                except (TimeoutError, OSError):
                     continue
                 conn.close()
                 on_extra(f"{self.address}: the source opened more connections than the main "

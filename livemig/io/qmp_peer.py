@@ -60,7 +60,7 @@ class QmpPeer:
                 continue
             try:
                 chunk = self.sock.recv(65536)
-            except socket.timeout:
+            except TimeoutError:
                 raise TransportError(f"{self.address}: no answer for {what} (is another client "
                                      "connected to this monitor? QEMU serves one at a time)"
                                      ) from None

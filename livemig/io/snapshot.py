@@ -320,4 +320,4 @@ def extract_block(src_path: str, blocks: dict[str, RamBlockInfo], name: str,
     return info.length
 
 
-__all__ = ["SnapshotWriter", "extract_block", "read_bitmap", "MigrationError"]
+__all__ = ["MigrationError", "SnapshotWriter", "extract_block", "read_bitmap"]

@@ -17,8 +17,9 @@ from __future__ import annotations
 
 import struct
 import zlib
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Callable, Protocol
+from typing import Protocol
 
 import numpy as np
 
@@ -332,4 +333,4 @@ def _inflate_page(ev: RamCompressedPage) -> bytes:
     return page
 
 
-__all__ = ["MainChannelLoader", "LoadResult", "RamSink", "MigrationError"]
+__all__ = ["LoadResult", "MainChannelLoader", "MigrationError", "RamSink"]

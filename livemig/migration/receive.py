@@ -8,7 +8,13 @@ from dataclasses import dataclass
 
 from livemig import limits
 from livemig.errors import ConfigError, MigrationError, TransportError
-from livemig.io.channels import DEFAULT_ACCEPT_TIMEOUT, ExecSource, Listener, SocketSource, open_source
+from livemig.io.channels import (
+    DEFAULT_ACCEPT_TIMEOUT,
+    ExecSource,
+    Listener,
+    SocketSource,
+    open_source,
+)
 from livemig.io.snapshot import SnapshotWriter
 from livemig.io.uri import ExecUri, FileUri, TcpUri, UnixUri, Uri, parse_uri
 from livemig.migration.failure import FailureLatch
@@ -122,4 +128,4 @@ def receive(uri: str | Uri, output: str, *, multifd_channels: int = 0,
             source.close()
 
 
-__all__ = ["receive", "ReceiveResult", "socket"]
+__all__ = ["ReceiveResult", "receive", "socket"]

@@ -494,4 +494,4 @@ def relay(listen: str | Uri, dest: str | Uri, *, in_multifd_channels: int = 0,
             source.close()
 
 
-__all__ = ["relay", "RelayResult"]
+__all__ = ["RelayResult", "relay"]

@@ -36,7 +36,13 @@ from livemig.migration.failure import FailureLatch
 from livemig.migration.inspect import _DATA, load_file
 from livemig.migration.multifd_send import MultifdSender, PageJob
 from livemig.migration.stats import TransferStats
-from livemig.wire.constants import Command, MultifdCompression, ReturnPathMessage, SectionType
+from livemig.wire.constants import (
+    Command,
+    MultifdCompression,
+    RamFlag,
+    ReturnPathMessage,
+    SectionType,
+)
 from livemig.wire.ram import (
     encode_block_list,
     encode_eos,
@@ -45,7 +51,6 @@ from livemig.wire.ram import (
     encode_zero_records,
     page_record_headers,
 )
-from livemig.wire.constants import RamFlag
 from livemig.wire.stream import (
     encode_command,
     encode_configuration,
@@ -206,8 +211,8 @@ def send(snapshot: str, uri: str | Uri, *, multifd_channels: int = 0,
     stats.total_ram = sum(b.length for b in load.blocks)
     qmp = None
     if dest_qmp:
-        from livemig.migration.dest_check import preflight
         from livemig.io.qmp_peer import QmpPeer
+        from livemig.migration.dest_check import preflight
         qmp = QmpPeer(dest_qmp)
         preflight(qmp, load, u, multifd_channels, comp)
     latch = FailureLatch()

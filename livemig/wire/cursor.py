@@ -26,7 +26,7 @@ class Incomplete(Exception):
 class Cursor:
     """Big-endian reads from ``buf[pos:end]``; raises :class:`Incomplete` at the end."""
 
-    __slots__ = ("buf", "pos", "end", "base")
+    __slots__ = ("base", "buf", "end", "pos")
 
     def __init__(self, buf: bytes | bytearray | memoryview, pos: int = 0,
                  end: int | None = None, base: int = 0) -> None:

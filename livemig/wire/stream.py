@@ -490,9 +490,15 @@ def check_json_object(raw: bytes, where: str = "vmstate description") -> dict[st
 
 
 __all__ = [
-    "MainStreamDecoder", "encode_configuration", "encode_file_header", "encode_section_header",
-    "encode_footer", "encode_command", "encode_vmdescription", "find_vmdescription",
     "LimitExceeded",
+    "MainStreamDecoder",
+    "encode_command",
+    "encode_configuration",
+    "encode_file_header",
+    "encode_footer",
+    "encode_section_header",
+    "encode_vmdescription",
+    "find_vmdescription",
 ]
 
 
