@@ -38,6 +38,7 @@ import pytest
 from hostile_source import (
     EOS,
     PKT_FLAGS,
+    PKT_NEXT_SIZE,
     PKT_NORMAL_PAGES,
     PKT_PAGES_ALLOC,
     FakeSource,
@@ -60,7 +61,7 @@ from hostile_source import (
 from peers import read_capture
 
 from livemig.errors import MigrationError, StreamFormatError
-from livemig.wire.constants import RamFlag, SectionType
+from livemig.wire.constants import MultifdFlag, RamFlag, SectionType
 from livemig.wire.multifd import encode_sync_packet
 from livemig.wire.stream import MainStreamDecoder, encode_configuration, encode_file_header
 
@@ -344,6 +345,8 @@ CASES: list[Case] = [
          lambda: edit_json(D(), L(), lambda d: d["devices"][0]["fields"][0].update(
              array_len=1 << 40)), r"timer"),
     Case("garbage-after-json", lambda: D() + b"\x00garbage", r""),
+    Case("built-garbage-after-json", lambda: build_stream() + b"\x00garbage",
+         r"8 bytes of garbage after the end of the stream", lambda: len(build_stream())),
     # --- small built streams ---------------------------------------------------------------
     Case("built-no-configuration",
          lambda: build_stream(config=b""), r"no configuration section"),
@@ -361,7 +364,7 @@ CASES: list[Case] = [
 BUGS: dict[str, str] = {
     "json-not-json": (
         "the error from parse_vmdescription (livemig/wire/vmstate.py:177) has no offset and "
-        "MainChannelLoader._tail (livemig/migration/loader.py:178) re-raises it as is: the "
+        "MainChannelLoader._tail (livemig/migration/loader.py:183) re-raises it as is: the "
         "line says what is wrong but not where the JSON starts"),
     "json-without-devices": "same as json-not-json: no offset for a bad JSON document",
     "json-not-utf8": "same as json-not-json: no offset for a bad JSON document",
@@ -372,11 +375,11 @@ BUGS: dict[str, str] = {
         "machine type), so the two commands disagree"),
     "built-xbzrle-overrun": (
         "xbzrle_decode (livemig/wire/ram.py) errors carry no stream offset and "
-        "MainChannelLoader._handle (livemig/migration/loader.py:238) does not add the "
+        "MainChannelLoader._handle (livemig/migration/loader.py:254) does not add the "
         "record's; inspect refuses every XBZRLE record with a ConfigError that names no "
         "offset either"),
     "built-compressed-page-not-zlib": (
-        "_inflate_page (livemig/migration/loader.py:297) raises StreamFormatError without the "
+        "_inflate_page (livemig/migration/loader.py:324) raises StreamFormatError without the "
         "record's stream offset"),
 }
 
@@ -430,10 +433,12 @@ def test_refused(case: Case, tmp_path: Path) -> None:
 
 
 @pytest.mark.xfail(strict=True, reason=(
-    "bug: with bytes after the JSON, find_vmdescription (livemig/wire/stream.py:438-459) "
-    "finds no description (it wants the JSON to end the file exactly), so the loader reports "
-    "'the stream ended before the vmstate description (JSON) ... was complete' at the end of "
-    "the file instead of 'garbage after the end of the stream' at the first extra byte"))
+    "bug: with bytes after the JSON the loader looks for the description with "
+    "find_vmdescription(exact=False) (livemig/wire/stream.py:453-466), which only tries the "
+    "last 64 '{\"' of the tail as the JSON's start; a real QEMU description has thousands "
+    "of objects, so for a real stream the extra bytes are still reported as 'the stream ended "
+    "before the vmstate description (JSON) ... was complete' at the end of the file instead "
+    "of 'garbage after the end of the stream' where they begin"))
 def test_garbage_after_json_is_called_garbage(tmp_path: Path) -> None:
     """Extra bytes after the JSON are refused (test_refused[garbage-after-json]), but the
     message should blame the extra bytes, not a truncation."""
@@ -494,8 +499,15 @@ BIG = [
     Case("block-of-2^60-bytes-total-2^60",
          lambda: replace_start(D(), L(), block_list([("pc.ram", 1 << 60)]) + EOS),
          r"exceeds"),
-    Case("block-of-2^47-bytes", lambda: with_pc_ram_length(1 << 47), r"pc.ram"),
-    Case("block-of-2^44-bytes", lambda: with_pc_ram_length(1 << 44), r"pc.ram"),
+    Case("block-of-2^47-bytes", lambda: with_pc_ram_length(1 << 47), r"exceeds the limit",
+         lambda: L().mem_size),
+    Case("block-of-2^44-bytes", lambda: with_pc_ram_length(1 << 44), r"exceeds the limit",
+         lambda: L().mem_size),
+    Case("block-of-2^41-bytes-total-2^42",
+         lambda: replace_start(D(), L(), block_list([("pc.ram", 1 << 41), ("pc.bios", 1 << 41)])
+                               + EOS),
+         r"RAM block pc.ram length 2199023255552 exceeds the limit", lambda: L().blocks[0][2]),
+    Case("four-1-TiB-blocks", lambda: at_the_limits(), r"."),
     Case("machine-name-4g", lambda: put(D(), L().config + 1, be32(0xFFFFFFFF)), r"exceeds",
          lambda: L().config),
     Case("command-length-65535",
@@ -507,27 +519,30 @@ BIG = [
 ]
 
 def with_pc_ram_length(length: int) -> bytes:
-    """The capture with a huge pc.ram; every record still fits, so the stream is valid up to
-    the end of the file (which the capture's pages do not fill)."""
+    """The capture with a huge pc.ram (and a total to match); every record still fits."""
     blocks = [(n, length if n == "pc.ram" else size) for n, size in blocks_of(L())]
     return replace_start(D(), L(), block_list(blocks) + EOS)
 
 
+def at_the_limits() -> bytes:
+    """Every block of the capture, four of them at MAX_RAM_BLOCK_BYTES (1 TiB), the total at
+    MAX_RAM_TOTAL_BYTES (4 TiB): a valid stream as far as the limits go."""
+    t = 1 << 40
+    sizes = {"pc.ram": t, "/rom@etc/acpi/tables": t, "pc.bios": t, "pc.rom": t - 2 * PS}
+    blocks = [(n, sizes.get(n, size)) for n, size in blocks_of(L())]
+    assert sum(size for _, size in blocks) == 1 << 42
+    return replace_start(D(), L(), block_list(blocks) + EOS)
+
+
 BIG_BUGS = {
-    "block-of-2^47-bytes": (
-        "RamDecoder._parse_block_entries (livemig/wire/ram.py:271) checks a block's length "
-        "only against the list's total (itself limited to 16 x MAX_RAM_BLOCK_BYTES = 2^48), "
-        "never against MAX_RAM_BLOCK_BYTES (2^44); `inspect` then allocates one byte per page "
-        "in CountingSink.set_layout (livemig/migration/inspect.py:48): np.zeros(2^35) -> "
-        "MemoryError traceback. (`receive` is saved here only because ext4 refuses the "
-        "128 TiB snapshot in SnapshotWriter.set_layout's first pwrite, before its own "
-        "np.zeros(2^35) at livemig/io/snapshot.py:107; on XFS it would reach it.)"),
-    "block-of-2^44-bytes": (
-        "a block at the limit MAX_RAM_BLOCK_BYTES (2^44, livemig/limits.py) makes `inspect` "
-        "allocate a 4 GiB per-page array (CountingSink.set_layout, "
-        "livemig/migration/inspect.py:48) and, without an address-space limit, touch all of "
-        "it (8 s, 4 GiB RSS) to report a 16 TiB pc.ram; under a 1 GiB limit it is a "
-        "MemoryError traceback. The limit itself allows per-page arrays of 4 Gi entries."),
+    "four-1-TiB-blocks": (
+        "the limits (livemig/limits.py: 1 TiB per block, 4 TiB in all) still let a stream make "
+        "livemig allocate one byte per page of every block up front: 4 x 256 MiB in "
+        "SnapshotWriter.set_layout (livemig/io/snapshot.py:107) and in "
+        "CountingSink.set_layout (livemig/migration/inspect.py:48), which inspect then "
+        "touches; under a 1 GiB address-space limit both commands die with a MemoryError "
+        "traceback (without one, receive writes a 4 TiB sparse snapshot and inspect reads "
+        "1 GiB of page states)"),
 }
 
 
@@ -577,12 +592,7 @@ def _peak_parse(blob: bytes) -> tuple[BaseException | None, int]:
     pytest.param(encode_file_header() + encode_configuration("pc") + b"\x08\x00\x0a\xff\xff",
                  id="command-length"),
     pytest.param(encode_file_header() + b"\x07" + be32(2) + b"pc\x05\x1econfiguration/"
-                 b"target-page-bits" + be32(1) + be32(0xFFFFFFFF), id="target-page-bits",
-                 marks=pytest.mark.xfail(strict=True, reason=(
-                     "bug: MainStreamDecoder._configuration (livemig/wire/stream.py:372) "
-                     "checks the wire's target page bits with `1 << page_bits`; for "
-                     "0xFFFFFFFF that builds a 512 MiB integer (and takes ~0.4 s) before "
-                     "refusing it; compare page_bits with 12 instead"))),
+                 b"target-page-bits" + be32(1) + be32(0xFFFFFFFF), id="target-page-bits"),
 ])
 def test_decoder_refuses_hostile_lengths_before_allocating(blob: bytes) -> None:
     err, peak = _peak_parse(blob)
@@ -687,7 +697,7 @@ SOCKET_CASES: list[tuple[str, Callable[[FakeSource], None], str, str | None]] = 
     ("duplicate-channel-id", _duplicate_id, r"multifd connection 1.*channel id 1 used twice",
      ("the error names 'main channel' first ('main channel: multifd connection 1: channel id 1 "
      "used twice'): the multifd thread raises it without `where`, the latch hands it to the "
-     "main loop, and MainChannelLoader.run (livemig/migration/loader.py:106-110) locates "
+     "main loop, and MainChannelLoader.run (livemig/migration/loader.py:111-115) locates "
      "every StreamFormatError it sees in the main channel")),
     ("pages-alloc-129", _pages_alloc_129,
      r"multifd channel 0, offset 0x40: packet 0: pages_alloc 129 exceeds 128", None),
@@ -703,27 +713,17 @@ SOCKET_CASES: list[tuple[str, Callable[[FakeSource], None], str, str | None]] = 
     ("second-packet-bad", _second_packet_bad,
      r"multifd channel 0, offset 0x2580: packet 1: unknown flag bits 0x100", None),
     ("close-in-initial-packet", _close_in_init_packet,
-     r"multifd connection 0.*initial packet",
-     ("the truncation is raised outside the try that locates channel errors "
-     "(livemig/migration/multifd_recv.py:186), so MainChannelLoader.run "
-     "(livemig/migration/loader.py:106-110) prefixes it with 'main channel'")),
+     (r"multifd connection 0: the source closed the channel in the middle of the initial "
+     r"packet \(30 of 64 bytes\)"), None),
     ("close-in-common-header", _close_in_common_header,
-     r"multifd channel 0.*packet 0",
-     ("'main channel: multifd channel 0: the source closed the channel in the middle of a "
-     "packet header (6 of 12 bytes)': blamed on the main channel (the first _recv_exact of a "
-     "packet, livemig/migration/multifd_recv.py:211, is outside the try that locates errors, "
-     "then loader.py:110 adds 'main channel'), and no packet number or offset")),
+     (r"multifd channel 0: the source closed the channel in the middle of packet 0's header "
+     r"\(6 of 12 bytes\)"), None),
     ("close-in-packet-header", _close_in_packet_header,
-     r"multifd channel 0.*packet 0",
-     ("'multifd channel 0: multifd channel 0: the source closed the channel in the middle of "
-     "a packet header (688 of 1332 bytes)': _recv_exact (livemig/migration/multifd_recv.py:"
-     "116) puts the channel name into the message and StreamFormatError.locate adds it "
-     "again; the packet number and stream offset are missing")),
+     (r"multifd channel 0: the source closed the channel in the middle of packet 0's header "
+     r"\(688 of 1332 bytes\)"), None),
     ("close-in-pages", _close_in_pages,
-     r"multifd channel 1.*packet 0",
-     ("'multifd channel 1: multifd channel 1: the source closed the channel in the middle of "
-     "packet 0's pages (5000 of 8192 bytes)': the channel named twice "
-     "(livemig/migration/multifd_recv.py:116 and :239), no stream offset")),
+     (r"multifd channel 1: the source closed the channel in the middle of packet 0's pages "
+     r"\(5000 of 8192 bytes\)"), None),
 ]
 
 
@@ -734,13 +734,14 @@ def _socket_params() -> list[object]:
 
 
 def _receive_over_socket(tmp_path: Path, play: Callable[[FakeSource], None],
-                         deadline: float = SOCKET_DEADLINE):  # type: ignore[no-untyped-def]
+                         deadline: float = SOCKET_DEADLINE,
+                         extra: tuple[str, ...] = ()):  # type: ignore[no-untyped-def]
     import tempfile
     sockdir = Path(tempfile.mkdtemp(prefix="lmh-", dir="/tmp"))
     path = str(sockdir / "m.sock")
     out = tmp_path / OUT
     args = ["receive", f"unix:{path}", "-o", str(out), "--multifd-channels", "2", "-q",
-            "--accept-timeout", "30"]
+            "--accept-timeout", "30", *extra]
     started = time.monotonic()
     proc = start_cli(args)
     src = None
@@ -780,7 +781,44 @@ def test_multifd_channel_refused(play: Callable[[FakeSource], None], match: str,
     assert "main channel" not in body, f"a multifd failure blamed on the main channel: {line}"
     name = re.search(r"multifd (channel|connection) \d+", body)
     assert name is not None and body.count(name.group(0)) == 1, line
-    assert re.search(r"offset 0x[0-9a-f]+|packet \d+", body), line
+    assert re.search(r"offset 0x[0-9a-f]+|packet \d+|initial packet", body), line
+
+
+def _zlib_garbage(src: FakeSource) -> None:
+    _init_both(src)
+    hdr = patch_be32(pages_packet([0])[:1344], PKT_FLAGS, MultifdFlag.ZLIB)
+    hdr = patch_be32(hdr, PKT_NEXT_SIZE, 64)
+    src.send_chan(1, hdr + b"\x78\x01" + bytes(range(62)))
+
+
+def _second_main_channel(src: FakeSource) -> None:
+    src.send_main(main_prefix(BLOCKS))
+    src.send_chan(0, main_prefix(BLOCKS))
+    src.send_chan(1, init_packet(1))
+
+
+def _silent_connection(src: FakeSource) -> None:
+    src.send_main(main_prefix(BLOCKS))
+    src.send_chan(0, b"\x11\x22")
+    src.close_chan(0)
+    src.send_chan(1, init_packet(1))
+
+
+@pytest.mark.parametrize("play,extra,match", [
+    pytest.param(_zlib_garbage, ("--multifd-compression", "zlib"),
+                 r"multifd channel 1, offset 0x40: .*packet 0.*zlib payload", marks=[
+                     pytest.mark.xfail(strict=True, reason=(
+                         "'multifd channel 1: zlib payload: Error -3 while decompressing data: "
+                         "...': the decompressor's error (livemig/wire/multifd.py:702) has no "
+                         "offset and StreamFormatError.locate (livemig/errors.py:45) only "
+                         "shifts an offset that is there, so the line names neither the "
+                         "packet nor where it starts"))]),
+    (_second_main_channel, (), r"a second main channel connected"),
+    (_silent_connection, (), r"a connection closed before sending 4 bytes"),
+], ids=["zlib-garbage", "second-main-channel", "connection-closed-before-4-bytes"])
+def test_more_channel_faults(play: Callable[[FakeSource], None], extra: tuple[str, ...],
+                             match: str, tmp_path: Path) -> None:
+    _expect_socket_refusal(_receive_over_socket(tmp_path, play, extra=extra), match)
 
 
 def _main_closes_in_block_list(src: FakeSource) -> None:
@@ -820,15 +858,13 @@ def test_main_channel_closed_mid_stream(play: Callable[[FakeSource], None], matc
     assert f"offset {offset:#x}" in line
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "the main loop waits for the multifd channels at a sync point "
-    "(SyncBarrier.main_sync, livemig/migration/multifd_recv.py:82, SYNC_TIMEOUT = 600 s) "
-    "without watching the main channel, so a source that hangs up its main channel right "
-    "after a sync marker while its multifd connections stay open keeps livemig waiting for "
-    "10 minutes"))
 def test_main_channel_closed_at_a_sync_point(tmp_path: Path) -> None:
+    """The main loop waits for the channels at a sync point (up to SYNC_TIMEOUT); a source
+    that hangs up its main channel there, its multifd connections open and silent, must not
+    keep livemig waiting."""
     res = _receive_over_socket(tmp_path, _main_closes_after_sync_point, deadline=5.0)
-    _expect_socket_refusal(res, r"main channel")
+    _expect_socket_refusal(res, r"main channel: the source closed the main channel while the "
+                                r"multifd channels were at a sync point")
 
 
 def test_fake_source_can_complete(tmp_path: Path) -> None:
