@@ -42,12 +42,19 @@ class StreamFormatError(MigrationError):
         self.raw = raw
         super().__init__(message)
 
-    def locate(self, where: str, base_offset: int = 0) -> StreamFormatError:
-        """Attach the stream name and turn a buffer offset into a stream offset."""
+    def locate(self, where: str, base_offset: int = 0, *,
+               record_offset: int | None = None) -> StreamFormatError:
+        """Attach the stream name and turn a buffer offset into a stream offset.
+
+        ``record_offset`` is used when the error has no offset of its own (it
+        came from a layer that does not see the stream, e.g. a decompressor).
+        """
         if self.where is None:
             self.where = where
         if self.offset is not None and base_offset:
             self.offset += base_offset
+        elif self.offset is None and record_offset is not None:
+            self.offset = record_offset
         return self
 
     def __str__(self) -> str:

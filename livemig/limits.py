@@ -30,8 +30,9 @@ MAX_RAM_BLOCKS = 4096
 #: allocated lazily, and a sparse file).
 MAX_RAM_BLOCK_BYTES = 1 << 40
 
-#: Sum of all RAM blocks (the MEM_SIZE word).
-MAX_RAM_TOTAL_BYTES = 1 << 42
+#: Sum of all RAM blocks (the MEM_SIZE word); also bounds the per-page
+#: state of all blocks together (256 MiB at the limit).
+MAX_RAM_TOTAL_BYTES = 1 << 40
 
 #: The vmstate JSON description: ~100 KB for a pc guest; 64 MiB leaves room for
 #: machines with thousands of devices while bounding the buffer.

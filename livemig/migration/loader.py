@@ -92,6 +92,7 @@ class MainChannelLoader:
         """``observer`` sees every record except pages, after the loader handled
         it (a relay forwards them from there)."""
         self.observer = observer
+        self.requires_configuration = hasattr(sink, "commit")
         self.source = source
         self.sink = sink
         self.stats = stats
@@ -209,7 +210,10 @@ class MainChannelLoader:
         from livemig.wire.vmstate import parse_vmdescription
 
         end = len(tail) if end is None else end
-        desc = parse_vmdescription(bytes(tail[json_at:end]))
+        try:
+            desc = parse_vmdescription(bytes(tail[json_at:end]))
+        except StreamFormatError as e:
+            raise e.locate(self.where, record_offset=tail_base + json_at)
         if desc.page_size != PS:
             raise StreamFormatError(f"the vmstate description says page_size {desc.page_size}; "
                                     f"livemig supports {PS}-byte target pages",
@@ -251,7 +255,11 @@ class MainChannelLoader:
                 return ev.offset
             elif t is RamXbzrlePage:
                 page = self.sink.read_page(ev.block, ev.offset)
-                xbzrle_decode(ev.encoded, page)
+                try:
+                    xbzrle_decode(ev.encoded, page)
+                except StreamFormatError as e:
+                    raise StreamFormatError(f"XBZRLE page at {ev.offset:#x} of {ev.block}: "
+                                            f"{e.message}", offset=ev.record_offset) from None
                 self.sink.write_page_bytes(ev.block, ev.offset, page)
                 stats.add_pages(1)
             elif t is RamCompressedPage:
@@ -279,6 +287,10 @@ class MainChannelLoader:
         r.blocks = ev.blocks
         r.ram_section_id = self.decoder.ram_section_id or 0
         self.stats.total_ram = ev.total
+        if r.configuration is None and self.requires_configuration:
+            raise StreamFormatError("the stream has no configuration section (0x07 after the "
+                                    "header); livemig needs its machine type to write a "
+                                    "snapshot", offset=8)
         self.sink.set_layout(r.configuration, r.ram_section_id, ev.blocks)
         if self.multifd is not None:
             self.multifd.set_blocks({b.name: b.length for b in ev.blocks})
@@ -326,10 +338,12 @@ def _inflate_page(ev: RamCompressedPage) -> bytes:
     try:
         page = d.decompress(ev.compressed, PS + 1)
     except zlib.error as e:
-        raise StreamFormatError(f"compressed page at {ev.offset:#x} of {ev.block}: {e}") from None
+        raise StreamFormatError(f"compressed page at {ev.offset:#x} of {ev.block}: {e}",
+                                offset=ev.record_offset) from None
     if len(page) != PS or not d.eof:
         raise StreamFormatError(f"compressed page at {ev.offset:#x} of {ev.block} does not "
-                                f"inflate to exactly one page ({len(page)} bytes)")
+                                f"inflate to exactly one page ({len(page)} bytes)",
+                                offset=ev.record_offset)
     return page
 
 

@@ -208,7 +208,9 @@ class MultifdReceiver:
             raise ChannelError(f"{where}: {e}") from e.__cause__
         with self._ids_lock:
             if pkt.channel_id in self._ids:
-                raise StreamFormatError(f"{where}: channel id {pkt.channel_id} used twice")
+                raise StreamFormatError(f"channel id {pkt.channel_id} used twice (by multifd "
+                                        f"connection {self._ids[pkt.channel_id]} too)",
+                                        offset=24).locate(where)
             self._ids[pkt.channel_id] = conn_index
         ch = pkt.channel_id
         where = f"multifd channel {ch}"
@@ -253,7 +255,10 @@ class MultifdReceiver:
                     self.sink.zero_pages(pkt_.ramblock, pkt_.zero)
                 self.stats.add_pages(n, pkt_.zero_pages)
             except StreamFormatError as e:
-                raise e.locate(where, offset)
+                if e.offset is None and "packet" not in e.message:
+                    e.message = f"packet {index}: {e.message}"
+                    e.args = (e.message,)
+                raise e.locate(where, offset, record_offset=offset)
             except ChannelError as e:
                 raise ChannelError(f"{where}, offset {offset:#x}: {e}") from e.__cause__
             nbytes += size

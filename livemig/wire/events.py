@@ -110,6 +110,7 @@ class RamXbzrlePage:
     block: str
     offset: int
     encoded: bytes
+    record_offset: int = 0  # stream offset of the record, for errors
 
 
 @dataclass(frozen=True, slots=True)
@@ -119,6 +120,7 @@ class RamCompressedPage:
     block: str
     offset: int
     compressed: bytes
+    record_offset: int = 0
 
 
 @dataclass(frozen=True, slots=True)

@@ -187,12 +187,13 @@ class RamDecoder:
                 raise cur.error(f"XBZRLE record with encoding flag {enc:#x}", at=start)
             n = cur.be16()
             cur.check_limit(n, PS, "XBZRLE length", at=start)
-            out.append(RamXbzrlePage(info.name, offset, bytes(cur.take(n))))
+            out.append(RamXbzrlePage(info.name, offset, bytes(cur.take(n)), cur.base + start))
             self.page_records += 1
         else:
             n = cur.be32()
             cur.check_limit(n, MAX_COMPRESSED_PAGE, "compressed page length", at=start)
-            out.append(RamCompressedPage(info.name, offset, bytes(cur.take(n))))
+            out.append(RamCompressedPage(info.name, offset, bytes(cur.take(n)),
+                                         cur.base + start))
             self.page_records += 1
 
     def _fast_runs(self, cur: Cursor, out: list[Event]) -> bool:

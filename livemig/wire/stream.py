@@ -452,16 +452,15 @@ def find_vmdescription(buf: bytes | bytearray | memoryview, *,
     n = len(mv)
     if not exact:
         raw = bytes(mv)
-        j = raw.rfind(b'{"')
+        c = raw.rfind(b"\x00\x06")
         tries = 0
-        while j >= 6 and tries < 64:
-            c = j - 6
-            if raw[c] == 0 and raw[c + 1] == SectionType.VMDESCRIPTION:
+        while c >= 0 and tries < 1 << 20:
+            if c + 6 < n and raw[c + 6] == ord("{"):
                 (length,) = struct.unpack_from(">I", raw, c + 2)
-                end = j + length
+                end = c + 6 + length
                 if end <= n and raw[end - 1] == ord("}"):
-                    return c, j, end
-            j = raw.rfind(b'{"', 0, j)
+                    return c, c + 6, end
+            c = raw.rfind(b"\x00\x06", 0, c + 1) if c > 0 else -1
             tries += 1
         return None
     if n < 7 or mv[n - 1] != ord("}"):
