@@ -104,7 +104,10 @@ def uri_listening(uri: str) -> bool:
     if scheme == "tcp":
         return _tcp_listening(int(rest.rsplit(":", 1)[1]))
     if scheme == "unix":
-        return _unix_listening(os.path.abspath(rest))
+        # livemig listens under a temporary name and renames the socket into place
+        # once it listens, so the path existing means it accepts connections.
+        path = os.path.abspath(rest)
+        return os.path.exists(path) or _unix_listening(path)
     raise ValueError(f"not a listening URI: {uri}")
 
 

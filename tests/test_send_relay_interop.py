@@ -642,7 +642,6 @@ REFUSAL_MESSAGE_BUG = (
     "fits in the socket buffers (always for this 256 MiB one, by chance for small ones)")
 
 
-@pytest.mark.xfail(strict=True, reason=REFUSAL_MESSAGE_BUG)
 def test_send_refusal_says_destination_failed_to_load(workdir: Path, big_snapshot: Path,
                                                       livemig_cli: Callable[..., Any]) -> None:
     """The 512M snapshot into a 1G QEMU 10 (no --dest-qmp): QEMU refuses the RAM at the
@@ -718,7 +717,6 @@ DEST_QMP_EXIT_BUG = (
     "the migration (status 1)', without QEMU's text")
 
 
-@pytest.mark.xfail(strict=True, reason=DEST_QMP_EXIT_BUG)
 def test_dest_qmp_device_mismatch_livemig_starts_incoming(
         workdir: Path, rng_snapshot: Path, livemig_cli: Callable[..., Any]) -> None:
     """Same mismatch, the destination only started with -incoming defer: livemig starts

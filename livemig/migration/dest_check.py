@@ -44,8 +44,12 @@ def preflight(qmp: QmpPeer, load: LoadResult, uri: Uri, channels: int,
     if channels:
         qmp.cmd("migrate-set-parameters", **{"multifd-channels": channels,
                                               "multifd-compression": comp.value})
+    args: dict[str, object] = {"uri": str(uri)}
+    if (major, minor) >= (9, 1):
+        # keep the destination alive after a failed load, so its error can be read
+        args["exit-on-error"] = False
     try:
-        qmp.cmd("migrate-incoming", uri=str(uri))
+        qmp.cmd("migrate-incoming", **args)
     except PeerError as e:
         if "already" not in str(e).lower() and "incoming" not in str(e).lower():
             raise

@@ -469,13 +469,19 @@ def relay(listen: str | Uri, dest: str | Uri, *, in_multifd_channels: int = 0,
         stats.phase = "completed: " + verdict
         return RelayResult(result, stats, writer.path if writer else None)
     except BaseException as e:
+        first: BaseException = latch.error or e
+        if isinstance(first, TransportError) and fwd.rp is not None:
+            fwd.rp.done.wait(2.0)  # a refusing destination says so before it closes
+            if fwd.rp.shut:
+                first = PeerError(f"the destination QEMU failed to load the migration (status "
+                                  f"{fwd.rp.shut})")
         # Tell the source first (it then fails the migration and keeps running).
         if source is not None and loader is not None and loader.result.return_path:
             try:
                 source.send(rp_message(ReturnPathMessage.SHUT, b"\x00\x00\x00\x01"))
             except MigrationError:
                 pass
-        latch.fail(e)
+        latch.fail(first)
         if multifd is not None:
             multifd.finishing = True
             multifd.barrier.release_all()
@@ -483,10 +489,9 @@ def relay(listen: str | Uri, dest: str | Uri, *, in_multifd_channels: int = 0,
         if writer is not None:
             writer.abort()
         stats.phase = "failed"
-        first = latch.error
-        if first is not e and isinstance(first, BaseException):
-            raise first from None
-        raise
+        if first is e:
+            raise
+        raise first from None
     finally:
         listener.close()
         fwd.close()

@@ -311,6 +311,13 @@ def send(snapshot: str, uri: str | Uri, *, multifd_channels: int = 0,
         if sender is not None:
             sender.join()
         first = latch.error
+        if isinstance(first, TransportError) and rp is not None:
+            # A write failed: most often because the destination refused the stream and
+            # closed; its verdict (SHUT) may already be on the return path.
+            rp.done.wait(2.0)
+            if rp.shut:
+                raise PeerError(f"the destination QEMU failed to load the migration (status "
+                                f"{rp.shut})" + _qmp_reason(qmp)) from None
         if isinstance(first, (TransportError, PeerError)) and qmp is not None and \
                 "destination QEMU" not in str(first):
             reason = _qmp_reason(qmp)
