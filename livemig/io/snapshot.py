@@ -84,6 +84,12 @@ class SnapshotWriter:
         self._written = 0
         self._lock = threading.Lock()
         self._closed = False
+        # Writeback is started by a thread of its own: sync_file_range can block
+        # when the disk queue is full, and receiving must never wait for the disk.
+        self._kick = threading.Event()
+        self._stop_flusher = False
+        self._flusher = threading.Thread(target=self._flush_loop, name="snapshot-writeback")
+        self._flusher.start()
 
     # -- layout --------------------------------------------------------------
 
@@ -138,7 +144,21 @@ class SnapshotWriter:
             self._written += n
             kick = before // WRITEBACK_CHUNK != self._written // WRITEBACK_CHUNK
         if kick:
+            self._kick.set()
+
+    def _flush_loop(self) -> None:
+        while True:
+            self._kick.wait()
+            self._kick.clear()
+            if self._stop_flusher:
+                return
             _start_writeback(self.fd)
+
+    def _stop_writeback(self) -> None:
+        if self._flusher.is_alive():
+            self._stop_flusher = True
+            self._kick.set()
+            self._flusher.join()
 
     def write_pages(self, block: str, offsets: np.ndarray, data: np.ndarray) -> None:
         """Write ``data[i]`` (one page each) at ``offsets[i]`` of ``block``.
@@ -147,20 +167,25 @@ class SnapshotWriter:
         into a receive buffer (it is gathered once per run).
         """
         b = self._block(block)
-        idx = (offsets // PS).astype(np.int64)
-        n = len(idx)
+        n = len(offsets)
         if n == 0:
             return
-        if n == 1:
-            self._pwrite(data[0], b.pages_offset + int(idx[0]) * PS)
-        else:
-            breaks = np.flatnonzero(np.diff(idx) != 1) + 1
-            bounds = [0, *breaks.tolist(), n]
-            for s, e in zip(bounds, bounds[1:]):
-                run = data[s:e]
-                if not run.flags.c_contiguous:
-                    run = np.ascontiguousarray(run)
-                self._pwrite(run, b.pages_offset + int(idx[s]) * PS)
+        first = int(offsets[0])
+        if n == 1 or (int(offsets[-1]) - first == (n - 1) * PS
+                      and (n == 2 or bool((np.diff(offsets) == PS).all()))):
+            # the common case: one run of consecutive pages, one pwrite
+            run = data if data.flags.c_contiguous else np.ascontiguousarray(data)
+            self._pwrite(run, b.pages_offset + first)
+            b.present[first // PS:first // PS + n] = True
+            return
+        idx = (offsets // PS).astype(np.int64)
+        breaks = np.flatnonzero(np.diff(idx) != 1) + 1
+        bounds = [0, *breaks.tolist(), n]
+        for s, e in zip(bounds, bounds[1:]):
+            run = data[s:e]
+            if not run.flags.c_contiguous:
+                run = np.ascontiguousarray(run)
+            self._pwrite(run, b.pages_offset + int(idx[s]) * PS)
         b.present[idx] = True
 
     def write_page_bytes(self, block: str, offset: int, page: bytes | bytearray) -> None:
@@ -221,6 +246,7 @@ class SnapshotWriter:
         size = self._end + len(tail)
         for b in self.blocks.values():
             self._pwrite(pack_bitmap(b.present), b.bitmap_offset)
+        self._stop_writeback()
         try:
             os.ftruncate(self.fd, size)
             os.fsync(self.fd)
@@ -238,6 +264,7 @@ class SnapshotWriter:
         return size
 
     def abort(self) -> None:
+        self._stop_writeback()
         if not self._closed:
             try:
                 os.close(self.fd)
