@@ -63,6 +63,16 @@ def sendmsg_all(sock: socket.socket, buffers: list) -> None:
                 n = 0
 
 
+def _sendfile_all(sock: socket.socket, fd: int, offset: int, count: int, where: str,
+                  block: str) -> None:
+    while count:
+        n = os.sendfile(sock.fileno(), fd, offset, count)
+        if n == 0:
+            raise ChannelError(f"{where}: snapshot ends inside block {block}")
+        offset += n
+        count -= n
+
+
 class MultifdSender:
     def __init__(self, sockets: list[socket.socket], compression: MultifdCompression,
                  snapshot_fd: int, uuid: bytes | None, latch: FailureLatch,
@@ -176,10 +186,23 @@ class MultifdSender:
                 continue
             job: PageJob = item  # type: ignore[assignment]
             n = len(job.offsets)
-            # contiguous runs of the job -> one preadv of the whole job
             idx = (job.offsets // PS).astype(np.int64)
             breaks = np.flatnonzero(np.diff(idx) != 1) + 1
             bounds = [0, *breaks.tolist(), n]
+            if comp is None:
+                # header from memory, pages from the page cache to the socket with
+                # sendfile: no copy through Python at all
+                hdr = encode_ram_packet(flags=flag, ramblock=job.block,
+                                        normal_offsets=job.offsets, zero_offsets=None,
+                                        packet_num=self._num(), payload_size=n * PS)
+                sock.sendall(hdr)
+                for s, e in zip(bounds, bounds[1:]):
+                    _sendfile_all(sock, self.fd, job.file_offset + int(idx[s]) * PS,
+                                  (e - s) * PS, where, job.block)
+                sent += len(hdr) + n * PS
+                self.stats.multifd_bytes[ch] = sent
+                self.stats.add_pages(n)
+                continue
             pos = 0
             for s, e in zip(bounds, bounds[1:]):
                 want = (e - s) * PS
