@@ -502,8 +502,8 @@ def with_pc_ram_length(length: int) -> bytes:
 
 
 def at_the_limits() -> bytes:
-    """Every block of the capture, four of them at MAX_RAM_BLOCK_BYTES (1 TiB), the total at
-    MAX_RAM_TOTAL_BYTES (4 TiB): a valid stream as far as the limits go."""
+    """Every block of the capture, four of them at MAX_RAM_BLOCK_BYTES (1 TiB): 4 TiB in all,
+    four times MAX_RAM_TOTAL_BYTES, so the total's limit refuses it."""
     t = 1 << 40
     sizes = {"pc.ram": t, "/rom@etc/acpi/tables": t, "pc.bios": t, "pc.rom": t - 2 * PS}
     blocks = [(n, sizes.get(n, size)) for n, size in blocks_of(L())]

@@ -151,6 +151,9 @@ class MultifdReceiver:
         self.layout_ready = threading.Event()
         self.finishing = False
         self._ids: dict[int, int] = {}
+        self._uuid: bytes | None = None
+        self._first_init = threading.Event()
+        latch.on_failure(self._first_init.set)
         self._ids_lock = threading.Lock()
         self.stats.multifd_bytes = [0] * self.n
         latch.on_failure(self.layout_ready.set)
@@ -162,6 +165,11 @@ class MultifdReceiver:
     def start(self) -> None:
         for t in self.threads:
             t.start()
+
+    def source_uuid(self, timeout: float = 30.0) -> bytes | None:
+        """The uuid the source put in its initial packets (its ``-uuid``)."""
+        self._first_init.wait(timeout)
+        return self._uuid
 
     def set_blocks(self, sizes: dict[str, int]) -> None:
         self.block_sizes = dict(sizes)
@@ -212,6 +220,9 @@ class MultifdReceiver:
                                         f"connection {self._ids[pkt.channel_id]} too)",
                                         offset=24).locate(where)
             self._ids[pkt.channel_id] = conn_index
+            if self._uuid is None:
+                self._uuid = pkt.uuid
+            self._first_init.set()
         ch = pkt.channel_id
         where = f"multifd channel {ch}"
         self.layout_ready.wait()

@@ -303,9 +303,15 @@ class _Forwarder:
         self.rp: _ReturnPath | None = None
         self.main_sock: socket.socket | None = None
         self.chan_socks: list[socket.socket] = []
+        self.device_sections: list[bytes] = []
+        self.switchover_start = False
+        self.pending_eof = False
+        self.uuid_source: object = None  # callable giving the incoming channels' uuid
 
     def __call__(self, ev: object) -> None:
         t = type(ev)
+        if t is CommandRecord and ev.cmd == Command.SWITCHOVER_START:  # type: ignore
+            self.switchover_start = True
         if t is FileHeader:
             self._connect()
             self._main.put(encode_file_header())
@@ -325,12 +331,18 @@ class _Forwarder:
                 self.chan_socks = [_connect(self.dest) for _ in range(self.out_n)]
                 for s in self.chan_socks:
                     self.latch.add_socket(s)
+                uuid = cfg.uuid
+                if uuid is None and callable(self.uuid_source):
+                    uuid = self.uuid_source()  # the source's -uuid, from its own channels
                 self.sink.channels = _OutChannels(self.chan_socks, self.out_comp,
-                                                  cfg.uuid, self.stats)
+                                                  uuid, self.stats)
         elif t is CommandRecord:
             if ev.cmd == Command.SWITCHOVER_START:  # type: ignore[attr-defined]
                 self._main.put(encode_command(Command.SWITCHOVER_START))
         elif t is SectionHeader:
+            if self.rp is None:
+                raise ConfigError("the source sent no configuration section; livemig relay "
+                                  "needs it (QEMU's send-configuration is on by default)")
             h: SectionHeader = ev  # type: ignore[assignment]
             self.sid, self.kind = h.section_id, h.kind
             main = self._main
@@ -346,12 +358,14 @@ class _Forwarder:
         elif t is RamEndOfSection:
             self._sync_point(mid_section=False)
         elif t is DeviceSection:
+            self.device_sections.append(ev.raw)  # type: ignore[attr-defined]
             self._main.put(ev.raw)  # type: ignore[attr-defined]
         elif t is EndOfStream:
-            self._main.put(bytes([SectionType.EOF]))
+            # Held back: the destination completes (and runs the VM) once it has EOF,
+            # so everything that can still fail on this side happens first.
+            self.pending_eof = True
         elif t is VmDescriptionRecord:
-            self._main.put(encode_vmdescription(ev.raw_json))  # type: ignore[attr-defined]
-        self.stats.main_bytes = self._main.sent
+            self._release_eof(ev.raw_json)  # type: ignore[attr-defined]
 
     @property
     def _main(self) -> _OutMain:
@@ -380,7 +394,20 @@ class _Forwarder:
             self._main.set_body(False, encode_eos() + encode_footer(self.sid))
         self._main.flush()
 
+    def _release_eof(self, raw_json: bytes | None) -> None:
+        if not self.pending_eof:
+            return
+        writer = self.sink.record
+        if writer is not None:
+            writer.commit(device_sections=self.device_sections, vmdesc_json=raw_json,
+                          switchover_start=self.switchover_start)
+        self._main.put(bytes([SectionType.EOF]))
+        if raw_json is not None:
+            self._main.put(encode_vmdescription(raw_json))
+        self.pending_eof = False
+
     def finish(self) -> str:
+        self._release_eof(None)
         self._main.flush()
         if self.main_sock is None or self.rp is None:
             raise TransportError("the source's migration ended before it started")
@@ -450,6 +477,7 @@ def relay(listen: str | Uri, dest: str | Uri, *, in_multifd_channels: int = 0,
         if chans:
             multifd = MultifdReceiver(chans, in_comp, sink, latch, stats)
             multifd.start()
+            fwd.uuid_source = multifd.source_uuid
         stats.phase = "relaying"
         loader = MainChannelLoader(source, sink, stats=stats, latch=latch, multifd=multifd,
                                    send_return_path=source.send, observer=fwd)
@@ -460,10 +488,6 @@ def relay(listen: str | Uri, dest: str | Uri, *, in_multifd_channels: int = 0,
         latch.raise_if_failed()
         stats.phase = "waiting for the destination"
         verdict = fwd.finish()
-        if writer is not None:
-            writer.commit(device_sections=[s.raw for s in result.device_sections],
-                          vmdesc_json=result.vmdesc_json,
-                          switchover_start=result.switchover_start)
         if result.return_path:
             source.send(rp_message(ReturnPathMessage.SHUT, b"\x00\x00\x00\x00"))
         stats.phase = "completed: " + verdict

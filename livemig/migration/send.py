@@ -196,9 +196,11 @@ def send(snapshot: str, uri: str | Uri, *, multifd_channels: int = 0,
     if multifd_channels and isinstance(u, ExecUri):
         raise ConfigError("multifd needs a tcp: or unix: destination")
     if not 0 <= multifd_channels <= limits.MAX_MULTIFD_CHANNELS:
-        raise ConfigError(f"multifd-channels must be 1..{limits.MAX_MULTIFD_CHANNELS}")
+        raise ConfigError(f"multifd-channels must be 0..{limits.MAX_MULTIFD_CHANNELS}")
     if comp is not MultifdCompression.NONE and not multifd_channels:
         raise ConfigError("--multifd-compression needs --multifd-channels")
+    if dest_qmp and isinstance(u, ExecUri):
+        raise ConfigError("--dest-qmp needs a tcp: or unix: destination (QEMU listens there)")
     if not os.path.exists(snapshot):
         raise ConfigError(f"{snapshot}: no such file")
     load, sink = load_file(snapshot)
@@ -251,9 +253,13 @@ def send(snapshot: str, uri: str | Uri, *, multifd_channels: int = 0,
         sid = load.ram_section_id
         out.put(encode_section_header(SectionType.SECTION_START, sid, "ram", 0, 4))
         out.put(encode_block_list(load.blocks))
-        if sender is not None and mode == "per-section":
+        if sender is not None:
+            # QEMU syncs at setup in both modes; per round it marks it with a FLUSH
+            # (which is also how a destination tells the modes apart on the wire).
             out.flush()
             sender.sync()
+            if mode == "per-round":
+                out.put(encode_multifd_flush())
         out.put(encode_eos() + encode_footer(sid))
         # The destination's channels wait at their SYNC until the main stream
         # reaches the marker: every marker goes out at once.
