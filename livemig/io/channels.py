@@ -244,12 +244,12 @@ class Listener:
         self._watching = True
 
         def loop() -> None:
-            self.sock.settimeout(0.2)
+            self.sock.settimeout(None)
             while self._watching:
                 try:
                     conn, _ = self.sock.accept()
-                except (TimeoutError, OSError):
-                    continue
+                except OSError:
+                    return  # close() shut the listening socket down
                 conn.close()
                 on_extra(f"{self.address}: the source opened more connections than the main "
                          "channel and the expected multifd channels (does it use more "
@@ -265,6 +265,10 @@ class Listener:
         self._watching = False
         t = getattr(self, "_watch_thread", None)
         if t is not None and t is not threading.current_thread():
+            try:
+                self.sock.shutdown(socket.SHUT_RDWR)  # wakes the blocked accept()
+            except OSError:
+                pass
             t.join()
             self._watch_thread = None
         self.sock.close()
