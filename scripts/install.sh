@@ -74,16 +74,18 @@ fi
 # Reinstall only when pyproject.toml changed or the environment lost a package.
 stamp="$VENV/.livemig-install-stamp"
 want="$(cd "$ROOT" && sha256sum pyproject.toml | cut -d' ' -f1)"
+# The import check runs from / : an editable install made before livemig/__init__.py
+# existed maps livemig as an empty namespace package, which only shows outside the tree.
+check='import livemig, numpy, zstandard, qemu.qmp, rich, pytest, hypothesis; livemig.__version__'
 if [ "$(cat "$stamp" 2>/dev/null || true)" = "$want" ] \
-   && "$VENV/bin/python" -c 'import livemig, numpy, zstandard, qemu.qmp, rich, pytest, hypothesis' \
-        2>/dev/null; then
+   && (cd / && "$VENV/bin/python" -c "$check") 2>/dev/null; then
   log "virtualenv $VENV is up to date"
 else
   log "pip install -e '.[test]' into $VENV"
   rm -f "$stamp"
   cd "$ROOT"
   "$VENV/bin/python" -m pip install --quiet --disable-pip-version-check -e '.[test]'
-  "$VENV/bin/python" -c 'import livemig, numpy, zstandard, qemu.qmp, rich, pytest, hypothesis' \
+  (cd / && "$VENV/bin/python" -c "$check") \
     || die "the virtualenv cannot import livemig and its test dependencies after installing"
   echo "$want" >"$stamp"
 fi
