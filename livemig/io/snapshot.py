@@ -28,6 +28,7 @@ from livemig.errors import ConfigError, MigrationError, StreamFormatError, Trans
 from livemig.wire.constants import Command, RamFlag, SectionType
 from livemig.wire.events import Configuration, RamBlockInfo
 from livemig.wire.mapped_ram import bitmap_runs, layout_ram_start, pack_bitmap, unpack_bitmap
+from livemig.wire.multifd import page_runs
 from livemig.wire.stream import (
     encode_command,
     encode_configuration,
@@ -170,23 +171,20 @@ class SnapshotWriter:
         n = len(offsets)
         if n == 0:
             return
-        first = int(offsets[0])
-        if n == 1 or (int(offsets[-1]) - first == (n - 1) * PS
-                      and (n == 2 or bool((np.diff(offsets) == PS).all()))):
-            # the common case: one run of consecutive pages, one pwrite
-            run = data if data.flags.c_contiguous else np.ascontiguousarray(data)
-            self._pwrite(run, b.pages_offset + first)
-            b.present[first // PS:first // PS + n] = True
-            return
-        idx = (offsets // PS).astype(np.int64)
-        breaks = np.flatnonzero(np.diff(idx) != 1) + 1
-        bounds = [0, *breaks.tolist(), n]
-        for s, e in zip(bounds, bounds[1:]):
-            run = data[s:e]
+        runs = page_runs(offsets)
+        i = 0
+        for start, length in runs:
+            k = length // PS
+            run = data[i:i + k]
             if not run.flags.c_contiguous:
                 run = np.ascontiguousarray(run)
-            self._pwrite(run, b.pages_offset + int(idx[s]) * PS)
-        b.present[idx] = True
+            self._pwrite(run, b.pages_offset + start)
+            i += k
+        if len(runs) == 1:  # the common case: one run, one pwrite, a slice to mark
+            first = runs[0][0] // PS
+            b.present[first:first + n] = True
+        else:
+            b.present[(offsets // PS).astype(np.int64)] = True
 
     def write_page_bytes(self, block: str, offset: int, page: bytes | bytearray) -> None:
         b = self._block(block)

@@ -29,6 +29,7 @@ from livemig.wire.multifd import (
     encode_ram_packet,
     encode_sync_packet,
     make_compressor,
+    page_runs,
 )
 
 PS = limits.TARGET_PAGE_SIZE
@@ -186,9 +187,7 @@ class MultifdSender:
                 continue
             job: PageJob = item  # type: ignore[assignment]
             n = len(job.offsets)
-            idx = (job.offsets // PS).astype(np.int64)
-            breaks = np.flatnonzero(np.diff(idx) != 1) + 1
-            bounds = [0, *breaks.tolist(), n]
+            runs = page_runs(job.offsets)
             if comp is None:
                 # header from memory, pages from the page cache to the socket with
                 # sendfile: no copy through Python at all
@@ -196,18 +195,16 @@ class MultifdSender:
                                         normal_offsets=job.offsets, zero_offsets=None,
                                         packet_num=self._num(), payload_size=n * PS)
                 sock.sendall(hdr)
-                for s, e in zip(bounds, bounds[1:]):
-                    _sendfile_all(sock, self.fd, job.file_offset + int(idx[s]) * PS,
-                                  (e - s) * PS, where, job.block)
+                for start, length in runs:
+                    _sendfile_all(sock, self.fd, job.file_offset + start, length, where,
+                                  job.block)
                 sent += len(hdr) + n * PS
                 self.stats.multifd_bytes[ch] = sent
                 self.stats.add_pages(n)
                 continue
             pos = 0
-            for s, e in zip(bounds, bounds[1:]):
-                want = (e - s) * PS
-                off = job.file_offset + int(idx[s]) * PS
-                got = os.preadv(self.fd, [bview[pos:pos + want]], off)
+            for start, want in runs:
+                got = os.preadv(self.fd, [bview[pos:pos + want]], job.file_offset + start)
                 if got != want:
                     raise ChannelError(f"{where}: snapshot ends inside block {job.block}")
                 pos += want

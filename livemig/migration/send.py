@@ -43,6 +43,7 @@ from livemig.wire.constants import (
     ReturnPathMessage,
     SectionType,
 )
+from livemig.wire.multifd import page_runs
 from livemig.wire.ram import (
     encode_block_list,
     encode_eos,
@@ -398,13 +399,14 @@ def _send_pages(load, sink, fd: int, out: _MainWriter, sender: MultifdSender | N
             k = idx.size
             offs = idx.astype(np.uint64) * np.uint64(PS)
             staging[:k, :8] = page_record_headers(offs).view(np.uint8).reshape(k, 8)
-            breaks = np.flatnonzero(np.diff(idx) != 1) + 1
-            bounds = [0, *breaks.tolist(), k]
-            for a, b in zip(bounds, bounds[1:]):
-                raw = os.pread(fd, (b - a) * PS, hdr.pages_offset + int(idx[a]) * PS)
-                if len(raw) != (b - a) * PS:
+            a = 0
+            for start, length in page_runs(offs):
+                raw = os.pread(fd, length, hdr.pages_offset + start)
+                if len(raw) != length:
                     raise StreamFormatError(f"snapshot ends inside block {info.name}")
+                b = a + length // PS
                 staging[a:b, 8:] = np.frombuffer(raw, dtype=np.uint8).reshape(b - a, PS)
+                a = b
             out.put(memoryview(staging[:k]).cast("B"))
             stats.add_pages(k)
             stats.main_bytes = out.sent
