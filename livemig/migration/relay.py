@@ -33,17 +33,18 @@ import struct
 import threading
 import time
 from dataclasses import dataclass
+from typing import Callable
 
 import numpy as np
 
 from livemig import limits
-from livemig.errors import ChannelError, ConfigError, MigrationError, PeerError, TransportError
-from livemig.io.channels import DEFAULT_ACCEPT_TIMEOUT, Listener, SocketSource
+from livemig.errors import ChannelError, ConfigError, PeerError, TransportError
+from livemig.io.channels import DEFAULT_ACCEPT_TIMEOUT
 from livemig.io.snapshot import SnapshotWriter
 from livemig.io.uri import TcpUri, UnixUri, Uri, parse_uri
 from livemig.migration.failure import FailureLatch
-from livemig.migration.loader import LoadResult, MainChannelLoader, rp_message
-from livemig.migration.multifd_recv import MultifdReceiver
+from livemig.migration.incoming import IncomingMigration, multifd_settings
+from livemig.migration.loader import LoadResult
 from livemig.migration.multifd_send import sendmsg_all
 from livemig.migration.send import VERDICT_TIMEOUT, _connect, _ReturnPath, sync_mode_for_machine
 from livemig.migration.stats import TransferStats
@@ -51,7 +52,6 @@ from livemig.wire.constants import (
     Command,
     MultifdCompression,
     RamFlag,
-    ReturnPathMessage,
     SectionType,
 )
 from livemig.wire.events import (
@@ -438,58 +438,32 @@ def relay(listen: str | Uri, dest: str | Uri, *, in_multifd_channels: int = 0,
           in_multifd_compression: str = "none", out_multifd_channels: int = 0,
           out_multifd_compression: str = "none", record: str | None = None,
           stats: TransferStats | None = None, accept_timeout: float = DEFAULT_ACCEPT_TIMEOUT,
-          on_listening: object = None) -> RelayResult:
+          on_listening: Callable[[str], None] | None = None) -> RelayResult:
     """Accept a migration on ``listen`` and forward it to the QEMU listening at ``dest``."""
     lu = parse_uri(listen) if isinstance(listen, str) else listen
     du = parse_uri(dest) if isinstance(dest, str) else dest
     if not isinstance(lu, (TcpUri, UnixUri)) or not isinstance(du, (TcpUri, UnixUri)):
         raise ConfigError("relay needs tcp: or unix: URIs on both sides")
-    try:
-        in_comp = MultifdCompression(in_multifd_compression)
-        out_comp = MultifdCompression(out_multifd_compression)
-    except ValueError as e:
-        raise ConfigError(f"unknown multifd compression: {e}") from None
-    for n in (in_multifd_channels, out_multifd_channels):
-        if not 0 <= n <= limits.MAX_MULTIFD_CHANNELS:
-            raise ConfigError(f"multifd channels must be 0..{limits.MAX_MULTIFD_CHANNELS}")
-    if in_comp is not MultifdCompression.NONE and not in_multifd_channels:
-        raise ConfigError("--in-multifd-compression needs --in-multifd-channels")
-    if out_comp is not MultifdCompression.NONE and not out_multifd_channels:
-        raise ConfigError("--out-multifd-compression needs --out-multifd-channels")
+    in_comp = multifd_settings(in_multifd_channels, in_multifd_compression, "--in-multifd")
+    out_comp = multifd_settings(out_multifd_channels, out_multifd_compression,
+                                "--out-multifd")
     stats = stats or TransferStats()
     latch = FailureLatch()
     sink = _RelaySink()
     writer = SnapshotWriter(record) if record else None
     sink.record = writer
     fwd = _Forwarder(sink, du, out_multifd_channels, out_comp, latch, stats)
-    listener = Listener(lu)
-    multifd = None
-    source = None
-    loader = None
+    incoming = IncomingMigration(lu, in_multifd_channels, in_comp, sink, latch, stats,
+                                 main_name="source main channel")
     try:
-        if callable(on_listening):
-            on_listening(listener.address)
-        main, chans = listener.accept_migration(in_multifd_channels, timeout=accept_timeout)
-        stats.started = time.monotonic()
-        listener.watch_for_extra(lambda msg: latch.fail(TransportError(msg)))
-        latch.add_socket(main)
-        source = SocketSource(main, "source main channel")
-        if chans:
-            multifd = MultifdReceiver(chans, in_comp, sink, latch, stats)
-            multifd.start()
-            fwd.uuid_source = multifd.source_uuid
+        incoming.connect(accept_timeout=accept_timeout, on_listening=on_listening)
+        if incoming.multifd is not None:
+            fwd.uuid_source = incoming.multifd.source_uuid
         stats.phase = "relaying"
-        loader = MainChannelLoader(source, sink, stats=stats, latch=latch, multifd=multifd,
-                                   send_return_path=source.send, observer=fwd)
-        result = loader.run()
-        if multifd is not None:
-            multifd.finish()
-        listener.close()
-        latch.raise_if_failed()
+        result = incoming.load(observer=fwd)
         stats.phase = "waiting for the destination"
         verdict = fwd.finish()
-        if result.return_path:
-            source.send(rp_message(ReturnPathMessage.SHUT, b"\x00\x00\x00\x00"))
+        incoming.confirm()
         stats.phase = "completed: " + verdict
         return RelayResult(result, stats, writer.path if writer else None)
     except BaseException as e:
@@ -499,17 +473,9 @@ def relay(listen: str | Uri, dest: str | Uri, *, in_multifd_channels: int = 0,
             if fwd.rp.shut:
                 first = PeerError(f"the destination QEMU failed to load the migration (status "
                                   f"{fwd.rp.shut})")
-        # Tell the source first (it then fails the migration and keeps running).
-        if source is not None and loader is not None and loader.result.return_path:
-            try:
-                source.send(rp_message(ReturnPathMessage.SHUT, b"\x00\x00\x00\x01"))
-            except MigrationError:
-                pass
+        incoming.refuse()  # first, so that the source fails and keeps running
         latch.fail(first)
-        if multifd is not None:
-            multifd.finishing = True
-            multifd.barrier.release_all()
-            multifd.join()
+        incoming.abort()
         if writer is not None:
             writer.abort()
         stats.phase = "failed"
@@ -517,10 +483,8 @@ def relay(listen: str | Uri, dest: str | Uri, *, in_multifd_channels: int = 0,
             raise
         raise first from None
     finally:
-        listener.close()
+        incoming.close()
         fwd.close()
-        if source is not None:
-            source.close()
 
 
 __all__ = ["RelayResult", "relay"]

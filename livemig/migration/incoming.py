@@ -1,0 +1,130 @@
+"""The accepting side of a migration, shared by ``receive`` and ``relay``.
+
+It owns the listener (or the exec:/file: source), the main channel, the
+multifd receiver and the source's return path, and knows the order things
+must happen in: accept and classify the channels, keep watching for extra
+connections, load, end the channels, and only then give the source its
+verdict (SHUT 0 once everything is safe; SHUT 1 on any failure, so that a
+source with a return path fails and keeps running).
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Callable
+
+from livemig import limits
+from livemig.errors import ConfigError, MigrationError, TransportError
+from livemig.io.channels import ByteSource, ExecSource, Listener, SocketSource, open_source
+from livemig.io.uri import ExecUri, FileUri, TcpUri, UnixUri, Uri
+from livemig.migration.failure import FailureLatch
+from livemig.migration.loader import LoadResult, MainChannelLoader, RamSink, rp_message
+from livemig.migration.multifd_recv import MultifdReceiver
+from livemig.migration.stats import TransferStats
+from livemig.wire.constants import MultifdCompression, ReturnPathMessage
+
+_SHUT_OK = rp_message(ReturnPathMessage.SHUT, b"\x00\x00\x00\x00")
+_SHUT_FAILED = rp_message(ReturnPathMessage.SHUT, b"\x00\x00\x00\x01")
+
+
+def multifd_settings(channels: int, compression: str | MultifdCompression,
+                     option: str = "--multifd") -> MultifdCompression:
+    """Check a multifd-channels / multifd-compression pair the way QEMU would."""
+    try:
+        comp = MultifdCompression(compression)
+    except ValueError:
+        raise ConfigError(f"unknown multifd compression {compression!r} "
+                          "(none, zlib or zstd)") from None
+    if not 0 <= channels <= limits.MAX_MULTIFD_CHANNELS:
+        raise ConfigError(f"{option}-channels must be 0..{limits.MAX_MULTIFD_CHANNELS}, "
+                          f"not {channels}")
+    if comp is not MultifdCompression.NONE and not channels:
+        raise ConfigError(f"{option}-compression needs {option}-channels")
+    return comp
+
+
+class IncomingMigration:
+    def __init__(self, uri: Uri, channels: int, compression: MultifdCompression,
+                 sink: RamSink, latch: FailureLatch, stats: TransferStats, *,
+                 main_name: str = "main channel") -> None:
+        if channels and not isinstance(uri, (TcpUri, UnixUri)):
+            raise ConfigError(f"multifd needs a tcp: or unix: URI, not {uri}")
+        self.uri = uri
+        self.channels = channels
+        self.compression = compression
+        self.sink = sink
+        self.latch = latch
+        self.stats = stats
+        self.main_name = main_name
+        self.listener: Listener | None = None
+        self.source: ByteSource | None = None
+        self.multifd: MultifdReceiver | None = None
+        self.loader: MainChannelLoader | None = None
+
+    def connect(self, *, accept_timeout: float,
+                on_listening: Callable[[str], None] | None = None) -> None:
+        """Listen and accept (tcp:, unix:) or open (exec:, file:) the source."""
+        u = self.uri
+        if isinstance(u, (ExecUri, FileUri)):
+            self.source = open_source(u)
+            return
+        self.listener = Listener(u)
+        if on_listening is not None:
+            on_listening(self.listener.address)
+        main, chans = self.listener.accept_migration(self.channels, timeout=accept_timeout)
+        self.stats.started = time.monotonic()
+        self.listener.watch_for_extra(lambda msg: self.latch.fail(TransportError(msg)))
+        self.latch.add_socket(main)
+        self.source = SocketSource(main, self.main_name)
+        if chans:
+            self.multifd = MultifdReceiver(chans, self.compression, self.sink, self.latch,
+                                           self.stats)
+            self.multifd.start()
+
+    def load(self, observer: Callable[[object], None] | None = None) -> LoadResult:
+        """Run the main channel to its end, then end the channels."""
+        assert self.source is not None
+        send_rp = self.source.send if isinstance(self.source, SocketSource) else None
+        self.loader = MainChannelLoader(self.source, self.sink, stats=self.stats,
+                                        latch=self.latch, multifd=self.multifd,
+                                        send_return_path=send_rp, observer=observer)
+        result = self.loader.run()
+        if self.multifd is not None:
+            self.multifd.finish()
+        if isinstance(self.source, ExecSource):
+            self.source.check_exit()
+        if self.listener is not None:
+            self.listener.close()
+        self.latch.raise_if_failed()
+        return result
+
+    @property
+    def _return_path(self) -> bool:
+        return (self.loader is not None and self.loader.result.return_path
+                and isinstance(self.source, SocketSource))
+
+    def confirm(self) -> None:
+        """Everything is safe: let the source complete."""
+        if self._return_path:
+            self.source.send(_SHUT_OK)  # type: ignore[union-attr]
+
+    def refuse(self) -> None:
+        """Tell a source with a return path that the migration failed (best effort)."""
+        if self._return_path:
+            try:
+                self.source.send(_SHUT_FAILED)  # type: ignore[union-attr]
+            except MigrationError:
+                pass
+
+    def abort(self) -> None:
+        """After ``latch.fail``: end the channel threads."""
+        if self.multifd is not None:
+            self.multifd.finishing = True
+            self.multifd.barrier.release_all()
+            self.multifd.join()
+
+    def close(self) -> None:
+        if self.listener is not None:
+            self.listener.close()
+        if self.source is not None:
+            self.source.close()
