@@ -95,7 +95,10 @@ class _OutMain:
 
     def __init__(self, sock: socket.socket, stats: TransferStats, latch: FailureLatch) -> None:
         self.sock = sock
-        self.lock = threading.Lock()
+        # Re-entrant: the forwarder holds it across a whole decision about section
+        # bodies (is one open? close it, write the next header) while the helpers
+        # it calls take it again.
+        self.lock = threading.RLock()
         # Page and ZERO records may only go inside a RAM section body. Incoming
         # channels deliver pages at any time (QEMU's source keeps its own PART
         # header buffered while its channels run), so the relay opens a PART
@@ -346,13 +349,16 @@ class _Forwarder:
             h: SectionHeader = ev  # type: ignore[assignment]
             self.sid, self.kind = h.section_id, h.kind
             main = self._main
-            if h.kind == SectionType.SECTION_PART and main.body_open:
-                pass  # the relay already opened a PART for early pages: go on in it
-            else:
-                if main.body_open:  # END after a PART the relay opened itself
-                    self._sync_point(mid_section=False)
-                main.set_body(True, encode_section_header(h.kind, h.section_id, h.idstr,
-                                                          h.instance_id, h.version_id))
+            # Channel threads may open a PART of their own at any moment: decide and
+            # write under the lock, so that no header lands inside an open body.
+            with main.lock:
+                if h.kind == SectionType.SECTION_PART and main.body_open:
+                    pass  # the relay already opened a PART for early pages: go on in it
+                else:
+                    if main.body_open:  # END after a PART the relay opened itself
+                        self._sync_point(mid_section=False)
+                    main.set_body(True, encode_section_header(h.kind, h.section_id, h.idstr,
+                                                              h.instance_id, h.version_id))
         elif t is RamMultifdFlush:
             self._sync_point(mid_section=True)
         elif t is RamEndOfSection:
@@ -378,6 +384,10 @@ class _Forwarder:
         self.sink.main = _OutMain(self.main_sock, self.stats, self.latch)
 
     def _sync_point(self, *, mid_section: bool) -> None:
+        with self._main.lock:
+            self._sync_point_locked(mid_section=mid_section)
+
+    def _sync_point_locked(self, *, mid_section: bool) -> None:
         chans = self.sink.channels
         if chans is not None:
             self._main.flush()
