@@ -17,6 +17,25 @@ EXIT_FAILED = 1
 EXIT_USAGE = 2
 
 
+def _multifd_options(p: argparse.ArgumentParser, prefix: str, channels_help: str) -> None:
+    """QEMU's multifd-channels / multifd-compression parameters, spelled as QEMU spells them."""
+    p.add_argument(f"--{prefix}multifd-channels", type=int, default=0, metavar="N",
+                   help=f"{channels_help}; 0 = multifd off (default)")
+    p.add_argument(f"--{prefix}multifd-compression", default="none",
+                   choices=["none", "zlib", "zstd"],
+                   help="QEMU's multifd-compression parameter (default: none)")
+
+
+def _accept_timeout_option(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--accept-timeout", type=float, default=3600.0, metavar="SECONDS",
+                   help="give up if no source connects within this time (default: 3600)")
+
+
+def _output_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("-q", "--quiet", action="store_true", help="no progress, no summary")
+    p.add_argument("--json", action="store_true", help="print the summary as JSON")
+
+
 def _build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="livemig",
@@ -40,15 +59,10 @@ def _build_parser() -> argparse.ArgumentParser:
                         "file:PATH (a file written by QEMU's 'migrate file:')")
     r.add_argument("-o", "--output", required=True, metavar="SNAPSHOT",
                    help="the snapshot file to write (created only when complete)")
-    r.add_argument("--multifd-channels", type=int, default=0, metavar="N",
-                   help="expect N multifd channels (QEMU's multifd capability with "
-                        "multifd-channels=N); 0 = multifd off (default)")
-    r.add_argument("--multifd-compression", default="none", choices=["none", "zlib", "zstd"],
-                   help="QEMU's multifd-compression parameter (default: none)")
-    r.add_argument("--accept-timeout", type=float, default=3600.0, metavar="SECONDS",
-                   help="give up if no source connects within this time (default: 3600)")
-    r.add_argument("-q", "--quiet", action="store_true", help="no progress, no summary")
-    r.add_argument("--json", action="store_true", help="print the summary as JSON")
+    _multifd_options(r, "", "expect N multifd channels (QEMU's multifd capability with "
+                            "multifd-channels=N)")
+    _accept_timeout_option(r)
+    _output_options(r)
 
     s = sub.add_parser(
         "send", help="migrate a snapshot into a QEMU destination",
@@ -62,15 +76,12 @@ def _build_parser() -> argparse.ArgumentParser:
     s.add_argument("uri", metavar="URI",
                    help="tcp:HOST:PORT or unix:PATH (the destination's -incoming address), or "
                         "exec:COMMAND (the stream goes to its stdin)")
-    s.add_argument("--multifd-channels", type=int, default=0, metavar="N",
-                   help="use N multifd channels (must match the destination); 0 = off")
-    s.add_argument("--multifd-compression", default="none", choices=["none", "zlib", "zstd"])
+    _multifd_options(s, "", "use N multifd channels (must match the destination)")
     s.add_argument("--dest-qmp", metavar="unix:PATH",
                    help="the destination's QMP socket: check machine type and RAM size before "
                         "sending, set the capabilities and parameters that must match, start "
                         "migrate-incoming if needed, and report QEMU's own error on failure")
-    s.add_argument("-q", "--quiet", action="store_true", help="no progress, no summary")
-    s.add_argument("--json", action="store_true", help="print the summary as JSON")
+    _output_options(s)
 
     y = sub.add_parser(
         "relay", help="pass a live migration from one QEMU to another",
@@ -83,14 +94,11 @@ def _build_parser() -> argparse.ArgumentParser:
                "--in-multifd-channels 4 --out-multifd-channels 2 --out-multifd-compression zstd")
     y.add_argument("listen", metavar="LISTEN_URI", help="tcp:HOST:PORT or unix:PATH")
     y.add_argument("dest", metavar="DEST_URI", help="tcp:HOST:PORT or unix:PATH")
-    y.add_argument("--in-multifd-channels", type=int, default=0, metavar="N")
-    y.add_argument("--in-multifd-compression", default="none", choices=["none", "zlib", "zstd"])
-    y.add_argument("--out-multifd-channels", type=int, default=0, metavar="N")
-    y.add_argument("--out-multifd-compression", default="none", choices=["none", "zlib", "zstd"])
+    _multifd_options(y, "in-", "expect N multifd channels from the source")
+    _multifd_options(y, "out-", "use N multifd channels to the destination")
     y.add_argument("--record", metavar="SNAPSHOT", help="also keep a snapshot of what passed")
-    y.add_argument("--accept-timeout", type=float, default=3600.0, metavar="SECONDS")
-    y.add_argument("-q", "--quiet", action="store_true", help="no progress, no summary")
-    y.add_argument("--json", action="store_true", help="print the summary as JSON")
+    _accept_timeout_option(y)
+    _output_options(y)
 
     i = sub.add_parser(
         "inspect", help="show what a snapshot or a migration stream file holds",
