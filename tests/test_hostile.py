@@ -663,7 +663,8 @@ SOCKET_CASES: list[tuple[str, Callable[[FakeSource], None], str, str | None]] = 
     ("channel-id-out-of-range", _id_out_of_range,
      r"multifd connection 1.*initial packet: channel id 2", None),
     ("duplicate-channel-id", _duplicate_id,
-     r"error: multifd connection 1, offset 0x18: channel id 1 used twice", None),
+     # whichever connection's thread reads its initial packet second reports it
+     r"error: multifd connection [01], offset 0x18: channel id 1 used twice", None),
     ("pages-alloc-129", _pages_alloc_129,
      r"multifd channel 0, offset 0x40: packet 0: pages_alloc 129 exceeds 128", None),
     ("normal-pages-129", _normal_pages_129,
