@@ -124,17 +124,16 @@ class Finished:
     seconds: float
 
 
-class LivemigReceive:
-    """One ``livemig receive`` process; stdout and stderr go to files in ``logdir``."""
+class LivemigCli:
+    """One ``livemig`` CLI process; stdout and stderr go to files in ``logdir``, and every
+    wait has a deadline (the process is killed and the test fails after it)."""
 
-    def __init__(self, args: Sequence[str], logdir: Path, uri: str) -> None:
+    def __init__(self, args: Sequence[str], logdir: Path, prefix: str = "livemig") -> None:
         self.args = [*LIVEMIG, *args]
-        self.uri = uri
-        #: The URI the source must use (for tcp:HOST:0, the port livemig actually bound).
-        self.address: str = uri
-        n = len(list(logdir.glob("livemig-*.stdout")))
-        self.stdout_path = logdir / f"livemig-{n}.stdout"
-        self.stderr_path = logdir / f"livemig-{n}.stderr"
+        self.command = " ".join(str(a) for a in args[:1])
+        n = len(list(logdir.glob(f"{prefix}-*.stdout")))
+        self.stdout_path = logdir / f"{prefix}-{n}.stdout"
+        self.stderr_path = logdir / f"{prefix}-{n}.stderr"
         self.started = time.monotonic()
         with open(self.stdout_path, "wb") as out, open(self.stderr_path, "wb") as err:
             self.proc = subprocess.Popen(self.args, stdin=subprocess.DEVNULL, stdout=out,
@@ -146,6 +145,50 @@ class LivemigReceive:
 
     def stdout(self) -> str:
         return self.stdout_path.read_bytes().decode("utf-8", "replace")
+
+    def running(self) -> bool:
+        return self.proc.poll() is None
+
+    def wait(self, timeout: float = CLI_TIMEOUT) -> Finished:
+        """Wait for livemig to exit (killing it and failing the test after ``timeout``)."""
+        if self.result is not None:
+            return self.result
+        try:
+            rc = self.proc.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            self.kill()
+            raise AssertionError(f"livemig {self.command} still running after {timeout}s "
+                                 f"(killed): {' '.join(self.args)}\nstderr:\n{self.stderr()}"
+                                 ) from None
+        self.result = Finished(rc, self.stdout(), self.stderr(), time.monotonic() - self.started)
+        return self.result
+
+    def wait_ok(self, timeout: float = CLI_TIMEOUT) -> Finished:
+        r = self.wait(timeout)
+        assert r.rc == 0, (f"livemig {' '.join(self.args[3:])} failed with status {r.rc}:\n"
+                           f"{r.stderr}")
+        return r
+
+    def kill(self) -> None:
+        if self.proc.poll() is None:
+            try:
+                os.killpg(self.proc.pid, signal.SIGKILL)
+            except OSError:
+                pass
+            try:
+                self.proc.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                pass
+
+
+class LivemigReceive(LivemigCli):
+    """A ``livemig receive`` process that knows the URI it listens on."""
+
+    def __init__(self, args: Sequence[str], logdir: Path, uri: str) -> None:
+        super().__init__(args, logdir)
+        self.uri = uri
+        #: The URI the source must use (for tcp:HOST:0, the port livemig actually bound).
+        self.address: str = uri
 
     def wait_listening(self, timeout: float = LISTEN_TIMEOUT) -> str:
         """Wait until livemig accepts connections; return the URI to migrate to.
@@ -171,35 +214,6 @@ class LivemigReceive:
                 raise AssertionError(f"livemig receive did not listen on {self.uri} within "
                                      f"{timeout}s; stderr:\n{self.stderr()}")
             time.sleep(0.02)
-
-    def wait(self, timeout: float = CLI_TIMEOUT) -> Finished:
-        """Wait for livemig to exit (killing it and failing the test after ``timeout``)."""
-        if self.result is not None:
-            return self.result
-        try:
-            rc = self.proc.wait(timeout=timeout)
-        except subprocess.TimeoutExpired:
-            self.kill()
-            raise AssertionError(f"livemig receive still running after {timeout}s: "
-                                 f"{' '.join(self.args)}\nstderr:\n{self.stderr()}") from None
-        self.result = Finished(rc, self.stdout(), self.stderr(), time.monotonic() - self.started)
-        return self.result
-
-    def wait_ok(self, timeout: float = CLI_TIMEOUT) -> Finished:
-        r = self.wait(timeout)
-        assert r.rc == 0, f"livemig receive failed (status {r.rc}):\n{r.stderr}"
-        return r
-
-    def kill(self) -> None:
-        if self.proc.poll() is None:
-            try:
-                os.killpg(self.proc.pid, signal.SIGKILL)
-            except OSError:
-                pass
-            try:
-                self.proc.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                pass
 
 
 ReceiveFactory = Callable[..., LivemigReceive]

@@ -23,19 +23,17 @@ from __future__ import annotations
 
 import os
 import re
-import signal
 import stat
 import struct
 import subprocess
 import time
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Self
 
 import numpy as np
 import pytest
-from conftest import LIVEMIG, livemig_env, uri_listening
+from conftest import Finished, LivemigCli, uri_listening
 from peers import QemuPeer
 
 PAGE = 4096
@@ -55,37 +53,20 @@ PROCESS_TIMEOUT = 120.0
 # --------------------------------------------------------------------------------------------
 
 
-@dataclass
-class Done:
-    rc: int
-    stdout: str
-    stderr: str
-    seconds: float
+Done = Finished
 
 
-class LivemigProcess:
-    """One livemig CLI process; stdout and stderr go to files in ``logdir``."""
+class LivemigProcess(LivemigCli):
+    """One livemig CLI process (send, relay, receive) for these tests."""
 
     def __init__(self, args: Sequence[str], logdir: Path) -> None:
-        self.args = [*LIVEMIG, *args]
-        n = len(list(logdir.glob("lm-*.stdout")))
-        self.stdout_path = logdir / f"lm-{n}.stdout"
-        self.stderr_path = logdir / f"lm-{n}.stderr"
-        self.started = time.monotonic()
-        with open(self.stdout_path, "wb") as out, open(self.stderr_path, "wb") as err:
-            self.proc = subprocess.Popen(self.args, stdin=subprocess.DEVNULL, stdout=out,
-                                         stderr=err, start_new_session=True,
-                                         env=livemig_env())
-        self.result: Done | None = None
+        super().__init__(args, logdir, prefix="lm")
 
-    def stderr(self) -> str:
-        return self.stderr_path.read_bytes().decode("utf-8", "replace")
+    def wait(self, timeout: float = PROCESS_TIMEOUT) -> Done:
+        return super().wait(timeout)
 
-    def stdout(self) -> str:
-        return self.stdout_path.read_bytes().decode("utf-8", "replace")
-
-    def running(self) -> bool:
-        return self.proc.poll() is None
+    def wait_ok(self, timeout: float = PROCESS_TIMEOUT) -> Done:
+        return super().wait_ok(timeout)
 
     def wait_listening(self, uri: str, timeout: float = 30.0) -> str:
         """For relay: wait until LISTEN_URI accepts connections (stderr line or socket)."""
@@ -104,35 +85,6 @@ class LivemigProcess:
                 raise AssertionError(f"livemig did not listen on {uri} within {timeout}s:\n"
                                      f"{self.stderr()}")
             time.sleep(0.02)
-
-    def wait(self, timeout: float = PROCESS_TIMEOUT) -> Done:
-        if self.result is not None:
-            return self.result
-        try:
-            rc = self.proc.wait(timeout=timeout)
-        except subprocess.TimeoutExpired:
-            self.kill()
-            raise AssertionError(f"livemig still running after {timeout}s (killed): "
-                                 f"{' '.join(self.args)}\nstderr:\n{self.stderr()}") from None
-        self.result = Done(rc, self.stdout(), self.stderr(), time.monotonic() - self.started)
-        return self.result
-
-    def wait_ok(self, timeout: float = PROCESS_TIMEOUT) -> Done:
-        r = self.wait(timeout)
-        assert r.rc == 0, (f"livemig {' '.join(self.args[3:])} failed with status {r.rc}:\n"
-                           f"{r.stderr}")
-        return r
-
-    def kill(self) -> None:
-        if self.proc.poll() is None:
-            try:
-                os.killpg(self.proc.pid, signal.SIGKILL)
-            except OSError:
-                pass
-            try:
-                self.proc.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                pass
 
 
 def listening(uri: str) -> bool:
