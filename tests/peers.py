@@ -209,17 +209,22 @@ def _unix_listening(path: str) -> bool:
     return True
 
 
-def _kill_process(proc: subprocess.Popen[bytes], private_dir: str) -> None:
-    """Finalizer: make sure QEMU is gone and its private directory removed."""
+def _kill_and_reap(proc: subprocess.Popen[bytes]) -> None:
+    """Kill ``proc`` if it still runs and wait (bounded) for it to go."""
     if proc.poll() is None:
         try:
             proc.kill()
         except OSError:
             pass
-        try:
-            proc.wait(timeout=EXIT_TIMEOUT)
-        except subprocess.TimeoutExpired:
-            pass
+    try:
+        proc.wait(timeout=EXIT_TIMEOUT)
+    except subprocess.TimeoutExpired:
+        pass
+
+
+def _kill_process(proc: subprocess.Popen[bytes], private_dir: str) -> None:
+    """Finalizer: make sure QEMU is gone and its private directory removed."""
+    _kill_and_reap(proc)
     shutil.rmtree(private_dir, ignore_errors=True)
 
 
@@ -466,15 +471,7 @@ class QemuPeer:
                 pass
         proc = self._proc
         if proc is not None:
-            if proc.poll() is None:
-                try:
-                    proc.kill()
-                except OSError:
-                    pass
-            try:
-                proc.wait(timeout=EXIT_TIMEOUT)
-            except subprocess.TimeoutExpired:
-                pass
+            _kill_and_reap(proc)
         self._stderr_final = self._read_stderr()
         if loop is not None:
             if loop.is_running():
