@@ -22,6 +22,7 @@ from livemig.migration.loader import LoadResult, MainChannelLoader, RamSink, rp_
 from livemig.migration.multifd_recv import MultifdReceiver
 from livemig.migration.stats import TransferStats
 from livemig.wire.constants import MultifdCompression, ReturnPathMessage
+from livemig.wire.stream import SectionLengths
 
 _SHUT_OK = rp_message(ReturnPathMessage.SHUT, b"\x00\x00\x00\x00")
 _SHUT_FAILED = rp_message(ReturnPathMessage.SHUT, b"\x00\x00\x00\x01")
@@ -81,13 +82,15 @@ class IncomingMigration:
                                            self.stats)
             self.multifd.start()
 
-    def load(self, observer: Callable[[object], None] | None = None) -> LoadResult:
+    def load(self, observer: Callable[[object], None] | None = None,
+             section_lengths: SectionLengths | None = None) -> LoadResult:
         """Run the main channel to its end, then end the channels."""
         assert self.source is not None
         send_rp = self.source.send if isinstance(self.source, SocketSource) else None
         self.loader = MainChannelLoader(self.source, self.sink, stats=self.stats,
                                         latch=self.latch, multifd=self.multifd,
-                                        send_return_path=send_rp, observer=observer)
+                                        send_return_path=send_rp, observer=observer,
+                                        section_lengths=section_lengths)
         result = self.loader.run()
         if self.multifd is not None:
             self.multifd.finish()

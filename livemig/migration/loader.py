@@ -49,7 +49,12 @@ from livemig.wire.events import (
     VmDescriptionRecord,
 )
 from livemig.wire.ram import xbzrle_decode
-from livemig.wire.stream import MainStreamDecoder, find_vmdescription, fork_for_tail
+from livemig.wire.stream import (
+    MainStreamDecoder,
+    SectionLengths,
+    find_vmdescription,
+    fork_for_tail,
+)
 
 PS = limits.TARGET_PAGE_SIZE
 
@@ -88,9 +93,12 @@ class MainChannelLoader:
     def __init__(self, source: ByteSource, sink: RamSink, *, stats: TransferStats,
                  latch: FailureLatch, multifd: MultifdReceiver | None = None,
                  send_return_path: Callable[[bytes], None] | None = None,
-                 observer: Callable[[object], None] | None = None) -> None:
+                 observer: Callable[[object], None] | None = None,
+                 section_lengths: SectionLengths | None = None) -> None:
         """``observer`` sees every record except pages, after the loader handled
-        it (a relay forwards them from there)."""
+        it (a relay forwards them from there). ``section_lengths`` lets a
+        destination that knows its devices split their sections itself
+        (:class:`~livemig.wire.stream.MainStreamDecoder`)."""
         self.observer = observer
         self.requires_configuration = hasattr(sink, "commit")
         self.source = source
@@ -99,7 +107,7 @@ class MainChannelLoader:
         self.latch = latch
         self.multifd = multifd
         self.send_rp = send_return_path
-        self.decoder = MainStreamDecoder()
+        self.decoder = MainStreamDecoder(section_lengths=section_lengths)
         self.result = LoadResult()
         self._section: SectionHeader | None = None
         self._flush_in_section = False

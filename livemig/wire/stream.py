@@ -19,6 +19,7 @@ from __future__ import annotations
 import enum
 import json
 import struct
+from collections.abc import Callable
 
 from livemig import limits
 from livemig.errors import LimitExceeded, StreamFormatError, TruncatedStream
@@ -48,6 +49,11 @@ from livemig.wire.events import (
 )
 from livemig.wire.ram import RamDecoder
 
+#: Body length of a self-delimiting device section: (buffer, body start, buffer end) ->
+#: length; raises ``Incomplete`` while the body is not all in the buffer.
+LengthFn = Callable[[memoryview, int, int], int]
+SectionLengths = Callable[[str, int], "LengthFn | None"]
+
 CONFIG_SUBSECTION_CAPS = "configuration/capabilities"
 CONFIG_SUBSECTION_UUID = "configuration/uuid"
 CONFIG_SUBSECTION_PAGE_BITS = "configuration/target-page-bits"
@@ -68,7 +74,13 @@ class _State(enum.Enum):
 class MainStreamDecoder:
     """Decodes one main channel (or one migration file) into events."""
 
-    def __init__(self, *, description: object | None = None) -> None:
+    def __init__(self, *, description: object | None = None,
+                 section_lengths: SectionLengths | None = None) -> None:
+        """``section_lengths(idstr, instance_id)`` may return a function that
+        tells how long a section body of that device is (a livemig engine
+        knows its own devices): such sections, iterable ones included, are
+        split without the JSON description."""
+        self.section_lengths = section_lengths
         self.state = _State.HEADER
         self.ram = RamDecoder()
         self.description = description  # a livemig.wire.vmstate.VmDescription
@@ -243,6 +255,11 @@ class MainStreamDecoder:
                 return self._open_section(cur, hdr, out, start)
             if sid in self.sections:
                 raise cur.error(f"section id {sid} ({idstr}) used twice", at=start)
+            length_of = self._length_fn(idstr, instance)
+            if length_of is not None:
+                self._delimited_section(cur, hdr, start, out, length_of)
+                self.sections[sid] = hdr
+                return True
             if t == SectionType.SECTION_START:
                 raise cur.error(f"iterable section {idstr!r} (instance {instance}) is not "
                                 "supported: livemig only knows the ram iterable", at=start)
@@ -260,6 +277,10 @@ class MainStreamDecoder:
                 raise cur.error(f"{SectionType(t).name} for unknown section id {sid}", at=start)
             hdr = SectionHeader(SectionType(t), sid, opened.idstr, opened.instance_id,
                                 opened.version_id, cur.base + start)
+            length_of = self._length_fn(opened.idstr, opened.instance_id)
+            if length_of is not None:
+                self._delimited_section(cur, hdr, start, out, length_of)
+                return True
             return self._open_section(cur, hdr, out, start)
         if t == SectionType.COMMAND:
             cmd = cur.be16()
@@ -291,6 +312,29 @@ class MainStreamDecoder:
         out.append(hdr)
         self.state = _State.RAM_BODY
         return True
+
+    def _length_fn(self, idstr: str, instance_id: int) -> LengthFn | None:
+        if self.section_lengths is None or idstr == RAM_SECTION_IDSTR:
+            return None
+        return self.section_lengths(idstr, instance_id)
+
+    def _delimited_section(self, cur: Cursor, hdr: SectionHeader, start: int,
+                           out: list[Event], length_of: LengthFn) -> None:
+        body = cur.pos
+        view = memoryview(cur.buf)
+        try:
+            n = length_of(view, body, cur.end)
+        except StreamFormatError as e:
+            raise StreamFormatError(f"device section {hdr.idstr!r} instance {hdr.instance_id}: "
+                                    f"{e.message}", offset=cur.base + body) from None
+        cur.skip(n)
+        ft = cur.u8()
+        sid = cur.be32()
+        if ft != SectionType.SECTION_FOOTER or sid != hdr.section_id:
+            raise cur.error(f"device section {hdr.idstr!r} instance {hdr.instance_id}: no "
+                            f"footer for section id {hdr.section_id} after its {n}-byte body",
+                            at=body + n)
+        out.append(DeviceSection(hdr, bytes(view[start:cur.pos]), body - start, n))
 
     def _device_section(self, cur: Cursor, hdr: SectionHeader, start: int,
                         out: list[Event]) -> None:
@@ -509,7 +553,12 @@ def fork_for_tail(decoder: MainStreamDecoder, description: object) -> MainStream
 
     if decoder.state not in (_State.TAIL_WAIT, _State.VMDESC):
         raise StreamFormatError("internal: decoder is not waiting for the tail")
-    trial = copy.deepcopy(decoder)
+    lengths, decoder.section_lengths = decoder.section_lengths, None
+    try:
+        trial = copy.deepcopy(decoder)  # the callback belongs to the caller: not copied
+    finally:
+        decoder.section_lengths = lengths
+    trial.section_lengths = lengths
     trial.description = description
     if trial.state is _State.TAIL_WAIT:
         trial.state = _State.RECORDS
