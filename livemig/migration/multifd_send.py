@@ -25,6 +25,7 @@ from livemig.migration.failure import FailureLatch
 from livemig.migration.stats import TransferStats
 from livemig.wire.constants import MultifdCompression
 from livemig.wire.multifd import (
+    ChannelCompressor,
     InitPacket,
     encode_ram_packet,
     encode_sync_packet,
@@ -81,7 +82,7 @@ class MultifdSender:
         self.sockets = sockets
         self.n = len(sockets)
         self.compression = compression
-        self.fd = snapshot_fd
+        self.fd = snapshot_fd  # -1 when pages come from elsewhere
         self.uuid = uuid or bytes(16)
         self.latch = latch
         self.stats = stats
@@ -185,36 +186,38 @@ class MultifdSender:
                 self.stats.multifd_bytes[ch] = sent
                 self.synced.release()
                 continue
-            job: PageJob = item  # type: ignore[assignment]
-            n = len(job.offsets)
-            runs = page_runs(job.offsets)
-            if comp is None:
-                # header from memory, pages from the page cache to the socket with
-                # sendfile: no copy through Python at all
-                hdr = encode_ram_packet(flags=flag, ramblock=job.block,
-                                        normal_offsets=job.offsets, zero_offsets=None,
-                                        packet_num=self._num(), payload_size=n * PS)
-                sock.sendall(hdr)
-                for start, length in runs:
-                    _sendfile_all(sock, self.fd, job.file_offset + start, length, where,
-                                  job.block)
-                sent += len(hdr) + n * PS
-                self.stats.multifd_bytes[ch] = sent
-                self.stats.add_pages(n)
-                continue
-            pos = 0
-            for start, want in runs:
-                got = os.preadv(self.fd, [bview[pos:pos + want]], job.file_offset + start)
-                if got != want:
-                    raise ChannelError(f"{where}: snapshot ends inside block {job.block}")
-                pos += want
-            payload: bytes | memoryview = bview[:n * PS]
-            if comp is not None:
-                payload = comp.compress([payload])
-            hdr = encode_ram_packet(flags=flag, ramblock=job.block, normal_offsets=job.offsets,
-                                    zero_offsets=None, packet_num=self._num(),
-                                    payload_size=len(payload))
-            sendmsg_all(sock, [hdr, payload])
-            sent += len(hdr) + len(payload)
+            sent += self._send_job(ch, sock, item, comp, flag, bview, where)
             self.stats.multifd_bytes[ch] = sent
+
+    def _send_job(self, ch: int, sock: socket.socket, job: PageJob,
+                  comp: ChannelCompressor | None, flag: int, bview: memoryview,
+                  where: str) -> int:
+        """Send one packet for ``job``; returns the bytes written. Subclasses send
+        pages from elsewhere (guest RAM) with the same channel machinery."""
+        n = len(job.offsets)
+        runs = page_runs(job.offsets)
+        if comp is None:
+            # header from memory, pages from the page cache to the socket with
+            # sendfile: no copy through Python at all
+            hdr = encode_ram_packet(flags=flag, ramblock=job.block,
+                                    normal_offsets=job.offsets, zero_offsets=None,
+                                    packet_num=self._num(), payload_size=n * PS)
+            sock.sendall(hdr)
+            for start, length in runs:
+                _sendfile_all(sock, self.fd, job.file_offset + start, length, where,
+                              job.block)
             self.stats.add_pages(n)
+            return len(hdr) + n * PS
+        pos = 0
+        for start, want in runs:
+            got = os.preadv(self.fd, [bview[pos:pos + want]], job.file_offset + start)
+            if got != want:
+                raise ChannelError(f"{where}: snapshot ends inside block {job.block}")
+            pos += want
+        payload = comp.compress([bview[:n * PS]])
+        hdr = encode_ram_packet(flags=flag, ramblock=job.block, normal_offsets=job.offsets,
+                                zero_offsets=None, packet_num=self._num(),
+                                payload_size=len(payload))
+        sendmsg_all(sock, [hdr, payload])
+        self.stats.add_pages(n)
+        return len(hdr) + len(payload)

@@ -46,7 +46,8 @@ from livemig.migration.failure import FailureLatch
 from livemig.migration.incoming import IncomingMigration, multifd_settings
 from livemig.migration.loader import LoadResult
 from livemig.migration.multifd_send import sendmsg_all
-from livemig.migration.send import VERDICT_TIMEOUT, _connect, _ReturnPath, sync_mode_for_machine
+from livemig.migration.send import VERDICT_TIMEOUT, sync_mode_for_machine
+from livemig.migration.source_channels import ReturnPath, connect_channel
 from livemig.migration.stats import TransferStats
 from livemig.wire.constants import (
     Command,
@@ -303,7 +304,7 @@ class _Forwarder:
         self.mode = "per-round"
         self.sid: int | None = None
         self.kind: SectionType | None = None
-        self.rp: _ReturnPath | None = None
+        self.rp: ReturnPath | None = None
         self.main_sock: socket.socket | None = None
         self.chan_socks: list[socket.socket] = []
         self.device_sections: list[bytes] = []
@@ -327,11 +328,11 @@ class _Forwarder:
             self._main.put(encode_command(Command.OPEN_RETURN_PATH))
             self._main.put(encode_command(Command.PING, struct.pack(">I", 1)))
             self._main.flush()
-            self.rp = _ReturnPath(self.main_sock, self.latch)  # type: ignore[arg-type]
+            self.rp = ReturnPath(self.main_sock, self.latch)  # type: ignore[arg-type]
             self.rp.start()
             if self.out_n:
                 time.sleep(0.05)  # QEMU 7.2 takes the first accepted connection as main
-                self.chan_socks = [_connect(self.dest) for _ in range(self.out_n)]
+                self.chan_socks = [connect_channel(self.dest) for _ in range(self.out_n)]
                 for s in self.chan_socks:
                     self.latch.add_socket(s)
                 uuid = cfg.uuid
@@ -379,7 +380,7 @@ class _Forwarder:
         return self.sink.main
 
     def _connect(self) -> None:
-        self.main_sock = _connect(self.dest)
+        self.main_sock = connect_channel(self.dest)
         self.latch.add_socket(self.main_sock)
         self.sink.main = _OutMain(self.main_sock, self.stats, self.latch)
 

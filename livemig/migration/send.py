@@ -23,7 +23,6 @@ import re
 import socket
 import struct
 import subprocess
-import threading
 import time
 from dataclasses import dataclass
 
@@ -35,12 +34,12 @@ from livemig.io.uri import ExecUri, TcpUri, UnixUri, Uri, parse_uri
 from livemig.migration.failure import FailureLatch
 from livemig.migration.inspect import _DATA, load_file
 from livemig.migration.multifd_send import MultifdSender, PageJob
+from livemig.migration.source_channels import MainWriter, ReturnPath, connect_channel
 from livemig.migration.stats import TransferStats
 from livemig.wire.constants import (
     Command,
     MultifdCompression,
     RamFlag,
-    ReturnPathMessage,
     SectionType,
 )
 from livemig.wire.multifd import page_runs
@@ -66,8 +65,6 @@ PS = limits.TARGET_PAGE_SIZE
 MAIN_BATCH_PAGES = 256
 #: Seconds to wait for the destination's verdict (SHUT) after the last byte.
 VERDICT_TIMEOUT = 300.0
-#: Main-channel bytes gathered before one send.
-MAIN_FLUSH_BYTES = 1 << 20
 
 
 def sync_mode_for_machine(machine: str) -> str:
@@ -78,108 +75,11 @@ def sync_mode_for_machine(machine: str) -> str:
     return "per-round"
 
 
-class _MainWriter:
-    def __init__(self, write, name: str) -> None:  # type: ignore[no-untyped-def]
-        self._write = write
-        self.name = name
-        self.buf = bytearray()
-        self.sent = 0
-
-    def put(self, data: bytes | bytearray | memoryview) -> None:
-        self.buf += data
-        if len(self.buf) >= MAIN_FLUSH_BYTES:
-            self.flush()
-
-    def flush(self) -> None:
-        if self.buf:
-            try:
-                self._write(self.buf)
-            except OSError as e:
-                raise TransportError(f"{self.name}: send failed: {e.strerror or e} (did the "
-                                     "destination close the connection?)") from e
-            self.sent += len(self.buf)
-            self.buf = bytearray()
-
-
-class _ReturnPath(threading.Thread):
-    """Reads the destination's messages: PONG, SHUT, SWITCHOVER_ACK."""
-
-    def __init__(self, sock: socket.socket, latch: FailureLatch) -> None:
-        super().__init__(name="return-path")
-        self.sock = sock
-        self.latch = latch
-        self.shut: int | None = None
-        self.done = threading.Event()
-        self.closed = False
-
-    def _read(self, n: int) -> bytes | None:
-        out = bytearray()
-        while len(out) < n:
-            try:
-                chunk = self.sock.recv(n - len(out))
-            except OSError:
-                return None
-            if not chunk:
-                return None
-            out += chunk
-        return bytes(out)
-
-    def run(self) -> None:
-        try:
-            while True:
-                hdr = self._read(4)
-                if hdr is None:
-                    self.closed = True
-                    return
-                kind, n = struct.unpack(">HH", hdr)
-                if n > 512:
-                    raise StreamFormatError(f"return path message {kind} of {n} bytes")
-                payload = self._read(n) if n else b""
-                if payload is None:
-                    self.closed = True
-                    return
-                if kind == ReturnPathMessage.SHUT and n == 4:
-                    self.shut = struct.unpack(">I", payload)[0]
-                    return
-                if kind in (ReturnPathMessage.PONG, ReturnPathMessage.SWITCHOVER_ACK):
-                    continue
-                raise StreamFormatError(f"unexpected return path message {kind} (length {n})")
-        except MigrationError as e:
-            self.latch.fail(e)
-        finally:
-            self.done.set()
-
-
 @dataclass
 class SendResult:
     bytes_sent: int
     stats: TransferStats
     verdict: str
-
-
-def _connect(u: Uri, timeout: float = 10.0) -> socket.socket:
-    deadline = time.monotonic() + timeout
-    while True:
-        try:
-            if isinstance(u, TcpUri):
-                s = socket.create_connection((u.host, u.port), timeout=10)
-                s.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-            else:
-                assert isinstance(u, UnixUri)
-                s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-                s.settimeout(10)
-                s.connect(u.path)
-            s.settimeout(None)
-            try:
-                s.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4 << 20)
-            except OSError:
-                pass
-            return s
-        except OSError as e:
-            if time.monotonic() > deadline:
-                raise TransportError(f"cannot connect to the destination {u}: "
-                                     f"{e.strerror or e}") from e
-            time.sleep(0.1)
 
 
 def send(snapshot: str, uri: str | Uri, *, multifd_channels: int = 0,
@@ -230,11 +130,11 @@ def send(snapshot: str, uri: str | Uri, *, multifd_channels: int = 0,
             proc = subprocess.Popen(["/bin/sh", "-c", u.command], stdin=subprocess.PIPE)
             assert proc.stdin is not None
             pipe = proc.stdin
-            out = _MainWriter(lambda b: (pipe.write(b), pipe.flush()), str(u))
+            out = MainWriter(lambda b: (pipe.write(b), pipe.flush()), str(u))
         else:
-            main = _connect(u)
+            main = connect_channel(u)
             latch.add_socket(main)
-            out = _MainWriter(main.sendall, "main channel")
+            out = MainWriter(main.sendall, "main channel")
         stats.started = time.monotonic()
         stats.phase = "sending"
         out.put(encode_file_header())
@@ -243,12 +143,12 @@ def send(snapshot: str, uri: str | Uri, *, multifd_channels: int = 0,
             out.put(encode_command(Command.OPEN_RETURN_PATH))
             out.put(encode_command(Command.PING, struct.pack(">I", 1)))
             out.flush()
-            rp = _ReturnPath(main, latch)
+            rp = ReturnPath(main, latch)
             rp.start()
         if multifd_channels:
             out.flush()
             time.sleep(0.05)  # QEMU 7.2 takes the first accepted connection as main
-            chans = [_connect(u) for _ in range(multifd_channels)]
+            chans = [connect_channel(u) for _ in range(multifd_channels)]
             sender = MultifdSender(chans, comp, fd, cfg.uuid, latch, stats)
             sender.start()
         sid = load.ram_section_id
@@ -366,7 +266,7 @@ def _qmp_reason(qmp: object) -> str:
     return ""
 
 
-def _send_pages(load, sink, fd: int, out: _MainWriter, sender: MultifdSender | None,  # type: ignore[no-untyped-def]
+def _send_pages(load, sink, fd: int, out: MainWriter, sender: MultifdSender | None,  # type: ignore[no-untyped-def]
                 stats: TransferStats, latch: FailureLatch) -> None:
     per_packet = limits.MULTIFD_PAGES_PER_PACKET
     staging = np.zeros((MAIN_BATCH_PAGES, 8 + PS), dtype=np.uint8)

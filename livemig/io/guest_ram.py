@@ -1,0 +1,101 @@
+"""Guest RAM of a livemig-hosted machine: anonymous mmap blocks with numpy views.
+
+A block is one private anonymous mapping, so that the kernel can track writes
+to it (``livemig.io.dirty_kernel``) and the migration can hand slices of it
+straight to ``sendmsg`` as memoryviews: pages never pass through a Python
+object on their way out. ``pages`` is the same memory seen as a
+``(page_count, PAGE_SIZE)`` uint8 array, the shape every bulk operation
+(zero scan, copy of a run of pages, the workload's counters) wants.
+
+The dirty bitmap here is the *software* one: code that writes guest memory
+through :meth:`RamBlock.write` (or marks what it wrote with
+:meth:`RamBlock.mark_dirty`) is tracked without any kernel help. Marking
+happens after the write, so a page written while the migration clears its bit
+is either sent after the write or marked again: never lost.
+"""
+
+from __future__ import annotations
+
+import mmap
+
+import numpy as np
+
+from livemig import limits
+from livemig.errors import ConfigError
+
+PAGE_SIZE = limits.TARGET_PAGE_SIZE
+
+
+class RamBlock:
+    """One named RAM block (``pc.ram``...), page aligned, zero filled at start."""
+
+    def __init__(self, name: str, size: int) -> None:
+        if not name or len(name.encode()) > 255:
+            raise ConfigError(f"RAM block name {name!r} must be 1..255 bytes")
+        if size <= 0 or size % PAGE_SIZE:
+            raise ConfigError(f"RAM block {name}: size {size} is not a positive multiple of "
+                              f"{PAGE_SIZE}")
+        self.name = name
+        self.size = size
+        self.page_count = size // PAGE_SIZE
+        self.mm = mmap.mmap(-1, size, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS,
+                            prot=mmap.PROT_READ | mmap.PROT_WRITE)
+        self.view = memoryview(self.mm)
+        self.bytes = np.frombuffer(self.mm, dtype=np.uint8)
+        self.pages = self.bytes.reshape(self.page_count, PAGE_SIZE)
+        #: Software dirty bitmap, one byte per page (numpy scans bytes fastest).
+        self.dirty = np.zeros(self.page_count, dtype=np.uint8)
+
+    def write(self, offset: int, data: bytes | bytearray | memoryview | np.ndarray) -> None:
+        """Write guest memory and mark the pages it touched."""
+        n = len(memoryview(data).cast("B")) if not isinstance(data, np.ndarray) else data.nbytes
+        if offset < 0 or offset + n > self.size:
+            raise ConfigError(f"write of {n} bytes at {offset:#x} is outside block "
+                              f"{self.name} ({self.size:#x} bytes)")
+        self.bytes[offset:offset + n] = np.frombuffer(data, dtype=np.uint8) \
+            if not isinstance(data, np.ndarray) else data.reshape(-1).view(np.uint8)
+        self.mark_dirty(offset, n)
+
+    def mark_dirty(self, offset: int, length: int) -> None:
+        if length > 0:
+            self.dirty[offset // PAGE_SIZE:(offset + length - 1) // PAGE_SIZE + 1] = 1
+
+    def take_dirty(self) -> np.ndarray:
+        """Indices of pages marked since the last call, clearing their marks."""
+        idx = np.flatnonzero(self.dirty)
+        self.dirty[idx] = 0
+        return idx
+
+    def nonzero(self, pages: np.ndarray) -> np.ndarray:
+        """Which of ``pages`` (ascending page indices) hold a non-zero byte.
+
+        The first word of a page decides for almost every page with data; only
+        pages whose first word is zero are scanned whole. A contiguous run is
+        scanned in place, scattered pages through one gathered copy.
+        """
+        n = len(pages)
+        if n == 0:
+            return np.zeros(0, dtype=bool)
+        first, last = int(pages[0]), int(pages[-1])
+        words = self.pages.view(np.uint64)
+        rows = words[first:last + 1] if last - first + 1 == n else words[pages]
+        out = rows[:, 0] != 0
+        unsure = np.flatnonzero(~out)
+        if unsure.size:
+            out[unsure] = rows[unsure].any(axis=1)
+        return out
+
+    def mark_all_dirty(self) -> None:
+        self.dirty[:] = 1
+
+    def close(self) -> None:
+        del self.pages, self.bytes
+        self.view.release()
+        try:
+            self.mm.close()
+        except BufferError:
+            # A numpy view made by a caller is still alive; the mapping goes with it.
+            pass
+
+    def __repr__(self) -> str:
+        return f"RamBlock({self.name!r}, {self.size:#x})"
