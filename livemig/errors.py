@@ -75,6 +75,12 @@ class LimitExceeded(StreamFormatError):
     """A length read from the wire is above the limit livemig accepts."""
 
 
+class VhostUserError(StreamFormatError):
+    """A vhost-user peer sent a message that is malformed, out of order, or
+    needs a feature that was not negotiated (``where`` names the connection,
+    ``offset`` the message's first byte on it)."""
+
+
 class ConfigError(MigrationError):
     """The caller asked for something that cannot work (bad URI, bad option)."""
 
@@ -98,3 +104,11 @@ class ChannelError(TransportError):
 
 class PeerError(MigrationError):
     """The peer reported a failure of its own (QEMU's error text is kept)."""
+
+
+class KernelTrackingUnavailable(TransportError):
+    """This kernel cannot track written pages for livemig (uffd-wp async + PAGEMAP_SCAN).
+
+    The message is one line naming the call that failed and the likely reason
+    (``"PAGEMAP_SCAN: ENOTTY (Linux < 6.7)"``); the OS error, if any, is the cause.
+    """
