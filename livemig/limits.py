@@ -55,3 +55,24 @@ MAX_MULTIFD_CHANNELS = 255
 #: The main channel's read buffer: large enough that RAM records are parsed in
 #: bulk (hundreds of pages per parse call), small enough to stay in L2/L3.
 MAIN_READ_BUFFER = 4 << 20
+
+#: vhost-user: the largest payload a front-end sends or a back-end answers.
+#: QEMU's biggest union member is VhostUserMemory (8 + 8 regions x 32 = 264
+#: bytes) or a config access (12 + 256 bytes); 4 KiB bounds any known message
+#: with room, and a u32 size above it is refused before anything is read.
+MAX_VHOST_USER_PAYLOAD = 4096
+
+#: vhost-user: file descriptors in one message. SET_MEM_TABLE carries one per
+#: region and QEMU sends at most VHOST_MEMORY_BASELINE_NREGIONS = 8 of them.
+MAX_VHOST_USER_FDS = 8
+
+#: vhost-user: regions in one SET_MEM_TABLE (VHOST_MEMORY_BASELINE_NREGIONS).
+MAX_VHOST_USER_MEM_REGIONS = 8
+
+#: vhost-user: GET_CONFIG / SET_CONFIG access size (VHOST_USER_MAX_CONFIG_SIZE).
+MAX_VHOST_USER_CONFIG = 256
+
+#: vhost-user back-end state (SET_DEVICE_STATE_FD): the most bytes livemig's
+#: own back-ends and front-end keep in memory for one device's state. QEMU
+#: bounds nothing here; 256 MiB is far above a virtio-fs or net state.
+MAX_VHOST_USER_DEVICE_STATE = 256 << 20
