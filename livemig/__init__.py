@@ -6,6 +6,7 @@ The public API; everything else may move between releases.
 from livemig.errors import (
     ChannelError,
     ConfigError,
+    KernelTrackingUnavailable,
     LimitExceeded,
     MigrationError,
     PeerError,
@@ -56,6 +57,7 @@ def extract(snapshot: str, block: str, output: str) -> int:
 __all__ = [
     "ChannelError",
     "ConfigError",
+    "KernelTrackingUnavailable",
     "LimitExceeded",
     "MigrationError",
     "PeerError",
