@@ -1,0 +1,245 @@
+"""The destination of a live migration into a livemig machine.
+
+The accepting side is the one ``livemig receive`` uses (listener, main
+channel loader, multifd receiver, return path); only the sink differs:
+pages land in the machine's guest RAM instead of a snapshot file, and
+device sections go to the machine's device handlers, which split their
+own sections (so iterable devices work) and load them as they arrive.
+
+QEMU's destination order is kept: sections are loaded as they come, every
+device's ``load_finish`` runs after EOF, and only then the source gets its
+SHUT 0 and the machine runs (if it was started to run, QEMU's autostart).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import threading
+import time
+from collections.abc import Callable
+from typing import Any
+
+import numpy as np
+
+from livemig.engine.handlers import DeviceHandler
+from livemig.engine.machine import Machine
+from livemig.engine.params import FINISHED, MigrationSettings, next_status
+from livemig.errors import ConfigError, MigrationError, StreamFormatError
+from livemig.io.guest_ram import PAGE_SIZE
+from livemig.io.uri import TcpUri, UnixUri, Uri, parse_uri
+from livemig.migration.failure import FailureLatch
+from livemig.migration.incoming import IncomingMigration
+from livemig.migration.stats import TransferStats
+from livemig.wire.constants import MultifdCompression
+from livemig.wire.events import Configuration, DeviceSection, RamBlockInfo
+from livemig.wire.stream import LengthFn
+
+PS = PAGE_SIZE
+#: Seconds a destination waits for its source to connect.
+ACCEPT_TIMEOUT = 3600.0
+
+
+class MachineSink:
+    """The loader's page sink, writing into guest RAM."""
+
+    def __init__(self, machine: Machine) -> None:
+        self.machine = machine
+        #: Pages written at least once: a zero page for a page never written
+        #: needs no work (fresh guest RAM reads as zeros), as in QEMU.
+        self.received = {n: np.zeros(b.page_count, dtype=bool) for n, b in machine.blocks.items()}
+
+    def set_layout(self, config: Configuration | None, ram_section_id: int,
+                   blocks: tuple[RamBlockInfo, ...]) -> None:
+        mine = {n: b.size for n, b in self.machine.blocks.items()}
+        theirs = {b.name: b.length for b in blocks}
+        for name, size in theirs.items():
+            if name not in mine:
+                raise ConfigError(f"the source has RAM block {name} ({size} bytes), which this "
+                                  "machine does not have")
+            if mine[name] != size:
+                raise ConfigError(f"RAM block {name}: the source has {size} bytes, this machine "
+                                  f"{mine[name]}")
+        missing = set(mine) - set(theirs)
+        if missing:
+            raise ConfigError(f"the source has no RAM block {min(missing)}")
+
+    def write_pages(self, block: str, offsets: np.ndarray, data: np.ndarray) -> None:
+        blk = self.machine.blocks[block]
+        n = len(offsets)
+        if not n:
+            return
+        first = int(offsets[0]) // PS
+        if int(offsets[-1]) - int(offsets[0]) == (n - 1) * PS:
+            blk.pages[first:first + n] = data
+            self.received[block][first:first + n] = True
+        else:
+            idx = (offsets // PS).astype(np.int64)
+            blk.pages[idx] = data
+            self.received[block][idx] = True
+
+    def write_page_bytes(self, block: str, offset: int, page: bytes | bytearray) -> None:
+        blk = self.machine.blocks[block]
+        blk.bytes[offset:offset + PS] = np.frombuffer(page, dtype=np.uint8)
+        self.received[block][offset // PS] = True
+
+    def zero_pages(self, block: str, offsets: np.ndarray, fill: int = 0) -> None:
+        blk = self.machine.blocks[block]
+        idx = (offsets // PS).astype(np.int64)
+        rec = self.received[block]
+        if fill:
+            blk.pages[idx] = fill
+        else:
+            again = idx[rec[idx]]
+            if again.size:
+                blk.pages[again] = 0
+        rec[idx] = True
+
+    def read_page(self, block: str, offset: int) -> bytearray:
+        return bytearray(self.machine.blocks[block].view[offset:offset + PS])
+
+    def copy_mapped_ram_block(self, src_fd: int, info: RamBlockInfo) -> int:
+        raise ConfigError("a livemig machine cannot load a mapped-ram file as a migration")
+
+
+class IncomingMachineMigration:
+    """``migrate-incoming`` for a machine: runs in its own thread."""
+
+    def __init__(self, machine: Machine, uri: str | Uri, settings: MigrationSettings, *,
+                 emit: Callable[[str, dict[str, Any] | None], None] | None = None,
+                 autostart: bool = True,
+                 on_listening: Callable[[str], None] | None = None) -> None:
+        self.machine = machine
+        self.uri = parse_uri(uri) if isinstance(uri, str) else uri
+        if not isinstance(self.uri, (TcpUri, UnixUri)):
+            raise ConfigError(f"migrate-incoming needs a tcp: or unix: URI, not {self.uri}")
+        self.caps = dict(settings.capabilities)
+        self.channels = settings.channels
+        self.compression = MultifdCompression(settings.compression)
+        self.emit_event = emit or (lambda name, data: None)
+        self.autostart = autostart
+        self.on_listening = on_listening
+        self.latch = FailureLatch()
+        self.stats = TransferStats()
+        self.status = "none"
+        self.error_desc: str | None = None
+        self.address: str | None = None
+        self.listening = threading.Event()
+        self.thread: threading.Thread | None = None
+        self.start_time = time.monotonic()
+        self.end_time: float | None = None
+        self._lock = threading.Lock()
+        self._loaded: set[tuple[str, int]] = set()
+        self.incoming: IncomingMigration | None = None
+
+    def start(self) -> None:
+        self.machine.set_state("inmigrate")
+        self.thread = threading.Thread(target=self._run, name="incoming-migration")
+        self.thread.start()
+
+    def cancel(self) -> None:
+        self.latch.fail(MigrationError("incoming migration cancelled"))
+
+    def join(self, timeout: float | None = None) -> bool:
+        if self.thread is not None:
+            self.thread.join(timeout)
+            return not self.thread.is_alive()
+        return True
+
+    @property
+    def finished(self) -> bool:
+        return self.status in FINISHED
+
+    def _set_status(self, new: str) -> None:
+        with self._lock:
+            if self.status == new:
+                return
+            self.status = next_status(self.status, new)
+        if self.caps.get("events"):
+            self.emit_event("MIGRATION", {"status": new})
+
+    def _listening(self, address: str) -> None:
+        self.address = address
+        self.listening.set()
+        if self.on_listening is not None:
+            self.on_listening(address)
+
+    def _run(self) -> None:
+        sink = MachineSink(self.machine)
+        inc = IncomingMigration(self.uri, self.channels, self.compression, sink, self.latch,
+                                self.stats)
+        self.incoming = inc
+        for d in self.machine.devices:
+            d.load_setup()
+        try:
+            self._set_status("setup")
+            inc.connect(accept_timeout=ACCEPT_TIMEOUT, on_listening=self._listening)
+            self.start_time = time.monotonic()
+            self._set_status("active")
+            inc.load(observer=self._observe, section_lengths=self._section_lengths)
+            for d in self.machine.devices:
+                d.load_finish()
+            inc.confirm()
+            self._set_status("completed")
+            if self.autostart:
+                self.machine.cont()
+                self.emit_event("RESUME", None)
+            else:
+                self.machine.set_state("paused")
+        except BaseException as e:
+            self.latch.fail(e)
+            first = self.latch.error
+            self.error_desc = str(first)
+            inc.refuse()
+            inc.abort()
+            self._set_status("failed")
+            # QEMU's destination exits after a failed incoming migration; a livemig
+            # machine stays, paused, so that its owner can see what happened.
+            self.machine.set_state("paused")
+            if not isinstance(e, Exception):
+                raise
+        finally:
+            self.listening.set()
+            self.end_time = time.monotonic()
+            inc.close()
+            for d in self.machine.devices:
+                with contextlib.suppress(Exception):  # one device must not hide the cause
+                    d.load_cleanup()
+
+    # -- devices -------------------------------------------------------------
+    def _section_lengths(self, idstr: str, instance_id: int) -> LengthFn | None:
+        d = self.machine.device(idstr, instance_id)
+        return d.section_length if d is not None else None
+
+    def _observe(self, ev: object) -> None:
+        if type(ev) is not DeviceSection:
+            return
+        hdr = ev.header
+        d: DeviceHandler | None = self.machine.device(hdr.idstr, hdr.instance_id)
+        if d is None:
+            raise StreamFormatError(f"device section {hdr.idstr!r} instance {hdr.instance_id}: "
+                                    "this machine has no such device (start the destination "
+                                    "with the same devices as the source)")
+        if hdr.version_id > d.version_id:
+            raise StreamFormatError(f"device {hdr.idstr}: section version {hdr.version_id} is "
+                                    f"newer than this machine's {d.version_id}")
+        body = memoryview(ev.raw)[ev.body_offset:ev.body_offset + ev.body_length]
+        d.load_state(body, hdr.version_id, hdr.kind.name.removeprefix("SECTION_"))
+        self._loaded.add((hdr.idstr, hdr.instance_id))
+
+    def query(self) -> dict[str, Any]:
+        st = self.status
+        out: dict[str, Any] = {"status": st}
+        if st == "none":
+            return out
+        now = self.end_time or time.monotonic()
+        out["total-time"] = int((now - self.start_time) * 1000)
+        s = self.stats
+        out["ram"] = {"transferred": s.bytes, "remaining": 0, "total": self.machine.ram_size,
+                      "duplicate": s.zero_pages, "normal": s.normal_pages,
+                      "normal-bytes": s.normal_pages * PS, "page-size": PS,
+                      "multifd-bytes": sum(s.multifd_bytes), "mbps": 0, "dirty-sync-count": 0,
+                      "dirty-pages-rate": 0, "pages-per-second": 0, "skipped": 0,
+                      "postcopy-requests": 0}
+        if st == "failed" and self.error_desc:
+            out["error-desc"] = self.error_desc
+        return out
