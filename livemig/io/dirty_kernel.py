@@ -63,6 +63,7 @@ import os
 import platform
 import threading
 import weakref
+from collections.abc import Callable
 from typing import Self
 
 import numpy as np
@@ -348,9 +349,9 @@ class KernelDirtyTracker:
 
     Methods are serialised by a lock, so :meth:`collect` may run in one thread
     while others write the memory and another calls :meth:`close`. The
-    memory must stay mapped until :meth:`stop` or :meth:`close`; if it goes
-    away, :meth:`collect` raises :class:`TransportError` rather than
-    reporting nothing.
+    memory must stay mapped until :meth:`stop` or :meth:`close`: an unmapped
+    part reports nothing, and a part mapped again (``MAP_FIXED``) makes
+    :meth:`collect` raise :class:`TransportError` and the tracker FAILED.
 
     ``syscalls`` replaces the libc calls (tests); given explicitly, it also
     skips the cached :func:`kernel_tracking_unavailable` check, which the
@@ -407,14 +408,14 @@ class KernelDirtyTracker:
             flags=_SCAN_FLAGS,
             end=addr + length,
             vec=self._regions.ctypes.data,
-            vec_len=SCAN_VEC_LEN,
+            vec_len=len(self._regions),
             category_mask=PageCategory.WRITTEN,
             return_mask=PageCategory.WRITTEN,
         )
 
     # --- kernel calls with reasons ------------------------------------------
 
-    def _call(self, what: str, fn, *args):  # type: ignore[no-untyped-def]
+    def _call(self, what: str, fn: Callable[..., int], *args: int) -> int:
         try:
             return fn(*args)
         except OSError as exc:
@@ -512,7 +513,7 @@ class KernelDirtyTracker:
     def _mark(self, flat: np.ndarray, found: int) -> None:
         regions = self._regions[:found]
         low, high = int(regions[0, 0]), int(regions[-1, 1])
-        if found > SCAN_VEC_LEN or low < self.addr or high > self.addr + self.length:
+        if found > len(self._regions) or low < self.addr or high > self.addr + self.length:
             raise TransportError(
                 f"dirty tracking of {self.addr:#x}+{self.length:#x}: PAGEMAP_SCAN returned "
                 f"{found} regions, {low:#x}..{high:#x}, not inside the range"
