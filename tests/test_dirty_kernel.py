@@ -15,6 +15,7 @@ import mmap
 import os
 import threading
 import time
+import warnings
 from collections.abc import Iterator
 
 import numpy as np
@@ -205,6 +206,42 @@ def test_many_regions_take_several_scans(monkeypatch: pytest.MonkeyPatch) -> Non
             mem[expect * PS] += 1
             assert np.array_equal(np.flatnonzero(tracker.collect()), expect)
     del mem
+    release(buf)
+
+
+def test_worst_pattern_with_the_real_vector() -> None:
+    # Every other page written: more regions than one PAGEMAP_SCAN call returns.
+    pages = 4 * dirty_kernel.SCAN_VEC_LEN + 6
+    buf = anon(pages, private=True)
+    mem = np.frombuffer(buf, np.uint8)
+    expect = np.arange(1, pages, 2)
+    with KernelDirtyTracker(address_of(buf), len(buf)) as tracker:
+        tracker.start()
+        mem[expect * PS] = 1
+        assert np.array_equal(np.flatnonzero(tracker.collect()), expect)
+        assert written(tracker) == []
+    del mem
+    release(buf)
+
+
+def test_fork_keeps_tracking_in_the_parent() -> None:
+    # livemig starts processes (QEMU, exec: commands); a fork must not blind the tracker.
+    buf = anon(16, private=True)
+    buf[:] = b"\1" * len(buf)
+    with KernelDirtyTracker(address_of(buf), len(buf)) as tracker:
+        tracker.start()
+        buf[3 * PS] = 2
+        with warnings.catch_warnings():  # Python 3.12+ warns on fork with threads
+            warnings.simplefilter("ignore", DeprecationWarning)
+            pid = os.fork()
+        if pid == 0:
+            buf[5 * PS] = 9  # the child's own copy
+            os._exit(0)
+        assert os.waitpid(pid, 0)[1] == 0
+        assert written(tracker) == [3]
+        buf[3 * PS] = 4
+        buf[7 * PS] = 4
+        assert written(tracker) == [3, 7]
     release(buf)
 
 
