@@ -600,6 +600,17 @@ class MessageDecoder:
     def buffered(self) -> int:
         return len(self._buf)
 
+    def wanted(self) -> int:
+        """How many more bytes complete the message in progress (the header first).
+
+        An I/O layer that never reads more than this keeps every message's descriptors
+        on the read that carries its first byte.
+        """
+        if len(self._buf) < HEADER_SIZE:
+            return HEADER_SIZE - len(self._buf)
+        size = int(struct.unpack_from("<I", self._buf, 8)[0])
+        return max(HEADER_SIZE + min(size, MAX_VHOST_USER_PAYLOAD + 1) - len(self._buf), 1)
+
     def feed(self, data: bytes | bytearray | memoryview, fds: Sequence[int] = ()) -> None:
         """Add bytes received from the peer; ``fds`` arrived with ``data[0]``."""
         if self._error is not None:
