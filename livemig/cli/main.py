@@ -117,6 +117,19 @@ def _build_parser() -> argparse.ArgumentParser:
     e.add_argument("snapshot", metavar="SNAPSHOT")
     e.add_argument("--block", required=True, metavar="NAME", help="RAM block name, e.g. pc.ram")
     e.add_argument("-o", "--output", required=True, metavar="RAWFILE")
+
+    v = sub.add_parser(
+        "vhost-user-backend", help="run a virtio-fs vhost-user back-end with a migratable state",
+        description="A vhost-user back-end that QEMU's vhost-user-fs-pci can front. It serves "
+                    "no files; it holds a state (from --seed) that moves with the VM through "
+                    "vhost-user state transfer (SET_DEVICE_STATE_FD), for testing migrations. "
+                    "Exits 0 on SIGTERM.",
+        epilog="Example: livemig vhost-user-backend --socket-path /tmp/vufs.sock --seed 7 "
+               "--state-file /tmp/vufs.json; then qemu-system-x86_64 ... -chardev "
+               "socket,id=c0,path=/tmp/vufs.sock -device vhost-user-fs-pci,chardev=c0,tag=t0")
+    from livemig.vhost_user.cli import add_arguments as _vhost_user_arguments
+
+    _vhost_user_arguments(v)
     return p
 
 
@@ -265,6 +278,15 @@ def _cmd_extract(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def _cmd_vhost_user_backend(args: argparse.Namespace) -> int:
+    from livemig.vhost_user.cli import run
+
+    try:
+        return run(args)
+    except ValueError as e:
+        raise _UsageError(str(e)) from None
+
+
 class _UsageError(Exception):
     pass
 
@@ -277,7 +299,8 @@ def _terminate(signum: int, frame: object) -> None:
     raise _Terminated()
 
 
-_COMMANDS = {"receive": _cmd_receive, "send": _cmd_send, "relay": _cmd_relay, "inspect": _cmd_inspect, "extract": _cmd_extract}
+_COMMANDS = {"receive": _cmd_receive, "send": _cmd_send, "relay": _cmd_relay, "inspect": _cmd_inspect, "extract": _cmd_extract,
+             "vhost-user-backend": _cmd_vhost_user_backend}
 
 
 def main(argv: list[str] | None = None) -> int:
