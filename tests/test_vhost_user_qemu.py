@@ -37,13 +37,16 @@ STATE_TIMEOUT = 30.0
 class Backend:
     """One ``livemig vhost-user-backend`` process with its socket and state file."""
 
-    def __init__(self, workdir: Path, name: str, seed: int | None) -> None:
+    def __init__(self, workdir: Path, name: str, seed: int | None,
+                 reply_fd: bool = False) -> None:
         self.sock = workdir / f"{name}.sock"
         self.state_file = workdir / f"{name}.json"
         args = ["vhost-user-backend", "--socket-path", str(self.sock), "--state-file",
                 str(self.state_file)]
         if seed is not None:
             args += ["--seed", str(seed)]
+        if reply_fd:
+            args.append("--reply-fd")
         self.proc = LivemigCli(args, workdir, prefix=f"vub-{name}")
         deadline = time.monotonic() + BACKEND_START_TIMEOUT
         while not self.sock.exists():
@@ -93,8 +96,8 @@ def fs_qemu(workdir: Path, name: str, backend: Backend, *, incoming: str | None 
 def backends(workdir: Path) -> Iterator[object]:
     started: list[Backend] = []
 
-    def start(name: str, seed: int | None = None) -> Backend:
-        b = Backend(workdir, name, seed)
+    def start(name: str, seed: int | None = None, reply_fd: bool = False) -> Backend:
+        b = Backend(workdir, name, seed, reply_fd)
         started.append(b)
         return b
 
@@ -113,8 +116,11 @@ def check_same_state(src: Backend, dst: Backend, src_info: dict[str, object]) ->
     assert hashlib.sha256(again).hexdigest() == src_info["sha256"]
 
 
-def test_qemu10_to_qemu10_fresh_backend(workdir: Path, backends) -> None:
-    src_b, dst_b = backends("src", seed=17), backends("dst")
+@pytest.mark.parametrize("reply_fd", [False, True], ids=["qemu pipe", "backend pipe"])
+def test_qemu10_to_qemu10_fresh_backend(workdir: Path, backends, reply_fd: bool) -> None:
+    """With ``reply_fd`` both back-ends answer SET_DEVICE_STATE_FD with their own pipe."""
+    src_b = backends("src", seed=17, reply_fd=reply_fd)
+    dst_b = backends("dst", reply_fd=reply_fd)
     src_info = src_b.info()
     assert dst_b.info()["sha256"] != src_info["sha256"]
     mig = f"unix:{workdir}/mig.sock"
@@ -157,5 +163,39 @@ def test_qemu10_receive_snapshot_send_fresh_backend(workdir: Path, backends,
             time.sleep(0.05)
         dst.quit()
     check_same_state(src_b, dst_b, src_info)
+    src_b.stop()
+    dst_b.stop()
+
+
+def test_damaged_state_in_snapshot_fails_and_backend_keeps_its_state(
+        workdir: Path, backends, livemig_receive) -> None:
+    """One payload byte of the back-end state flipped in the snapshot: the destination
+    back-end's checksum fails, CHECK_DEVICE_STATE answers 1, QEMU fails the load, and the
+    back-end keeps running with the state it had."""
+    src_b, dst_b = backends("src", seed=29), backends("dst", seed=3)
+    dst_before = dst_b.info()
+    snap = workdir / "vm.snap"
+    rx = livemig_receive(f"unix:{workdir}/rx.sock", snap)
+    with fs_qemu(workdir, "src", src_b) as src:
+        src.migrate(rx.address)
+        src.wait_migration(timeout=120)
+        rx.wait_ok()
+        src.quit()
+    data = bytearray(snap.read_bytes())
+    at = data.find(b"LMVUFS\x00\x01")
+    assert at >= 0 and data.find(b"LMVUFS\x00\x01", at + 1) < 0, "state not found once"
+    data[at + 24 + 1000] ^= 0x01
+    snap.write_bytes(bytes(data))
+    mig = f"unix:{workdir}/tx.sock"
+    with fs_qemu(workdir, "dst", dst_b, incoming=mig) as dst:
+        send = LivemigCli(["send", str(snap), mig], workdir, prefix="send")
+        r = send.wait(120)
+        assert r.rc != 0, "send succeeded with a damaged back-end state"
+        got = dst_b.wait_loaded()
+        assert got["failed_loads"] == 1 and got["loads"] == 0
+        assert got["sha256"] == dst_before["sha256"]
+        dst.wait_exit(30)
+        assert "Back-end failed to process its internal state" in dst.stderr_text()
+    assert hashlib.sha256(dst_b.save_again()).hexdigest() == dst_before["sha256"]
     src_b.stop()
     dst_b.stop()
