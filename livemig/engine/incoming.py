@@ -14,6 +14,7 @@ SHUT 0 and the machine runs (if it was started to run, QEMU's autostart).
 from __future__ import annotations
 
 import contextlib
+import socket
 import threading
 import time
 from collections.abc import Callable
@@ -137,7 +138,12 @@ class IncomingMachineMigration:
         self.thread.start()
 
     def cancel(self) -> None:
+        """End the incoming migration, also while it still waits for its source."""
         self.latch.fail(MigrationError("incoming migration cancelled"))
+        inc = self.incoming
+        if inc is not None and inc.listener is not None:
+            with contextlib.suppress(OSError):
+                inc.listener.sock.shutdown(socket.SHUT_RDWR)  # wakes a blocked accept()
 
     def join(self, timeout: float | None = None) -> bool:
         if self.thread is not None:

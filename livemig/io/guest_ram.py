@@ -66,6 +66,15 @@ class RamBlock:
         self.dirty[idx] = 0
         return idx
 
+    def fill_random(self, seed: int) -> None:
+        """Fill the block with reproducible random bytes (benchmarks, tests, demo)."""
+        rng = np.random.default_rng(seed)
+        step = 64 << 20
+        for at in range(0, self.size, step):
+            n = min(step, self.size - at)
+            self.bytes[at:at + n] = np.frombuffer(rng.bytes(n), dtype=np.uint8)
+        self.mark_dirty(0, self.size)
+
     def nonzero(self, pages: np.ndarray) -> np.ndarray:
         """Which of ``pages`` (ascending page indices) hold a non-zero byte.
 
