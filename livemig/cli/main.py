@@ -130,6 +130,11 @@ def _build_parser() -> argparse.ArgumentParser:
     from livemig.vhost_user.cli import add_arguments as _vhost_user_arguments
 
     _vhost_user_arguments(v)
+    from livemig.cli import demo as demo_cli
+    from livemig.cli import run as run_cli
+
+    run_cli.add_parser(sub)
+    demo_cli.add_parser(sub)
     return p
 
 
@@ -299,8 +304,19 @@ def _terminate(signum: int, frame: object) -> None:
     raise _Terminated()
 
 
+def _cmd_run(args: argparse.Namespace) -> int:
+    from livemig.cli.run import cmd_run
+    return cmd_run(args)
+
+
+def _cmd_demo(args: argparse.Namespace) -> int:
+    from livemig.cli.demo import cmd_demo
+    return cmd_demo(args)
+
+
 _COMMANDS = {"receive": _cmd_receive, "send": _cmd_send, "relay": _cmd_relay, "inspect": _cmd_inspect, "extract": _cmd_extract,
-             "vhost-user-backend": _cmd_vhost_user_backend}
+             "vhost-user-backend": _cmd_vhost_user_backend,
+             "run": _cmd_run, "demo": _cmd_demo}
 
 
 def main(argv: list[str] | None = None) -> int:

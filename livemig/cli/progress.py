@@ -64,3 +64,51 @@ class ProgressDisplay:
             self._thread.join()
         if self._live is not None:
             self._live.__exit__(None, None, None)
+
+
+class MigrationProgress:
+    """A live view of a live migration from ``query-migrate`` answers: pass,
+    transferred, remaining, rate, dirty rate, expected downtime.
+
+    The caller feeds it (it polls QMP anyway); drawn on stderr when it is a
+    terminal, nothing otherwise.
+    """
+
+    def __init__(self, *, enabled: bool = True) -> None:
+        self.enabled = enabled and sys.stderr.isatty()
+        self._live = None
+
+    @staticmethod
+    def line(q: dict) -> str:  # type: ignore[type-arg]
+        ram = q.get("ram", {})
+        st = q.get("status", "?")
+        parts = [f"{st}", f"pass {ram.get('dirty-sync-count', 0)}",
+                 f"{_fmt_bytes(ram.get('transferred', 0))} sent",
+                 f"{_fmt_bytes(ram.get('remaining', 0))} left",
+                 f"{ram.get('mbps', 0):.0f} Mbit/s",
+                 f"dirtying {_fmt_bytes(ram.get('dirty-pages-rate', 0) * 4096)}/s"]
+        if "expected-downtime" in q:
+            parts.append(f"expected downtime {q['expected-downtime']} ms")
+        if "cpu-throttle-percentage" in q:
+            parts.append(f"throttle {q['cpu-throttle-percentage']}%")
+        return ", ".join(parts)
+
+    def update(self, q: dict) -> None:  # type: ignore[type-arg]
+        if self._live is not None:
+            from rich.text import Text
+            self._live.update(Text(self.line(q)))
+
+    def __enter__(self) -> MigrationProgress:
+        if self.enabled:
+            from rich.console import Console
+            from rich.live import Live
+            from rich.text import Text
+
+            self._live = Live(Text("starting"), console=Console(stderr=True),
+                              refresh_per_second=8, transient=True)
+            self._live.__enter__()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self._live is not None:
+            self._live.__exit__(None, None, None)

@@ -22,7 +22,9 @@ MAX_QMP_LINE = 16 << 20
 
 
 class QmpPeer:
-    def __init__(self, address: str, timeout: float = QMP_TIMEOUT) -> None:
+    def __init__(self, address: str, timeout: float = QMP_TIMEOUT, *,
+                 peer: str = "destination QEMU") -> None:
+        self.peer = peer
         u = parse_uri(address) if ":" in address else UnixUri(address)
         self.address = address
         try:
@@ -35,7 +37,7 @@ class QmpPeer:
             else:
                 raise ConfigError(f"--dest-qmp needs unix:PATH or tcp:HOST:PORT, not {address}")
         except OSError as e:
-            raise TransportError(f"cannot connect to the destination's QMP socket {address}: "
+            raise TransportError(f"cannot connect to the {peer}'s QMP socket {address}: "
                                  f"{e.strerror or e}") from e
         self._buf = bytearray()
         greeting = self._read_message("the QMP greeting")
@@ -86,7 +88,7 @@ class QmpPeer:
             if "event" in msg:
                 continue
             if "error" in msg:
-                raise PeerError(f"destination QEMU refused {name}: {msg['error'].get('desc')}")
+                raise PeerError(f"{self.peer} refused {name}: {msg['error'].get('desc')}")
             if "return" in msg:
                 return msg["return"]
 
