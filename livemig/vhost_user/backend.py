@@ -68,6 +68,10 @@ TRANSFER_BUFFER = 1 << 20
 #: device that takes longer than this has failed.
 TRANSFER_JOIN_TIMEOUT = 300.0
 
+#: How long a connection closed by a shutdown (SIGTERM) waits for a running transfer: the
+#: program conventions ask for a prompt exit, and the front-end is being abandoned anyway.
+SHUTDOWN_JOIN_TIMEOUT = 2.0
+
 #: Rings a back-end accepts: the ring index is 8 bits in SET_VRING_KICK/CALL/ERR.
 MAX_VRINGS = VHOST_USER_VRING_IDX_MASK + 1
 
@@ -243,8 +247,10 @@ class BackendConnection:
     """Serves one connected front-end until it disconnects (:meth:`run`)."""
 
     def __init__(self, backend: VhostUserBackend, sock: socket.socket, *,
-                 reply_fd: bool = False, where: str = "vhost-user front-end") -> None:
+                 reply_fd: bool = False, where: str = "vhost-user front-end",
+                 stopping: threading.Event | None = None) -> None:
         self.backend = backend
+        self.stopping = stopping or threading.Event()
         self.reply_fd = reply_fd
         self.where = where
         self.channel = MessageChannel(sock, replies=False, where=where)
@@ -273,7 +279,8 @@ class BackendConnection:
     def close(self) -> None:
         if self.transfer is not None:
             t, self.transfer = self.transfer, None
-            err = t.join(TRANSFER_JOIN_TIMEOUT)
+            err = t.join(SHUTDOWN_JOIN_TIMEOUT if self.stopping.is_set()
+                         else TRANSFER_JOIN_TIMEOUT)
             self.transfers.append((t.direction, err))
             if err is not None:
                 log.warning("%s: %s without CHECK_DEVICE_STATE failed: %s", self.where,
@@ -580,7 +587,7 @@ class BackendServer:
         self.connections += 1
         where = f"vhost-user front-end #{self.connections}"
         c = self.connection = BackendConnection(self.backend, conn, reply_fd=self.reply_fd,
-                                                where=where)
+                                                where=where, stopping=self._stop)
         try:
             c.run()
             log.info("%s: disconnected", where)
@@ -590,7 +597,10 @@ class BackendServer:
             self.connection = None
 
     def shutdown(self) -> None:
-        """Stop accepting (from a signal handler or another thread) and remove the path."""
+        """Stop accepting (from a signal handler or another thread) and remove the path.
+        A connection being served ends when its front-end goes, or at once if the caller
+        interrupts it (the CLI raises from its SIGTERM handler); a transfer still running
+        then is waited for :data:`SHUTDOWN_JOIN_TIMEOUT` seconds only."""
         self._stop.set()
         with contextlib.suppress(OSError):
             self.sock.shutdown(socket.SHUT_RDWR)
