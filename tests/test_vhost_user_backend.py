@@ -481,7 +481,7 @@ def test_program_serves_and_exits_0_on_sigterm(workdir: Path) -> None:
         import hashlib
         assert hashlib.sha256(data).hexdigest() == info["sha256"]
         # SIGTERM while a save is blocked on a pipe nobody reads: still a prompt exit 0
-        value, fd = f.start_transfer(SAVE)
+        _, fd = f.start_transfer(SAVE)
         assert fd is not None
         p.send_signal(signal.SIGTERM)
         t0 = time.monotonic()
