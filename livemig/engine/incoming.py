@@ -33,6 +33,7 @@ from livemig.migration.incoming import IncomingMigration
 from livemig.migration.stats import TransferStats
 from livemig.wire.constants import MultifdCompression
 from livemig.wire.events import Configuration, DeviceSection, RamBlockInfo
+from livemig.wire.multifd import page_runs
 from livemig.wire.stream import LengthFn
 
 PS = PAGE_SIZE
@@ -77,6 +78,18 @@ class MachineSink:
             idx = (offsets // PS).astype(np.int64)
             blk.pages[idx] = data
             self.received[block][idx] = True
+
+    def page_views(self, block: str, offsets: np.ndarray) -> list[memoryview]:
+        """Where the pages at ``offsets`` (checked against the block by the packet
+        decoder) go, as memoryviews of guest RAM, one per run: the multifd
+        receiver reads them straight into place."""
+        blk = self.machine.blocks[block]
+        rec = self.received[block]
+        views = []
+        for start, length in page_runs(offsets):
+            views.append(blk.view[start:start + length])
+            rec[start // PS:(start + length) // PS] = True
+        return views
 
     def write_page_bytes(self, block: str, offset: int, page: bytes | bytearray) -> None:
         blk = self.machine.blocks[block]
@@ -134,8 +147,18 @@ class IncomingMachineMigration:
 
     def start(self) -> None:
         self.machine.set_state("inmigrate")
+        self._prefault = threading.Thread(target=self._populate, name="prefault")
+        self._prefault.start()
         self.thread = threading.Thread(target=self._run, name="incoming-migration")
         self.thread.start()
+
+    def _populate(self) -> None:
+        """Fault guest RAM in while the source is not there yet (the kernel does
+        the work; pages that arrive meanwhile are simply written)."""
+        for b in self.machine.blocks.values():
+            if self.latch.failed:
+                return
+            b.populate()
 
     def cancel(self) -> None:
         """End the incoming migration, also while it still waits for its source."""
@@ -206,6 +229,7 @@ class IncomingMachineMigration:
         finally:
             self.listening.set()
             self.end_time = time.monotonic()
+            self._prefault.join()
             inc.close()
             for d in self.machine.devices:
                 with contextlib.suppress(Exception):  # one device must not hide the cause

@@ -135,6 +135,29 @@ def _recv_exact(sock: socket.socket, view: memoryview, what: str,
     return True
 
 
+def _recv_exact_views(sock: socket.socket, views: list[memoryview], what: str) -> None:
+    """Fill every view in order from ``sock`` with ``recvmsg_into`` (one syscall for
+    all of them when the data is there): pages go straight to their place."""
+    total = sum(len(v) for v in views)
+    got = 0
+    while views:
+        try:
+            r = sock.recvmsg_into(views, 0, socket.MSG_WAITALL)[0]
+        except OSError as e:
+            raise ChannelError(f"receive failed in {what}: {e}") from e
+        if r == 0:
+            raise TruncatedStream(f"the source closed the channel in the middle of "
+                                  f"{what} ({got} of {total} bytes)")
+        got += r
+        while r:
+            if r >= len(views[0]):
+                r -= len(views[0])
+                views.pop(0)
+            else:
+                views[0] = views[0][r:]
+                r = 0
+
+
 class MultifdReceiver:
     """Owns the channel threads; :meth:`join` re-raises nothing (the latch does)."""
 
@@ -235,6 +258,8 @@ class MultifdReceiver:
         cbuf = bytearray(limits.MAX_MULTIFD_COMPRESSED_PAYLOAD)
         cview = memoryview(cbuf)
         pages = np.frombuffer(bounce, dtype=np.uint8).reshape(-1, PS)
+        direct = (getattr(self.sink, "page_views", None)
+                  if self.compression is MultifdCompression.NONE else None)
         offset = INIT_PACKET_SIZE
         index = 0
         nbytes = INIT_PACKET_SIZE
@@ -253,14 +278,20 @@ class MultifdReceiver:
                 n = pkt_.normal_pages
                 if n:
                     psize = pkt_.payload_size
-                    if self.compression is MultifdCompression.NONE:
+                    views = direct(pkt_.ramblock, pkt_.normal) if direct else None
+                    if views is not None:
+                        # a sink that is memory takes the pages in place: one copy
+                        _recv_exact_views(sock, views, f"packet {index}'s pages")
+                        data = None
+                    elif self.compression is MultifdCompression.NONE:
                         _recv_exact(sock, bview[:n * PS], f"packet {index}'s pages")
                         data = pages[:n]
                     else:
                         _recv_exact(sock, cview[:psize], f"packet {index}'s payload")
                         out = decomp.decompress(cview[:psize], n * PS)
                         data = np.frombuffer(out, dtype=np.uint8).reshape(n, PS)
-                    self.sink.write_pages(pkt_.ramblock, pkt_.normal, data)
+                    if data is not None:
+                        self.sink.write_pages(pkt_.ramblock, pkt_.normal, data)
                     nbytes += psize
                 if pkt_.zero_pages:
                     self.sink.zero_pages(pkt_.ramblock, pkt_.zero)
