@@ -83,7 +83,40 @@ _UNIX_PATH_MAX = 107  # sun_path is 108 bytes with the NUL
 
 def _encode(message: Mapping[str, Any]) -> bytes:
     """One QMP message as QEMU writes it: JSON, then CRLF."""
-    return (json.dumps(message, allow_nan=False) + "\r\n").encode()
+    try:
+        text = json.dumps(message, allow_nan=False)
+    except RecursionError:  # an id nested deeper than Python's json module goes
+        text = _dumps_deep(message)
+    return (text + "\r\n").encode()
+
+
+def _dumps_deep(value: Any) -> str:
+    """``json.dumps`` without recursion, for the deeply nested values the parser
+    accepts (MAX_QMP_NESTING is above Python's recursion limit)."""
+    out: list[str] = []
+    todo: list[tuple[bool, Any]] = [(False, value)]  # (is literal text, item)
+    while todo:
+        literal, item = todo.pop()
+        if literal:
+            out.append(item)
+            continue
+        if isinstance(item, dict):
+            parts: list[tuple[bool, Any]] = [(True, "{")]
+            for i, (key, member) in enumerate(item.items()):
+                parts += [(True, (", " if i else "") + json.dumps(str(key)) + ": "),
+                          (False, member)]
+            parts.append((True, "}"))
+        elif isinstance(item, (list, tuple)):
+            parts = [(True, "[")]
+            for i, member in enumerate(item):
+                parts += [(True, ", ")] if i else []
+                parts.append((False, member))
+            parts.append((True, "]"))
+        else:
+            out.append(json.dumps(item, allow_nan=False))
+            continue
+        todo.extend(reversed(parts))
+    return "".join(out)
 
 
 def _encode_reply(reply: dict[str, Any]) -> bytes:
@@ -355,8 +388,14 @@ class QmpServer:
                  tb: TracebackType | None) -> None:
         self.close()
 
+    @property
+    def client_count(self) -> int:
+        """Clients connected now (negotiated or not)."""
+        with self._lock:
+            return len(self._clients)
+
     def __repr__(self) -> str:
-        return f"<QmpServer {self.address} {self._state}, {len(self._clients)} clients>"
+        return f"<QmpServer {self.address} {self._state}, {self.client_count} clients>"
 
     # ---- events ---------------------------------------------------------------------------
 
@@ -465,7 +504,9 @@ class QmpServer:
                 client.push(_encode_reply(session.handle(item)), event=False,
                             negotiated=session.negotiated)
                 if isinstance(item, InputTooLarge):
-                    break  # the rest of that message would only parse as errors
+                    # The rest of that message would only parse as errors.
+                    self._finish(client, poller, sock_fd, linger=True)
+                    return
                 continue
             # Here: output is waiting, or nothing is (then no command is either).
             want_input = not backlog
@@ -488,10 +529,14 @@ class QmpServer:
                     pending.extend(parser.feed(data))
                 elif ev & (select.POLLHUP | select.POLLERR | select.POLLNVAL):
                     return
-        self._flush_before_close(client, poller, sock_fd)
+        self._finish(client, poller, sock_fd, linger=False)
 
     @staticmethod
-    def _flush_before_close(client: _Client, poller: select.poll, sock_fd: int) -> None:
+    def _finish(client: _Client, poller: select.poll, sock_fd: int, *, linger: bool) -> None:
+        """Send what is left, within CLOSE_FLUSH_TIMEOUT. With ``linger`` (the client sent
+        more than we read), then half-close and read to its EOF, discarding: closing a
+        socket that holds unread input makes the kernel reset the connection, and the
+        client would lose the error reply that explains why it was cut off."""
         deadline = time.monotonic() + CLOSE_FLUSH_TIMEOUT
         poller.modify(sock_fd, select.POLLOUT)
         while client.dropped is None and client.backlog():
@@ -506,4 +551,20 @@ class QmpServer:
                 else:
                     with client.lock:
                         client.flush_locked()
-
+        if not linger or client.dropped is not None:
+            return
+        try:
+            client.sock.shutdown(socket.SHUT_WR)
+        except OSError:
+            return
+        poller.modify(sock_fd, select.POLLIN)
+        while (left := deadline - time.monotonic()) > 0:
+            if not poller.poll(left * 1000):
+                continue
+            try:
+                if not client.sock.recv(RECV_CHUNK):
+                    return
+            except (BlockingIOError, InterruptedError):
+                continue
+            except OSError:
+                return
