@@ -303,3 +303,18 @@ def test_downtime_within_limit(pairs: list[Pair], workdir: Path) -> None:
         pairs.remove(p)
     within = sum(1 for x in results if x <= limit + 50)
     assert within >= 19, results
+
+
+def test_device_missing_on_destination_fails_fast(pairs: list[Pair], workdir: Path) -> None:
+    """A section for a device the destination does not have ends the migration with a
+    message naming it (it used to wait for more of the stream forever)."""
+    p = make_pair(pairs, workdir, 8 * MIB, rate=10 * MIB, fill=False,
+                  extra_src=[BlobDevice("only-on-source", b"abc")])
+    p.configure(1)
+    t0 = time.monotonic()
+    q = p.migrate()
+    assert time.monotonic() - t0 < 20
+    assert q["status"] == "failed"
+    d = p.dst.query_migrate()
+    assert d["status"] == "failed" and "only-on-source" in d["error-desc"], d
+    assert p.src_m.state == "running"

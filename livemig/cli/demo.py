@@ -55,9 +55,57 @@ def add_parser(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-ar
     d.add_argument("--auto-converge", action="store_true",
                    help="QEMU's auto-converge capability: throttle the source if needed")
     d.add_argument("--dirty-tracking", choices=["software", "kernel"], default="software")
+    d.add_argument("--vhost-user-backends", type=int, default=0, metavar="N",
+                   help="start N 'livemig vhost-user-backend' processes per side and give each "
+                        "machine N vhost-user devices; their back-end state migrates too")
+    d.add_argument("--vhost-user-state-size", default="256K", metavar="SIZE",
+                   help="state size of each source back-end (default 256K)")
     d.add_argument("--json", action="store_true",
                    help="print the summary as one JSON object (the last line of stdout)")
     d.add_argument("-q", "--quiet", action="store_true", help="no progress display")
+
+
+class _Backend:
+    """One ``livemig vhost-user-backend`` process and its published state."""
+
+    def __init__(self, name: str, workdir: str, seed: int | None, size: int) -> None:
+        self.name = name
+        self.socket = os.path.join(workdir, f"{name}.sock")
+        self.state_file = os.path.join(workdir, f"{name}.json")
+        argv = [sys.executable, "-m", "livemig.cli.main", "vhost-user-backend",
+                "--socket-path", self.socket, "--state-file", self.state_file]
+        if seed is not None:
+            argv += ["--seed", str(seed), "--state-size", str(size)]
+        self.log = open(os.path.join(workdir, f"{name}.log"), "wb")  # noqa: SIM115
+        self.proc = subprocess.Popen(argv, stdout=self.log, stderr=self.log, env=_child_env())
+
+    def wait_listening(self, timeout: float) -> None:
+        deadline = time.monotonic() + timeout
+        while not os.path.exists(self.socket):
+            if self.proc.poll() is not None:
+                raise TransportError(f"vhost-user back-end {self.name} exited with status "
+                                     f"{self.proc.returncode}")
+            if time.monotonic() > deadline:
+                raise TransportError(f"vhost-user back-end {self.name} did not listen within "
+                                     f"{timeout:.0f} s")
+            time.sleep(0.02)
+
+    def digest(self) -> str | None:
+        try:
+            with open(self.state_file) as f:
+                return str(json.load(f)["sha256"])
+        except (OSError, ValueError, KeyError):
+            return None
+
+    def close(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.terminate()
+        try:
+            self.proc.wait(10)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()
+        self.log.close()
 
 
 class _Machine:
@@ -131,14 +179,25 @@ def cmd_demo(args: argparse.Namespace) -> int:
     channels = args.multifd_channels
     workdir = tempfile.mkdtemp(prefix="livemig-demo-")
     machines: list[_Machine] = []
+    backends: list[_Backend] = []
     try:
         common = ["--memory", str(memory), "--workload", "dirty-pages",
                   "--dirty-tracking", args.dirty_tracking]
+        vu_size = parse_size(args.vhost_user_state_size)
+        src_vu, dst_vu = [], []
+        for i in range(args.vhost_user_backends):
+            src_vu.append(_Backend(f"vu-src-{i}", workdir, i + 1, vu_size))
+            dst_vu.append(_Backend(f"vu-dst-{i}", workdir, None, vu_size))
+        backends = src_vu + dst_vu
+        for b in backends:
+            b.wait_listening(START_TIMEOUT)
         dst = _Machine("destination", [*common, "--incoming", "defer",
-                                       "--qmp", f"unix:{workdir}/dst.qmp"], workdir)
+                                       "--qmp", f"unix:{workdir}/dst.qmp",
+                                       *_vu_args(dst_vu)], workdir)
         machines.append(dst)
         src = _Machine("source", [*common, "--fill", "random", "--workload-rate",
-                                  args.dirty_rate, "--qmp", f"unix:{workdir}/src.qmp"], workdir)
+                                  args.dirty_rate, "--qmp", f"unix:{workdir}/src.qmp",
+                                  *_vu_args(src_vu)], workdir)
         machines.append(src)
         dst.ready(START_TIMEOUT)
         src.ready(START_TIMEOUT)
@@ -158,6 +217,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
         src.cmd("migrate", uri=uri)
         final = _watch(src, quiet=args.quiet or args.json)
         summary = _summary(final, src, dst)
+        _check_backends(summary, src_vu, dst_vu)
     except MigrationError as e:
         if args.json:
             print(json.dumps({"status": "failed", "verified": False, "error": str(e)}))
@@ -165,6 +225,8 @@ def cmd_demo(args: argparse.Namespace) -> int:
     finally:
         for m in reversed(machines):
             m.close()
+        for b in backends:
+            b.close()
         shutil.rmtree(workdir, ignore_errors=True)
     if args.json:
         print(json.dumps(summary))
@@ -172,6 +234,25 @@ def cmd_demo(args: argparse.Namespace) -> int:
         _print_summary(summary)
     ok = summary["status"] == "completed" and summary["verified"]
     return 0 if ok else 1
+
+
+def _vu_args(backends: list[_Backend]) -> list[str]:
+    return [a for b in backends for a in ("--vhost-user", b.socket)]
+
+
+def _check_backends(summary: dict[str, Any], src: list[_Backend], dst: list[_Backend]) -> None:
+    """A back-end's state is verified when the destination's back-end now holds
+    exactly what the source's held (their published sha256)."""
+    by_name = {d["name"]: d for d in summary["devices"]}
+    for i, (a, b) in enumerate(zip(src, dst)):
+        dev = by_name.get(f"livemig-vhost-user/{i}")
+        if dev is None:
+            continue
+        same = a.digest() is not None and a.digest() == b.digest()
+        dev["verified"] = bool(dev.get("verified")) and same
+        dev.pop("socket", None)
+    summary["verified"] = summary["verified"] and all(
+        d.get("verified") is not False for d in summary["devices"])
 
 
 def _watch(src: _Machine, *, quiet: bool) -> dict[str, Any]:

@@ -49,6 +49,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-ar
                    help="how writes to guest RAM are tracked during migration: software "
                         "(writes through livemig helpers) or kernel (uffd-wp + PAGEMAP_SCAN, "
                         "any writer)")
+    r.add_argument("--vhost-user", action="append", default=[], metavar="SOCKET",
+                   help="add a vhost-user device whose back-end listens on SOCKET (its state "
+                        "migrates with the machine); may be repeated")
     r.add_argument("--print-ready", action="store_true",
                    help="print one JSON line on stdout once the QMP socket listens")
 
@@ -72,6 +75,9 @@ def cmd_run(args: argparse.Namespace) -> int:
             machine.add_device(DirtyPagesWorkload(machine, rate=rate or None,
                                                   workers=args.workload_workers,
                                                   mark_dirty=args.dirty_tracking == "software"))
+        for i, path in enumerate(args.vhost_user):
+            from livemig.devices.vhost_user import VhostUserDevice
+            machine.add_device(VhostUserDevice(path, i))
         ctl = MachineController(machine, dirty_tracking=args.dirty_tracking,
                                 incoming=args.incoming, autostart=not args.paused,
                                 emit=lambda name, data: server.emit(name, data) if server else None)

@@ -95,6 +95,9 @@ class MachineController:
         with self._lock:
             if self._busy():
                 raise CommandError("There's a migration process in progress")
+            blockers = self.machine.migration_blockers()
+            if blockers:
+                raise CommandError("; ".join(blockers))
             if self.machine.state in ("inmigrate", "postmigrate"):
                 raise CommandError(f"Guest is in state {self.machine.state}; it cannot be "
                                    "migrated")

@@ -108,6 +108,10 @@ class DeviceHandler:
                            {"name": "state", "type": "buffer", "size": body_size - 4}]}
 
     # -- source --------------------------------------------------------------
+    def migration_blocker(self) -> str | None:
+        """Why this device cannot migrate now (QEMU's migration blockers), or None."""
+        return None
+
     def save_setup(self, out: SectionOut) -> None:
         pass
 
@@ -151,6 +155,9 @@ class DeviceHandler:
 
     def summary(self) -> dict[str, Any]:
         return {"name": self.idstr, "kind": self.kind, "state_bytes": 0, "verified": None}
+
+    def close(self) -> None:
+        """The machine goes away: release what the device holds (sockets, threads)."""
 
 
 class BlobDevice(DeviceHandler):

@@ -175,8 +175,18 @@ class Machine:
             self._cond.notify_all()
 
     def close(self) -> None:
+        for d in self.devices:
+            d.close()
         for b in self.blocks.values():
             b.close()
+
+    def migration_blockers(self) -> list[str]:
+        out = []
+        for d in self.devices:
+            why = d.migration_blocker()
+            if why:
+                out.append(f"device {d.idstr}: {why}")
+        return out
 
     def summary(self) -> dict[str, Any]:
         return {"machine": self.machine_type, "status": self._state,

@@ -197,6 +197,9 @@ class OutgoingMigration:
         m = self.machine
         latch = self.latch
         sender: RamMultifdSender | None = None
+        blockers = m.migration_blockers()
+        if blockers:
+            raise ConfigError("; ".join(blockers))
         main = connect_channel(self.uri)
         latch.add_socket(main)
         chans = []

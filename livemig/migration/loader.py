@@ -179,10 +179,13 @@ class MainChannelLoader:
             loc = find_vmdescription(tail)
             if loc is not None:
                 try:
-                    self._parse_tail(tail, tail_base, loc[1])
-                    return
+                    events = self._parse_tail(tail, tail_base, loc[1])
                 except StreamFormatError as e:
-                    last_error = e
+                    last_error = e  # perhaps not all of the tail is here yet
+                else:
+                    # what the records say is final: an error here is not "read more"
+                    self._handle(events)
+                    return
             elif self.decoder.state.name == "VMDESC" and not tail and eof:
                 # EOF, then nothing: QEMU tolerates a missing description.
                 self.decoder.parse(tail, 0, 0, tail_base, final=True)
@@ -192,7 +195,7 @@ class MainChannelLoader:
                     raise last_error
                 early = find_vmdescription(tail, exact=False)
                 if early is not None:
-                    self._parse_tail(tail, tail_base, early[1], end=early[2])
+                    self._handle(self._parse_tail(tail, tail_base, early[1], end=early[2]))
                     raise StreamFormatError(
                         f"{len(tail) - early[2]} bytes of garbage after the end of the stream",
                         offset=tail_base + early[2])
@@ -214,7 +217,7 @@ class MainChannelLoader:
             self.stats.main_bytes = tail_base + len(tail)
 
     def _parse_tail(self, tail: bytearray, tail_base: int, json_at: int,
-                    end: int | None = None) -> None:
+                    end: int | None = None) -> list:  # type: ignore[type-arg]
         from livemig.wire.vmstate import parse_vmdescription
 
         end = len(tail) if end is None else end
@@ -232,7 +235,7 @@ class MainChannelLoader:
             raise StreamFormatError("device sections do not end where the vmstate "
                                     "description begins", offset=tail_base + pos)
         self.decoder = trial
-        self._handle(events)
+        return events
 
     # -- events --------------------------------------------------------------
 
