@@ -241,8 +241,12 @@ class QmpServer:
         self._unix_path: str | None = None
         self._unix_id: tuple[int, int] | None = None
         self._serial = 0
-        self._sock = self._bind(address)
         self._wake = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
+        try:
+            self._sock = self._bind(address)
+        except BaseException:
+            os.close(self._wake)
+            raise
 
     # ---- binding --------------------------------------------------------------------------
 
@@ -283,7 +287,7 @@ class QmpServer:
                                   "not replacing it")
         except FileNotFoundError:
             pass
-        tmp = f"{path}.{os.getpid()}.{threading.get_ident() % 100000}.tmp"
+        tmp = f"{path}.{os.urandom(4).hex()}.tmp"
         direct = len(os.fsencode(tmp)) > _UNIX_PATH_MAX
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         try:
