@@ -676,8 +676,10 @@ def test_tcp_port_zero_is_resolved() -> None:
 
 
 def test_bad_configuration() -> None:
+    before = _open_fds()
     with pytest.raises(ConfigError):
         QmpServer("file:/tmp/x", TABLE)
+    assert _open_fds() == before
     with pytest.raises(ConfigError, match="qmp_capabilities"):
         QmpServer("tcp:127.0.0.1:0", {"qmp_capabilities": _fail})
 
@@ -724,6 +726,17 @@ def test_parser_three_ways(how: str) -> None:
         items = p.feed(PARSER_INPUT + b'{"execute": "unfinished"')
         assert p.feed(b"") == []
     assert items == PARSER_EXPECTED
+
+
+def test_lexer_fast_paths_agree_with_the_table() -> None:
+    """Every byte a run expression swallows must be one the table keeps in that state."""
+    from livemig.control import qmp_json as q
+
+    for state, run in q._RUNS.items():
+        for b in range(256):
+            if run.fullmatch(bytes([b])):
+                do, arg = q._TABLE[state][b]
+                assert do is q._Do.SKIP or (do is q._Do.GOTO and arg == state), (state, b)
 
 
 def test_parser_limit_poisons() -> None:
