@@ -445,7 +445,8 @@ def test_qemu_qmp_client(server: QmpServer) -> None:
                 await clients[2].execute("nope")
             assert str(err.value) == "The command nope has not been found"
             # The server keeps going after a handler failed.
-            assert (await clients[1].execute("query-version"))["package"].startswith("livemig")
+            version: Any = await clients[1].execute("query-version")
+            assert version["package"].startswith("livemig")
             server.emit("SHUTDOWN", {"guest": False, "reason": "host-qmp-quit"})
             return [await asyncio.wait_for(c.events.get(), 5.0) for c in clients]
         finally:
@@ -687,7 +688,7 @@ def test_bad_configuration() -> None:
 def test_check_arguments_texts() -> None:
     schema = {"uri": "string", "*n": "integer", "*flag": "boolean", "*v": "any"}
     check_arguments({"uri": "x", "n": 3, "v": None}, schema)
-    cases = [
+    cases: list[tuple[dict[str, Any], str]] = [
         ({}, "Parameter 'uri' is missing"),
         ({"uri": 1}, "Invalid parameter type for 'uri', expected: string"),
         ({"uri": "x", "n": True}, "Invalid parameter type for 'n', expected: integer"),
@@ -763,7 +764,7 @@ def test_parser_fuzz(chunks: list[bytes]) -> None:
 @settings(max_examples=200, deadline=None)
 @given(st.recursive(
     st.none() | st.booleans() | st.integers(-(1 << 63), (1 << 64) - 1)
-    | st.text(alphabet=st.characters(blacklist_categories=("Cs",)), max_size=10),
+    | st.text(alphabet=st.characters(exclude_categories=["Cs"]), max_size=10),
     lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=5), inner,
                                                                 max_size=4),
     max_leaves=20))
