@@ -194,6 +194,10 @@ class DeviceStateReassembler:
         ``max_buffered``, or the first error if the reassembler already failed.
         """
         view = memoryview(payload).cast("B")
+        # Copy before taking the lock that every channel thread shares.
+        keep = view[VFIO_DEVICE_STATE_PACKET_HEADER_SIZE:]
+        if not owned:
+            keep = memoryview(bytes(keep))
         with self._lock:
             if self._error is not None:
                 raise self._error
@@ -240,7 +244,7 @@ class DeviceStateReassembler:
                     f"{size} more bytes would make {self._buffered + size} bytes of device "
                     f"state waiting to be loaded, above the limit {self.max_buffered}",
                     where=_where(channel, dev, idx)))
-            dev.bufs[idx] = data if owned else bytes(data)
+            dev.bufs[idx] = keep
             self._buffered += size
             if hdr.is_config:
                 dev.config_idx = idx

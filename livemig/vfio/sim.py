@@ -414,6 +414,7 @@ class VfioSimDevice:
             return
         with self._lock:
             self._session = None
+            sess.stop = True  # before the notify, so a waiting feeder leaves at once
             self._changed.notify_all()
         sess.end()
         if check and sess.error is not None:
