@@ -541,6 +541,44 @@ def test_client_that_never_reads_does_not_block_emit(server: QmpServer) -> None:
         assert live.cmd("query-status")["return"]["status"] == "prelaunch"
 
 
+def test_concurrent_clients_and_events(server: QmpServer) -> None:
+    """Eight clients pipelining commands while another thread emits: every reply in
+    order, every event once, in order, to every client."""
+    n_cmds, n_events = 200, 300
+    results: dict[int, tuple[list[Any], list[int]]] = {}
+    negotiated = threading.Barrier(9)
+
+    def client(k: int) -> None:
+        with RawClient(server.address) as c:
+            c.negotiate()
+            negotiated.wait(READ_TIMEOUT)
+            c.send(b"".join(b'{"execute": "query-status", "id": %d}\n' % i
+                            for i in range(n_cmds)))
+            ids: list[Any] = []
+            seen: list[int] = []
+            while len(ids) < n_cmds or len(seen) < n_events:
+                msg = c.read()
+                if "event" in msg:
+                    seen.append(msg["data"]["n"])
+                else:
+                    ids.append(msg["id"])
+            results[k] = (ids, seen)
+
+    threads = [threading.Thread(target=client, args=(k,)) for k in range(8)]
+    for t in threads:
+        t.start()
+    negotiated.wait(READ_TIMEOUT)  # events before negotiation are not theirs
+    for i in range(n_events):
+        server.emit("TICK", {"n": i})
+    for t in threads:
+        t.join(READ_TIMEOUT * 3)
+        assert not t.is_alive()
+    assert len(results) == 8
+    for ids, seen in results.values():
+        assert ids == list(range(n_cmds))
+        assert seen == list(range(n_events))
+
+
 def test_handler_may_emit_and_failures_do_not_stop_the_server(address: str) -> None:
     srv: QmpServer
 
