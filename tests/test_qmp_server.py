@@ -34,7 +34,7 @@ from hypothesis import strategies as st
 from peers import QemuPeer
 from qemu.qmp import ExecuteError, QMPClient
 
-from livemig.control import QmpError, QmpServer, check_arguments
+from livemig.control import QmpError, QmpServer, check_arguments, qmp_server
 from livemig.control.qmp_json import (
     MAX_QMP_MESSAGE,
     InputTooLarge,
@@ -577,6 +577,29 @@ def test_concurrent_clients_and_events(server: QmpServer) -> None:
     for ids, seen in results.values():
         assert ids == list(range(n_cmds))
         assert seen == list(range(n_events))
+
+
+def test_clients_past_the_limit_wait_for_a_free_slot(
+        address: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(qmp_server, "MAX_QMP_CLIENTS", 2)
+    with QmpServer(address, TABLE) as srv, RawClient(srv.address) as a, \
+            RawClient(srv.address) as b:
+        kind, _, rest = srv.address.partition(":")
+        if kind == "unix":
+            waiting = socket.socket(socket.AF_UNIX)
+            waiting.connect(rest)
+        else:
+            host, _, port = rest.rpartition(":")
+            waiting = socket.create_connection((host, int(port)))
+        with waiting:
+            waiting.settimeout(0.3)
+            with pytest.raises(TimeoutError):
+                waiting.recv(100)  # in the listen backlog: no greeting yet
+            assert srv.client_count == 2
+            a.close()
+            waiting.settimeout(READ_TIMEOUT)
+            assert b'"QMP"' in waiting.recv(1000)
+        b.negotiate()
 
 
 def test_handler_may_emit_and_failures_do_not_stop_the_server(address: str) -> None:
