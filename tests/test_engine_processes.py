@@ -612,20 +612,26 @@ class CuttingProxy:
                 try:
                     to.sendall(data)
                 except OSError:
-                    data = b""
-                else:
-                    if upstream:
-                        self.forwarded[index] += len(data)
+                    # the receiver is gone: so is this connection, both ways (as a
+                    # closed peer makes the sender's next send fail)
+                    self._drop(frm, to)
+                    return
+                if upstream:
+                    self.forwarded[index] += len(data)
             if cutting and self.forwarded[index] >= self.cut_after:
-                for s in (frm, to):
-                    with contextlib.suppress(OSError):
-                        s.shutdown(socket.SHUT_RDWR)
+                self._drop(frm, to)
                 self.cut.set()
                 return
-            if not data:
+            if not data:  # EOF: pass the half-close on
                 with contextlib.suppress(OSError):
                     to.shutdown(socket.SHUT_WR)
                 return
+
+    @staticmethod
+    def _drop(*socks: socket.socket) -> None:
+        for s in socks:
+            with contextlib.suppress(OSError):
+                s.shutdown(socket.SHUT_RDWR)
 
     def close(self) -> None:
         self._closing.set()
@@ -680,12 +686,12 @@ def test_fault_multifd_channel_cut_mid_packet(machines: Factory, workdir: Path,
                                                proxies: list[CuttingProxy]) -> None:
     src, dst, uri = start_pair(machines, workdir, 64 * MIB, rate="64M", channels=4)
     src.set_params(max_bandwidth=64 * MIB)
+    src_base, dst_base = src.resources(), dst.resources()
     dst.cmd("migrate-incoming", uri=uri)
     proxy_path = str(workdir / "proxy.sock")
     proxy = CuttingProxy(proxy_path, uri.removeprefix("unix:"), cut_index=2,
                          cut_after=CUT_AFTER)
     proxies.append(proxy)
-    src_base, dst_base = src.resources(), dst.resources()
     src.cmd("migrate", uri=f"unix:{proxy_path}")
     assert proxy.cut.wait(FAULT_TIMEOUT), f"the proxy never cut: {proxy.forwarded}"
 
@@ -693,10 +699,13 @@ def test_fault_multifd_channel_cut_mid_packet(machines: Factory, workdir: Path,
     dq = dst.wait_migration(FAULT_TIMEOUT)
     assert q["status"] == "failed", q
     assert dq["status"] == "failed", dq
-    # the destination saw the channel end inside a packet; the source names a channel or
-    # the destination going away
-    assert re.search(r"multifd channel 1\b", dq["error-desc"]), dq["error-desc"]
-    assert re.search(r"channel|closed|reset|pipe|destination", q["error-desc"], re.IGNORECASE), \
+    # The destination names the first cause: connection 2 is multifd channel 1 (0 is
+    # main), cut inside packet 1 (packet 0 is the setup sync). The source names the
+    # first of its sends that failed: channel 1's, unless that one's packet was already
+    # in the socket buffer and another channel sent first after the destination closed.
+    assert re.search(r"multifd channel 1\b.*middle of packet", dq["error-desc"]), \
+        dq["error-desc"]
+    assert re.search(r"(main|multifd) channel.*send failed", q["error-desc"]), \
         q["error-desc"]
     assert migration_statuses(src)[-1] == "failed"
     assert migration_statuses(dst)[-1] == "failed"
@@ -706,5 +715,60 @@ def test_fault_multifd_channel_cut_mid_packet(machines: Factory, workdir: Path,
     proxy.close()
     src.wait_resources(src_base)
     dst.wait_resources(dst_base)
+    assert sorted(os.listdir(workdir)) == sorted(
+        f"{n}.{x}" for n in ("src", "dst") for x in ("qmp", "stdout", "stderr"))
+
+
+def test_fault_destination_killed(machines: Factory, workdir: Path) -> None:
+    src, dst, uri = start_pair(machines, workdir, 64 * MIB, rate="64M", channels=2)
+    src.set_params(max_bandwidth=8 * MIB)  # 8 s for the bulk pass
+    dst.cmd("migrate-incoming", uri=uri)
+    src_base = src.resources()
+    src.cmd("migrate", uri=uri)
+    deadline = time.monotonic() + FAULT_TIMEOUT
+    while (q := src.cmd("query-migrate")).get("ram", {}).get("transferred", 0) < 4 * MIB:
+        assert q["status"] in ("setup", "active"), q
+        assert time.monotonic() < deadline, f"the migration made no progress: {q}"
+        time.sleep(0.05)
+    dst.kill()
+    q = src.wait_migration(FAULT_TIMEOUT)
+    assert q["status"] == "failed", q
+    assert q["ram"]["transferred"] < 64 * MIB  # it really was cut short
+    # the first cause: a send to the gone destination
+    assert re.search(r"(main|multifd) channel.*(send|recv).*(pipe|reset|closed)",
+                     q["error-desc"], re.IGNORECASE), q["error-desc"]
+    assert migration_statuses(src) == ["setup", "active", "failed"]
+    assert_source_runs_on(src)
+    src.wait_resources(src_base)
+    # what is left is the killed destination's (it could not clean up), nothing of the source
+    assert sorted(os.listdir(workdir)) == sorted(
+        ["mig.sock", *(f"{n}.{x}" for n in ("src", "dst") for x in ("qmp", "stdout", "stderr"))])
+
+
+def test_fault_source_killed(machines: Factory, workdir: Path) -> None:
+    src, dst, uri = start_pair(machines, workdir, 64 * MIB, rate="64M", channels=2)
+    src.set_params(max_bandwidth=8 * MIB)
+    dst_base = dst.resources()
+    dst.cmd("migrate-incoming", uri=uri)
+    src.cmd("migrate", uri=uri)
+    deadline = time.monotonic() + FAULT_TIMEOUT
+    while (q := dst.cmd("query-migrate")).get("ram", {}).get("transferred", 0) < 4 * MIB:
+        assert q["status"] in ("setup", "active"), q
+        assert time.monotonic() < deadline, f"the migration made no progress: {q}"
+        time.sleep(0.05)
+    src.kill()
+    dq = dst.wait_migration(FAULT_TIMEOUT)
+    assert dq["status"] == "failed", dq
+    assert dq["error-desc"], dq
+    assert re.search(r"channel|source|closed|truncat", dq["error-desc"], re.IGNORECASE), \
+        dq["error-desc"]
+    assert migration_statuses(dst) == ["setup", "active", "failed"]
+    # the destination stays, paused, and keeps answering
+    assert dst.alive()
+    assert dst.cmd("query-status") == {"status": "paused", "running": False}
+    assert dst.cmd("query-migrate")["status"] == "failed"
+    dst.wait_resources(dst_base)
+    assert dst.alive()
+    # the listening socket is gone; the killed source's QMP socket is its own leftover
     assert sorted(os.listdir(workdir)) == sorted(
         f"{n}.{x}" for n in ("src", "dst") for x in ("qmp", "stdout", "stderr"))
