@@ -44,7 +44,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 import pytest
-from conftest import LIVEMIG, livemig_env
+from conftest import LIVEMIG, ReceiveFactory, livemig_env
 from qemu.qmp import ExecuteError, QMPClient
 
 from livemig.wire.multifd import INIT_PACKET_SIZE, PAGE_SIZE, RAM_HEADER_SIZE
@@ -719,17 +719,22 @@ def test_fault_multifd_channel_cut_mid_packet(machines: Factory, workdir: Path,
         f"{n}.{x}" for n in ("src", "dst") for x in ("qmp", "stdout", "stderr"))
 
 
+def wait_transferred(m: RunProcess, n: int) -> None:
+    """Until ``m``'s query-migrate counts ``n`` bytes transferred: mid-migration."""
+    deadline = time.monotonic() + FAULT_TIMEOUT
+    while (q := m.cmd("query-migrate")).get("ram", {}).get("transferred", 0) < n:
+        assert q["status"] in ("setup", "active"), q
+        assert time.monotonic() < deadline, f"{m.name}: the migration made no progress: {q}"
+        time.sleep(0.05)
+
+
 def test_fault_destination_killed(machines: Factory, workdir: Path) -> None:
     src, dst, uri = start_pair(machines, workdir, 64 * MIB, rate="64M", channels=2)
     src.set_params(max_bandwidth=8 * MIB)  # 8 s for the bulk pass
     dst.cmd("migrate-incoming", uri=uri)
     src_base = src.resources()
     src.cmd("migrate", uri=uri)
-    deadline = time.monotonic() + FAULT_TIMEOUT
-    while (q := src.cmd("query-migrate")).get("ram", {}).get("transferred", 0) < 4 * MIB:
-        assert q["status"] in ("setup", "active"), q
-        assert time.monotonic() < deadline, f"the migration made no progress: {q}"
-        time.sleep(0.05)
+    wait_transferred(src, 4 * MIB)
     dst.kill()
     q = src.wait_migration(FAULT_TIMEOUT)
     assert q["status"] == "failed", q
@@ -751,11 +756,7 @@ def test_fault_source_killed(machines: Factory, workdir: Path) -> None:
     dst_base = dst.resources()
     dst.cmd("migrate-incoming", uri=uri)
     src.cmd("migrate", uri=uri)
-    deadline = time.monotonic() + FAULT_TIMEOUT
-    while (q := dst.cmd("query-migrate")).get("ram", {}).get("transferred", 0) < 4 * MIB:
-        assert q["status"] in ("setup", "active"), q
-        assert time.monotonic() < deadline, f"the migration made no progress: {q}"
-        time.sleep(0.05)
+    wait_transferred(dst, 4 * MIB)
     src.kill()
     dq = dst.wait_migration(FAULT_TIMEOUT)
     assert dq["status"] == "failed", dq
@@ -772,3 +773,47 @@ def test_fault_source_killed(machines: Factory, workdir: Path) -> None:
     # the listening socket is gone; the killed source's QMP socket is its own leftover
     assert sorted(os.listdir(workdir)) == sorted(
         f"{n}.{x}" for n in ("src", "dst") for x in ("qmp", "stdout", "stderr"))
+
+
+# --------------------------------------------------------------------------------------------
+# 4. The format: livemig run -> livemig receive -> snapshot -> livemig inspect
+# --------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("channels,compression", [(0, "none"), (2, "zstd")])
+def test_run_to_receive_snapshot_inspect(machines: Factory, workdir: Path,
+                                         livemig_receive: ReceiveFactory,
+                                         livemig_cli: Callable[..., Any], channels: int,
+                                         compression: str) -> None:
+    memory = 64 * MIB
+    src = machines("src", *workload_args(memory))
+    src.set_caps(multifd=channels > 0, events=True)
+    if channels:
+        src.set_params(multifd_channels=channels, multifd_compression=compression)
+    src.set_params(max_bandwidth=0)
+    uri = f"unix:{workdir}/recv.sock"
+    snap = workdir / "vm.snap"
+    recv = livemig_receive(uri, snap, multifd_channels=channels,
+                           multifd_compression=compression if channels else None)
+    src.wait_workload_passes(-1)
+    src.cmd("migrate", uri=uri)
+    q = src.wait_migration()
+    assert q["status"] == "completed", q
+    recv.wait_ok()
+    assert src.status() == "postmigrate"
+    assert migration_statuses(src) == ["setup", "active", "completed"]
+
+    report = json.loads(livemig_cli("inspect", "--json", str(snap)).stdout)
+    assert report["format"] == "mapped-ram snapshot"
+    assert report["machine"] == "livemig"
+    assert report["ram_total"] == memory == q["ram"]["total"]
+    blocks = {b["name"]: b for b in report["ram_blocks"]}
+    assert list(blocks) == ["pc.ram"]
+    ram = blocks["pc.ram"]
+    assert ram["size"] == memory and ram["pages"] == memory // PAGE_SIZE
+    # every page is in the snapshot, as data or as a zero page; random RAM has data
+    assert ram["pages_present"] + ram["zero_pages"] == memory // PAGE_SIZE
+    assert ram["pages_present"] == memory // PAGE_SIZE
+    devices = [(d["idstr"], d["instance_id"]) for d in report["devices"]]
+    assert devices == [("livemig-workload", 0)]
+    assert report["devices"][0]["size"] > 0
