@@ -822,6 +822,19 @@ def test_parser_fuzz(chunks: list[bytes]) -> None:
         assert all(isinstance(it, Message | ParseFailure | InputTooLarge) for it in items)
 
 
+@settings(max_examples=500, deadline=None)
+@given(st.lists(st.sampled_from([
+    b"{", b"}", b"[", b"]", b",", b":", b" ", b"\n", b'"', b"'", b"\\", b"0", b"1", b"9",
+    b"-", b"+", b".", b"e", b"E", b"true", b"nul", b"X", b"\x00", b"\xff", b"\xc3\xa9",
+    b"\\u00e9", b'"key"', b"12.5e-3"]), max_size=40))
+def test_parser_whole_equals_bytewise(pieces: list[bytes]) -> None:
+    """Whole input takes the per-token fast path; one byte at a time takes the table:
+    both must read QEMU's way, identically."""
+    data = b"".join(pieces) + b"\n"
+    bytewise = QmpInputParser()
+    assert QmpInputParser().feed(data) == [it for b in data for it in bytewise.feed(bytes([b]))]
+
+
 @settings(max_examples=200, deadline=None)
 @given(st.recursive(
     st.none() | st.booleans() | st.integers(-(1 << 63), (1 << 64) - 1)
