@@ -817,3 +817,35 @@ def test_run_to_receive_snapshot_inspect(machines: Factory, workdir: Path,
     devices = [(d["idstr"], d["instance_id"]) for d in report["devices"]]
     assert devices == [("livemig-workload", 0)]
     assert report["devices"][0]["size"] > 0
+
+
+def test_snapshot_sent_back_into_a_machine(machines: Factory, workdir: Path,
+                                           livemig_receive: ReceiveFactory,
+                                           livemig_cli: Callable[..., Any]) -> None:
+    """The snapshot holds a consistent machine: ``livemig send`` migrates it into a fresh
+    ``livemig run`` whose workload checks every page against the sweep position that
+    travelled in the workload section."""
+    memory = 32 * MIB
+    src = machines("src", *workload_args(memory, rate="64M"))
+    src.set_params(max_bandwidth=0)
+    uri = f"unix:{workdir}/recv.sock"
+    snap = workdir / "vm.snap"
+    recv = livemig_receive(uri, snap)
+    src.wait_workload_passes(0)  # counters past their first sweep
+    src.cmd("migrate", uri=uri)
+    assert src.wait_migration()["status"] == "completed"
+    recv.wait_ok()
+
+    dst = machines("dst", *workload_args(memory, fill=False), "--incoming", "defer")
+    dst.set_caps(events=True)
+    back = f"unix:{workdir}/back.sock"
+    dst.cmd("migrate-incoming", uri=back)
+    sent = livemig_cli("send", str(snap), back, "--json")
+    assert json.loads(sent.stdout.strip().splitlines()[-1])["verdict"] == \
+        "confirmed by the destination"
+    dq = dst.wait_migration()
+    assert dq["status"] == "completed", dq
+    dst.wait_status("running")
+    w = dst.cmd("query-workload")
+    assert w["verified"] is True and w["errors"] == 0, w
+    assert w["passes"] >= 1
