@@ -330,6 +330,10 @@ def configure(channels: int, compression: str, *ms: RunProcess) -> None:
 
 
 def migration_statuses(m: RunProcess) -> list[str]:
+    """The statuses of the MIGRATION events, in order, once the final one arrived (a
+    query-migrate can answer with the new status just before its event is written)."""
+    final = m.cmd("query-migrate")["status"]
+    m.wait_event("MIGRATION", status=final)
     return [d["status"] for n, d in m.event_names() if n == "MIGRATION"]
 
 
@@ -481,6 +485,42 @@ def test_live_migration(machines: Factory, workdir: Path, channels: int, compres
     assert src.error("migrate", uri=uri)["class"] == "GenericError"
 
 
+def test_iterations_while_dirtying(machines: Factory, workdir: Path) -> None:
+    """A link (max-bandwidth) only twice as fast as the workload dirties: passes follow
+    one another until what is left fits downtime-limit; query-migrate shows them live."""
+    memory = 64 * MIB
+    src, dst, uri = start_pair(machines, workdir, memory, rate="16M", channels=2)
+    src.set_params(max_bandwidth=32 * MIB, downtime_limit=100)
+    src.wait_workload_passes(-1)
+    dst.cmd("migrate-incoming", uri=uri)
+    src.cmd("migrate", uri=uri)
+    seen: dict[str, Any] = {"dirty-pages-rate": 0, "expected-downtime": None, "mbps": 0}
+    deadline = time.monotonic() + MIGRATION_TIMEOUT
+    while (q := src.cmd("query-migrate"))["status"] not in TERMINAL:
+        assert time.monotonic() < deadline, q
+        if q["status"] == "active":
+            ram = q["ram"]
+            assert ram["total"] == memory and 0 <= ram["remaining"] <= memory + 64 * PAGE_SIZE
+            seen["dirty-pages-rate"] = max(seen["dirty-pages-rate"], ram["dirty-pages-rate"])
+            seen["mbps"] = max(seen["mbps"], ram["mbps"])
+            if "expected-downtime" in q:
+                seen["expected-downtime"] = q["expected-downtime"]
+        time.sleep(0.05)
+    assert q["status"] == "completed", q
+    assert dst.wait_migration()["status"] == "completed"
+    passes = [d["pass"] for n, d in src.event_names() if n == "MIGRATION_PASS"]
+    assert len(passes) >= 2 and passes == list(range(1, len(passes) + 1)), passes
+    assert q["ram"]["dirty-sync-count"] == len(passes) + 1  # and the one at the stop
+    assert q["ram"]["transferred"] > memory  # dirtied pages went again
+    assert seen["dirty-pages-rate"] > 0 and seen["mbps"] > 0
+    assert seen["expected-downtime"] is not None, seen
+    # max-bandwidth held: the bulk pass alone takes memory / bandwidth
+    assert q["total-time"] >= 1000 * memory / (32 * MIB) * 0.9
+    dst.wait_status("running")
+    w = dst.cmd("query-workload")
+    assert w["verified"] is True, w
+
+
 def test_second_migrate_refused_then_cancel(machines: Factory, workdir: Path) -> None:
     src, dst, uri = start_pair(machines, workdir, 64 * MIB)
     src.set_params(max_bandwidth=4 * MIB)  # 16 s for the bulk pass: plenty of time
@@ -514,15 +554,21 @@ def test_second_migrate_refused_then_cancel(machines: Factory, workdir: Path) ->
 
 
 def test_demo_json() -> None:
+    # its own session: the demo's two machines are killed with it if it overruns
+    proc = subprocess.Popen([*LIVEMIG, "demo", "--json", "--memory", "128M"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            stdin=subprocess.DEVNULL, env=livemig_env(), start_new_session=True)
     try:
-        r = subprocess.run([*LIVEMIG, "demo", "--json", "--memory", "128M"], check=False,
-                           capture_output=True, text=True, timeout=MIGRATION_TIMEOUT + 60,
-                           stdin=subprocess.DEVNULL, env=livemig_env(),
-                           start_new_session=True)
+        stdout, stderr = proc.communicate(timeout=MIGRATION_TIMEOUT + START_TIMEOUT)
     except subprocess.TimeoutExpired:
-        raise AssertionError("livemig demo still running after its deadline") from None
-    assert r.returncode == 0, r.stderr
-    last = r.stdout.strip().splitlines()[-1]
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.communicate(timeout=EXIT_TIMEOUT)
+        raise AssertionError("livemig demo still running after its deadline (killed)") from None
+    finally:
+        with contextlib.suppress(OSError):
+            os.killpg(proc.pid, signal.SIGKILL)  # anything it left behind
+    assert proc.returncode == 0, stderr
+    last = stdout.strip().splitlines()[-1]
     s = json.loads(last)
     assert isinstance(s, dict)
     for key in ("status", "verified", "total_time_ms", "setup_time_ms", "downtime_ms",
@@ -707,8 +753,8 @@ def test_fault_multifd_channel_cut_mid_packet(machines: Factory, workdir: Path,
         dq["error-desc"]
     assert re.search(r"(main|multifd) channel.*send failed", q["error-desc"]), \
         q["error-desc"]
-    assert migration_statuses(src)[-1] == "failed"
-    assert migration_statuses(dst)[-1] == "failed"
+    assert migration_statuses(src) == ["setup", "active", "failed"]
+    assert migration_statuses(dst) == ["setup", "active", "failed"]
     assert_source_runs_on(src)
     assert dst.status() == "paused"
     proxies.remove(proxy)
