@@ -895,3 +895,70 @@ def test_snapshot_sent_back_into_a_machine(machines: Factory, workdir: Path,
     w = dst.cmd("query-workload")
     assert w["verified"] is True and w["errors"] == 0, w
     assert w["passes"] >= 1
+
+
+# --------------------------------------------------------------------------------------------
+# The source leaves mid-migration on request; the two sides disagree
+# --------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("how", ["quit", "SIGTERM"])
+def test_source_exits_mid_migration(machines: Factory, workdir: Path, how: str) -> None:
+    """``quit`` or SIGTERM during a migration: the source ends it and exits promptly,
+    removing its QMP socket; the destination fails and stays."""
+    src, dst, uri = start_pair(machines, workdir, 64 * MIB, rate="64M", channels=2)
+    src.set_params(max_bandwidth=8 * MIB)
+    dst_base = dst.resources()
+    dst.cmd("migrate-incoming", uri=uri)
+    src.cmd("migrate", uri=uri)
+    wait_transferred(src, 2 * MIB)
+    if how == "quit":
+        src.cmd("quit")
+    else:
+        os.kill(src.pid, signal.SIGTERM)
+    try:
+        rc = src.proc.wait(EXIT_TIMEOUT)
+    except subprocess.TimeoutExpired:
+        raise AssertionError(f"the source did not exit within {EXIT_TIMEOUT:.0f} s of {how} "
+                             f"during a migration:\n{src.stderr()}") from None
+    # quit is a normal end; SIGTERM ends every livemig command with 128 + 15, said on stderr
+    assert rc == (0 if how == "quit" else 128 + signal.SIGTERM), src.stderr()
+    assert "Traceback" not in src.stderr(), src.stderr()
+    dq = dst.wait_migration(FAULT_TIMEOUT)
+    assert dq["status"] == "failed" and dq["error-desc"], dq
+    assert migration_statuses(dst) == ["setup", "active", "failed"]
+    assert dst.status() == "paused"
+    dst.wait_resources(dst_base)
+    assert sorted(os.listdir(workdir)) == sorted(
+        ["dst.qmp", *(f"{n}.{x}" for n in ("src", "dst") for x in ("stdout", "stderr"))])
+
+
+@pytest.mark.parametrize("mismatch", ["ram-size", "channels", "compression"])
+def test_mismatched_sides_fail_both(machines: Factory, workdir: Path, mismatch: str) -> None:
+    """The destination refuses what does not fit it and says why; the source fails
+    (on the closed connection) and runs on."""
+    memory = 64 * MIB
+    dst_memory = memory // 2 if mismatch == "ram-size" else memory
+    dst = machines("dst", *workload_args(dst_memory, fill=False), "--incoming", "defer")
+    src = machines("src", *workload_args(memory, rate="64M"))
+    configure(4 if mismatch == "channels" else 2,
+              "zstd" if mismatch == "compression" else "none", src)
+    configure(2, "none", dst)
+    uri = f"unix:{workdir}/mig.sock"
+    src_base, dst_base = src.resources(), dst.resources()
+    dst.cmd("migrate-incoming", uri=uri)
+    src.cmd("migrate", uri=uri)
+    q = src.wait_migration(FAULT_TIMEOUT)
+    dq = dst.wait_migration(FAULT_TIMEOUT)
+    assert q["status"] == "failed" and q["error-desc"], q
+    assert dq["status"] == "failed", dq
+    expect = {"ram-size": r"RAM block pc\.ram: the source has 67108864 bytes, this machine "
+                          r"33554432",
+              "channels": r"more connections than .* multifd channels",
+              "compression": r"multifd channel \d.*zstd.*multifd-compression here is none"}
+    assert re.search(expect[mismatch], dq["error-desc"]), dq["error-desc"]
+    assert_source_runs_on(src)
+    assert dst.status() == "paused"
+    src.wait_resources(src_base)
+    dst.wait_resources(dst_base)
+    assert "mig.sock" not in os.listdir(workdir)
