@@ -52,6 +52,16 @@ def add_parser(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-ar
     r.add_argument("--vhost-user", action="append", default=[], metavar="SOCKET",
                    help="add a vhost-user device whose back-end listens on SOCKET (its state "
                         "migrates with the machine); may be repeated")
+    r.add_argument("--vfio-devices", type=int, default=0, metavar="N",
+                   help="add N vfio-sim devices (simulated VFIO devices with device memory "
+                        "that changes while the machine runs)")
+    r.add_argument("--vfio-state-size", default="64M", metavar="SIZE",
+                   help="device memory of each vfio-sim device (default 64M)")
+    r.add_argument("--device-state-transfer", choices=["main", "multifd", "auto"],
+                   default="auto",
+                   help="how vfio-sim state moves at switchover: on the main channel, or as "
+                        "multifd device-state packets (QEMU's x-migration-multifd-transfer; "
+                        "auto = multifd when multifd is on)")
     r.add_argument("--print-ready", action="store_true",
                    help="print one JSON line on stdout once the QMP socket listens")
 
@@ -78,6 +88,13 @@ def cmd_run(args: argparse.Namespace) -> int:
         for i, path in enumerate(args.vhost_user):
             from livemig.devices.vhost_user import VhostUserDevice
             machine.add_device(VhostUserDevice(path, i))
+        if args.vfio_devices:
+            from livemig.devices.vfio_sim import VfioSimHandler
+            size = parse_size(args.vfio_state_size)
+            for i in range(args.vfio_devices):
+                machine.add_device(VfioSimHandler(machine, i, state_size=size,
+                                                  transfer=args.device_state_transfer,
+                                                  source=args.incoming is None))
         ctl = MachineController(machine, dirty_tracking=args.dirty_tracking,
                                 incoming=args.incoming, autostart=not args.paused,
                                 emit=lambda name, data: server.emit(name, data) if server else None)

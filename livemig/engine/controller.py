@@ -95,6 +95,8 @@ class MachineController:
         with self._lock:
             if self._busy():
                 raise CommandError("There's a migration process in progress")
+            for d in self.machine.devices:
+                d.configure_migration(self.settings.channels)
             blockers = self.machine.migration_blockers()
             if blockers:
                 raise CommandError("; ".join(blockers))

@@ -34,6 +34,7 @@ markers) overrides it.
 from __future__ import annotations
 
 import struct
+from collections.abc import Iterator
 from typing import Any
 
 from livemig.errors import StreamFormatError
@@ -106,6 +107,24 @@ class DeviceHandler:
                 "section_id": 0, "version": self.version_id,
                 "fields": [{"name": "length", "type": "uint32", "size": 4},
                            {"name": "state", "type": "buffer", "size": body_size - 4}]}
+
+    def configure_migration(self, channels: int) -> None:
+        """A migration is about to start with ``channels`` multifd channels (0: none)."""
+
+    @property
+    def full_state(self) -> bool:
+        """Whether the device has a FULL section (non-iterable state, saved stopped)."""
+        return not self.iterable
+
+    def device_state_packets(self) -> Iterator[Any] | None:
+        """At completion, the device's state as multifd device-state packets
+        (``OutgoingDeviceStatePacket``), or None to use the main channel only."""
+        return None
+
+    def load_target(self) -> Any:
+        """Where multifd device-state packets for this device are loaded
+        (a ``DeviceLoadTarget``), or None if it takes none."""
+        return None
 
     # -- source --------------------------------------------------------------
     def migration_blocker(self) -> str | None:

@@ -28,15 +28,18 @@ from livemig.engine.params import FINISHED, MigrationSettings, next_status
 from livemig.errors import ConfigError, MigrationError, StreamFormatError
 from livemig.io.guest_ram import PAGE_SIZE
 from livemig.io.uri import TcpUri, UnixUri, Uri, parse_uri
+from livemig.migration.device_state_recv import DeviceStateReassembler
 from livemig.migration.failure import FailureLatch
 from livemig.migration.incoming import IncomingMigration
 from livemig.migration.stats import TransferStats
-from livemig.wire.constants import MultifdCompression
-from livemig.wire.events import Configuration, DeviceSection, RamBlockInfo
+from livemig.wire.constants import Command, MultifdCompression
+from livemig.wire.events import CommandRecord, Configuration, DeviceSection, RamBlockInfo
 from livemig.wire.multifd import page_runs
 from livemig.wire.stream import LengthFn
 
 PS = PAGE_SIZE
+#: Seconds the devices may take to load their multifd state after the stream ended.
+DEVICE_STATE_TIMEOUT = 120.0
 #: Seconds a destination waits for its source to connect.
 ACCEPT_TIMEOUT = 3600.0
 
@@ -143,6 +146,7 @@ class IncomingMachineMigration:
         self.end_time: float | None = None
         self._lock = threading.Lock()
         self._loaded: set[tuple[str, int]] = set()
+        self.reassembler: DeviceStateReassembler | None = None
         self.incoming: IncomingMigration | None = None
 
     def start(self) -> None:
@@ -197,14 +201,28 @@ class IncomingMachineMigration:
         inc = IncomingMigration(self.uri, self.channels, self.compression, sink, self.latch,
                                 self.stats)
         self.incoming = inc
-        for d in self.machine.devices:
-            d.load_setup()
+        reassembler: DeviceStateReassembler | None = None
         try:
+            for d in self.machine.devices:
+                d.configure_migration(self.channels)
+                d.load_setup()
+            targets = {(d.idstr, d.instance_id): t for d in self.machine.devices
+                       if (t := d.load_target()) is not None}
+            if targets:
+                reassembler = DeviceStateReassembler(targets)
+                self.reassembler = reassembler
             self._set_status("setup")
             inc.connect(accept_timeout=ACCEPT_TIMEOUT, on_listening=self._listening)
+            if reassembler is not None and inc.multifd is not None:
+                inc.multifd.on_device_state = (
+                    lambda idstr, inst, payload, ch: reassembler.on_packet(
+                        idstr, inst, payload, ch, owned=True))
             self.start_time = time.monotonic()
             self._set_status("active")
             inc.load(observer=self._observe, section_lengths=self._section_lengths)
+            if reassembler is not None:
+                reassembler.no_more_packets()
+                reassembler.finish(DEVICE_STATE_TIMEOUT)
             for d in self.machine.devices:
                 d.load_finish()
             inc.confirm()
@@ -220,6 +238,8 @@ class IncomingMachineMigration:
             self.error_desc = str(first)
             inc.refuse()
             inc.abort()
+            if reassembler is not None:
+                reassembler.abort()
             self._set_status("failed")
             # QEMU's destination exits after a failed incoming migration; a livemig
             # machine stays, paused, so that its owner can see what happened.
@@ -241,6 +261,10 @@ class IncomingMachineMigration:
         return d.section_length if d is not None else None
 
     def _observe(self, ev: object) -> None:
+        if type(ev) is CommandRecord and ev.cmd == Command.SWITCHOVER_START:
+            if self.reassembler is not None:
+                self.reassembler.main_stream_complete()
+            return
         if type(ev) is not DeviceSection:
             return
         hdr = ev.header

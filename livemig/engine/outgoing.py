@@ -95,6 +95,8 @@ class OutgoingMigration:
         self.compression = MultifdCompression(settings.compression)
         self.emit_event = emit or (lambda name, data: None)
         self.tracking = dirty_tracking
+        for d in machine.devices:
+            d.configure_migration(self.channels)
         self.latch = FailureLatch()
         self.stats = TransferStats()
         self.status = "none"
@@ -264,10 +266,11 @@ class OutgoingMigration:
         out.flush()
 
     def _device_section(self, out: MainWriter, kind: SectionType, i: int, d: DeviceHandler,
-                        fill: Callable[[SectionOut], object]) -> int:
+                        fill: Callable[[SectionOut], object], *, sid: int | None = None) -> int:
         body = SectionOut()
         fill(body)
-        sid = self._device_sid(i)
+        if sid is None:
+            sid = self._device_sid(i)
         if kind in (SectionType.SECTION_START, SectionType.SECTION_FULL):
             out.put(encode_section_header(kind, sid, d.idstr, d.instance_id, d.version_id))
         else:
@@ -283,6 +286,10 @@ class OutgoingMigration:
             out.flush()  # the destination pairs the channels' SYNC with this marker
             sender.sync()
             out.put(encode_multifd_flush())
+            # the destination's channels wait at their SYNC until the main channel
+            # reaches this marker: it must not sit in our buffer while anything
+            # else goes to the channels (device-state packets, the next round)
+            out.flush()
 
     # -- dirty tracking ------------------------------------------------------
     def _start_tracking(self) -> None:
@@ -431,16 +438,35 @@ class OutgoingMigration:
         self._sync_round(out, sender)
         out.put(encode_eos() + encode_footer(sid))
         description = []
+        # QEMU 10: all main-channel precopy data is out; the destination may start
+        # loading device state that comes over multifd from here on
+        out.put(encode_command(Command.SWITCHOVER_START))
+        savers = self._start_device_state_savers(sender)
+        budget = max(1 << 20, int(self._bandwidth_estimate() * 0.05))
         for i, d in enumerate(m.devices):
             if d.iterable:
+                # what the device still holds goes in bounded PART sections first
+                while True:
+                    done = [False]
+
+                    def part(body: SectionOut, d: DeviceHandler = d, done: list = done) -> None:
+                        done[0] = d.save_live_iterate(body, budget)
+                    self._device_section(out, SectionType.SECTION_PART, i, d, part)
+                    if done[0]:
+                        break
                 self._device_section(out, SectionType.SECTION_END, i, d,
                                      d.save_live_complete_precopy)
         for i, d in enumerate(m.devices):
-            if not d.iterable:
-                n = self._device_section(out, SectionType.SECTION_FULL, i, d, d.save_state)
+            if d.full_state:
+                sid = self._device_sid(i) + (len(m.devices) if d.iterable else 0)
+                n = self._device_section(out, SectionType.SECTION_FULL, i, d, d.save_state,
+                                         sid=sid)
                 entry = d.describe(n)
-                entry["section_id"] = self._device_sid(i)
+                entry["section_id"] = sid
                 description.append(entry)
+        for t in savers:
+            t.join()
+        self.latch.raise_if_failed()
         out.put(bytes([SectionType.EOF]))
         doc = {"page_size": PAGE_SIZE, "devices": description}
         out.put(encode_vmdescription(json.dumps(doc).encode()))
@@ -461,6 +487,32 @@ class OutgoingMigration:
             raise PeerError(f"the destination failed to load the migration (status {rp.shut})")
         self.downtime_ms = int((time.monotonic() - self._stopped_at) * 1000)
         self.remaining = 0
+
+    def _start_device_state_savers(self, sender: RamMultifdSender | None,
+                                   ) -> list[threading.Thread]:
+        """One thread per device whose state goes as multifd device-state packets
+        (QEMU 10's per-device save threads); they run while the main channel
+        carries the END and FULL sections."""
+        threads = []
+        for d in self.machine.devices:
+            packets = d.device_state_packets()
+            if packets is None:
+                continue
+            if sender is None:
+                raise ConfigError(f"device {d.idstr}: device state over multifd needs multifd")
+
+            def run(packets: Any = packets, d: DeviceHandler = d) -> None:
+                try:
+                    for pkt in packets:
+                        self.latch.raise_if_failed()
+                        sender.queue_pages(pkt)  # type: ignore[union-attr, arg-type]
+                except BaseException as e:  # noqa: BLE001 - the latch reports it
+                    self.latch.fail(e)
+
+            t = threading.Thread(target=run, name=f"save-{d.idstr}")
+            t.start()
+            threads.append(t)
+        return threads
 
     # -- reporting -----------------------------------------------------------
     def query(self) -> dict[str, Any]:

@@ -29,6 +29,7 @@ from livemig.wire.multifd import (
     COMMON_HEADER_SIZE,
     INIT_PACKET_SIZE,
     RAM_HEADER_SIZE,
+    decode_device_state_header,
     decode_init_packet,
     decode_ram_packet,
     is_device_state,
@@ -172,6 +173,9 @@ class MultifdReceiver:
         self.barrier = SyncBarrier(self.n, latch)
         self.block_sizes: dict[str, int] = {}
         self.layout_ready = threading.Event()
+        #: Where device-state packets go: ``(idstr, instance_id, payload, channel)``.
+        #: None refuses them (a snapshot has no place for them yet).
+        self.on_device_state: Callable[[str, int, memoryview, int], None] | None = None
         self.finishing = False
         self._ids: dict[int, int] = {}
         self._uuid: bytes | None = None
@@ -270,8 +274,20 @@ class MultifdReceiver:
                     return
                 size = packet_header_size(header, packet_index=index)
                 if is_device_state(peek_common_header(header)[2]):
-                    raise StreamFormatError(f"packet {index}: device-state packets are not "
-                                            "supported by livemig receive yet")
+                    if self.on_device_state is None:
+                        raise StreamFormatError(f"packet {index}: device-state packets are not "
+                                                "supported by livemig receive yet")
+                    _recv_exact(sock, hview[COMMON_HEADER_SIZE:size],
+                                f"packet {index}'s header")
+                    dev = decode_device_state_header(header, packet_index=index)
+                    payload = bytearray(dev.payload_size)
+                    _recv_exact(sock, memoryview(payload), f"packet {index}'s device state")
+                    self.on_device_state(dev.idstr, dev.instance_id, memoryview(payload), ch)
+                    nbytes += size + dev.payload_size
+                    offset = nbytes
+                    self.stats.multifd_bytes[conn_index] = nbytes
+                    index += 1
+                    continue
                 _recv_exact(sock, hview[COMMON_HEADER_SIZE:size], f"packet {index}'s header")
                 pkt_ = decode_ram_packet(header, compression=self.compression,
                                          block_sizes=self.block_sizes, packet_index=index)
