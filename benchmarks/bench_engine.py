@@ -360,6 +360,7 @@ class Bench:
             rec["dst_cpu_before_s"] = round((br.pid_cpu_s(dst.pid) or 0.0)
                                             - dst_cpu_incoming, 3)
         ours = [src.pid, dst.pid, *(p.proc.pid for p in profilers.values())]
+        split0 = [br.proc_cpu(f"/proc/{pid}/stat") for pid in ours[:2]]
         cpu0 = [br.pid_cpu_s(pid) for pid in ours]
         busy0, self0 = system_busy_s(), sum(os.times()[:2])
         t0 = time.monotonic()
@@ -384,6 +385,7 @@ class Bench:
             time.sleep(args.poll)
         elapsed = time.monotonic() - t0
         cpu1 = [br.pid_cpu_s(pid) for pid in ours]
+        split1 = [br.proc_cpu(f"/proc/{pid}/stat") for pid in ours[:2]]
         if None in cpu0 or None in cpu1:
             raise RunFailed("cannot read the source's or the destination's CPU time")
         used = sum(cpu1) - sum(cpu0) + sum(os.times()[:2]) - self0  # type: ignore[arg-type]
@@ -402,6 +404,10 @@ class Bench:
         rec["throughput_mib_s"] = round(rec["transferred"] / MIB / done["dst"], 1)
         for i, role in enumerate(("src", "dst")):
             rec[f"{role}_cpu_s"] = round(cpu1[i] - cpu0[i], 3)  # type: ignore[operator]
+            a, b = split0[i], split1[i]
+            if a is not None and b is not None:
+                rec[f"{role}_user_s"] = round(b[0] - a[0], 3)
+                rec[f"{role}_sys_s"] = round(b[1] - a[1], 3)
             rec[f"{role}_cpu_per_gib"] = round(rec[f"{role}_cpu_s"] / gib, 3) if gib else None
         rec["dst_hwm_kib"] = br.proc_status_kib(dst.pid or 0, "VmHWM")
         return rec
@@ -413,7 +419,8 @@ class Bench:
 
 SUMMARY_KEYS = ("src_wall_s", "dst_wall_s", "src_total_time_ms", "downtime_ms", "transferred",
                 "throughput_mib_s", "src_cpu_s", "dst_cpu_s", "src_cpu_per_gib",
-                "dst_cpu_per_gib", "dst_cpu_before_s", "other_cores", "busy_before")
+                "dst_cpu_per_gib", "dst_cpu_before_s", "src_user_s", "src_sys_s", "dst_user_s",
+                "dst_sys_s", "other_cores", "busy_before")
 RATIO_KEYS = ("src_total_time_ms", "src_wall_s", "dst_wall_s", "src_cpu_per_gib",
               "dst_cpu_per_gib")
 
@@ -474,6 +481,12 @@ def print_table(summary: dict[str, Any], args: argparse.Namespace) -> None:
                      if key in r]
             if parts:
                 print(f"    livemig / {ref}: " + ", ".join(parts))
+        split = [f"{v} {m['src_user_s']:.2f}+{m['src_sys_s']:.2f} / "
+                 f"{m['dst_user_s']:.2f}+{m['dst_sys_s']:.2f}"
+                 for v, m in entry["variants"].items() if m.get("src_user_s") is not None
+                 and m.get("dst_user_s") is not None]
+        if split:
+            print("    CPU s user+sys, source / destination: " + "; ".join(split))
         before = entry["variants"].get("livemig", {}).get("dst_cpu_before_s")
         if before is not None:
             print(f"    livemig's destination used {before:.2f} CPU s before 'migrate' "
