@@ -1,3 +1,4 @@
+# ruff: noqa: F811 - the engine tests' ``pairs`` fixture is imported, then requested
 """vfio-sim devices in live migrations (issue 5): both transfer paths, and hostile
 device-state packets injected on the wire by a source that misbehaves."""
 
@@ -60,7 +61,6 @@ def _raw(idstr: str, payload: bytes) -> OutgoingDeviceStatePacket:
 def tamper(kind: str, packets: list[OutgoingDeviceStatePacket]) -> list[OutgoingDeviceStatePacket]:
     idstr = packets[0].idstr
     data = [p for p in packets if not p.is_config]
-    config = [p for p in packets if p.is_config]
     if kind == "short":
         return [_raw(idstr, b"\0" * 8), *packets]
     if kind == "version":
