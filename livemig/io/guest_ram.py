@@ -64,7 +64,9 @@ class RamBlock:
 
     def take_dirty(self) -> np.ndarray:
         """Indices of pages marked since the last call, clearing their marks."""
-        idx = np.flatnonzero(self.dirty)
+        # a copy first: workers mark pages while we look, and numpy's nonzero()
+        # must not see the array change under it
+        idx = np.flatnonzero(self.dirty.copy())
         self.dirty[idx] = 0
         return idx
 
