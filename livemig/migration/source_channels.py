@@ -96,6 +96,7 @@ class ReturnPath(threading.Thread):
 def connect_channel(u: Uri, timeout: float = 10.0) -> socket.socket:
     deadline = time.monotonic() + timeout
     while True:
+        s: socket.socket | None = None
         try:
             if isinstance(u, TcpUri):
                 s = socket.create_connection((u.host, u.port), timeout=10)
@@ -112,6 +113,8 @@ def connect_channel(u: Uri, timeout: float = 10.0) -> socket.socket:
                 pass
             return s
         except OSError as e:
+            if s is not None:
+                s.close()  # the error's traceback would keep the descriptor open
             if time.monotonic() > deadline:
                 raise TransportError(f"cannot connect to the destination {u}: "
                                      f"{e.strerror or e}") from e
