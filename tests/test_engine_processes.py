@@ -923,6 +923,43 @@ def test_snapshot_sent_back_into_a_machine(machines: Factory, workdir: Path,
 # --------------------------------------------------------------------------------------------
 
 
+def test_migrate_to_nowhere(machines: Factory, workdir: Path) -> None:
+    """Nothing listens at the URI: the source fails in setup, says so, and runs on."""
+    src = machines("src", *workload_args(16 * MIB, rate="64M"))
+    src.set_caps(events=True)
+    base = src.resources()
+    src.cmd("migrate", uri=f"unix:{workdir}/nobody.sock")
+    q = src.wait_migration(FAULT_TIMEOUT)
+    assert q["status"] == "failed", q
+    assert re.search(r"cannot connect to the destination unix:.*nobody\.sock: No such file",
+                     q["error-desc"]), q["error-desc"]
+    assert migration_statuses(src) == ["setup", "failed"]
+    assert_source_runs_on(src)
+    src.wait_resources(base)
+    for bad in ("file:/tmp/x", "nonsense"):
+        assert src.error("migrate", uri=bad)["class"] == "GenericError"
+
+
+#: How soon a cancel must take effect, whatever the migration is doing.
+CANCEL_TIMEOUT = 2.0
+
+
+@pytest.mark.xfail(strict=True, reason="livemig bug: connect_channel() "
+                   "(livemig/migration/source_channels.py) retries a refused connection for "
+                   "10 s without looking at the failure latch, so migrate_cancel (and quit) "
+                   "during setup waits for the retries to run out")
+def test_cancel_while_connecting_is_prompt(machines: Factory, workdir: Path) -> None:
+    src = machines("src", *workload_args(16 * MIB, rate="64M"))
+    src.cmd("migrate", uri=f"unix:{workdir}/nobody.sock")
+    time.sleep(0.3)  # into connect's retries
+    src.cmd("migrate_cancel")
+    t0 = time.monotonic()
+    q = src.wait_migration(FAULT_TIMEOUT)
+    took = time.monotonic() - t0
+    assert q["status"] == "cancelled", q
+    assert took < CANCEL_TIMEOUT, f"migrate_cancel took {took:.1f} s to end the migration"
+
+
 @pytest.mark.parametrize("mismatch", ["ram-size", "channels", "compression"])
 def test_mismatched_sides_fail_both(machines: Factory, workdir: Path, mismatch: str) -> None:
     """The destination refuses what does not fit it and says why; the source fails
