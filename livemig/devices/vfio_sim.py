@@ -271,6 +271,8 @@ class VfioSimHandler(DeviceHandler):
     def load_finish(self) -> None:
         self._close_fd()
         try:
+            if self.dev.state == S.RESUMING:
+                self.dev.set_state(S.STOP)
             self.dev.set_state(S.RUNNING)
         except StreamFormatError:
             self.verified = False
@@ -301,6 +303,11 @@ class _CountingTarget:
 
     def load_config(self, config: memoryview) -> None:
         self.target.load_config(config)
+        # the config is the last packet: leave RESUMING here, in this device's load
+        # thread, so that the devices' resume checks run in parallel, not one by
+        # one in load_finish after the stream ended
+        self.handler._close_fd()
+        self.handler.dev.set_state(S.STOP)
 
     def cancel(self) -> None:
         self.target.cancel()
