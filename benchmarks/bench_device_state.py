@@ -1,0 +1,69 @@
+#!/usr/bin/env python3
+"""Downtime with vfio-sim device state on the main channel vs over multifd (issue 5).
+
+Runs ``livemig demo --json`` (two ``livemig run`` processes, the dirty-pages
+workload, N vfio-sim devices that keep changing their memory) once per path
+and device count, alternating the paths, and reports the downtime each run
+measured (machine stop on the source to the destination's confirmation) and
+the ratio multifd / main.
+
+    benchmarks/bench_device_state.py                  # 4 devices x 128M, 4 channels
+    benchmarks/bench_device_state.py --devices 1 2 4 8 --size 64M
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def demo(devices: int, size: str, path: str, channels: int, memory: str) -> dict:
+    env = dict(os.environ, PYTHONPATH=ROOT)
+    r = subprocess.run([sys.executable, "-m", "livemig.cli.main", "demo", "--json",
+                        "--memory", memory, "--multifd-channels", str(channels),
+                        "--vfio-devices", str(devices), "--vfio-state-size", size,
+                        "--device-state-transfer", path], env=env, capture_output=True,
+                       timeout=900, check=False)
+    out = json.loads(r.stdout.decode().strip().splitlines()[-1])
+    if r.returncode or not out.get("verified"):
+        raise SystemExit(f"demo failed ({path}, {devices} devices): {out}")
+    return out
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--devices", type=int, nargs="+", default=[4])
+    ap.add_argument("--size", default="128M", help="device memory per device")
+    ap.add_argument("--channels", type=int, default=4)
+    ap.add_argument("--memory", default="256M", help="guest RAM")
+    ap.add_argument("--repeat", type=int, default=3)
+    ap.add_argument("--json-out", metavar="FILE")
+    args = ap.parse_args()
+    rows = []
+    print(f"{'devices':>7} {'main ms':>9} {'multifd ms':>11} {'ratio':>6}")
+    for n in args.devices:
+        times: dict[str, list[int]] = {"main": [], "multifd": []}
+        for _ in range(args.repeat):
+            for path in ("main", "multifd"):
+                times[path].append(demo(n, args.size, path, args.channels,
+                                        args.memory)["downtime_ms"])
+        main_ms = statistics.median(times["main"])
+        mfd_ms = statistics.median(times["multifd"])
+        ratio = mfd_ms / main_ms if main_ms else float("nan")
+        rows.append({"devices": n, "size": args.size, "main_ms": times["main"],
+                     "multifd_ms": times["multifd"], "ratio": ratio})
+        print(f"{n:>7} {main_ms:>9.0f} {mfd_ms:>11.0f} {ratio:>6.2f}", flush=True)
+    if args.json_out:
+        with open(args.json_out, "w") as f:
+            json.dump(rows, f, indent=1)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
