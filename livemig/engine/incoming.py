@@ -233,10 +233,10 @@ class IncomingMachineMigration:
             else:
                 self.machine.set_state("paused")
         except BaseException as e:
+            inc.refuse()  # first: the latch shuts the main channel down
             self.latch.fail(e)
             first = self.latch.error
             self.error_desc = str(first)
-            inc.refuse()
             inc.abort()
             if reassembler is not None:
                 reassembler.abort()
