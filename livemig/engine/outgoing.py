@@ -121,6 +121,7 @@ class OutgoingMigration:
         self.downtime_bytes = 0
         self._high_count = 0
         self._stopped_at: float | None = None
+        self._rp: ReturnPath | None = None
 
     # -- control -------------------------------------------------------------
     def start(self) -> None:
@@ -166,6 +167,12 @@ class OutgoingMigration:
             self.latch.fail(e)
             first = self.latch.error
             cancelled = isinstance(first, MigrationCancelled)
+            rp = self._rp
+            if isinstance(first, TransportError) and rp is not None and rp.shut:
+                # the destination said it failed, then closed: the broken channel is
+                # only the consequence (as send and relay report it)
+                first = PeerError(f"the destination failed to load the migration (status "
+                                  f"{rp.shut})")
             if not cancelled:
                 self.error_desc = str(first)
             self._resume_source()
@@ -216,6 +223,7 @@ class OutgoingMigration:
             out.put(encode_command(Command.PING, struct.pack(">I", 1)))
             out.flush()
             rp = ReturnPath(main, latch)
+            self._rp = rp
             rp.start()
             if self.channels:
                 chans = [connect_channel(self.uri) for _ in range(self.channels)]
