@@ -13,15 +13,19 @@ SIGKILL, a channel cut by something in between).
   queried, refusals as ``GenericError``.
 * Live migration between two processes (1 and 4 channels, none and zstd): the
   MIGRATION and MIGRATION_PASS events, ``query-migrate`` numbers, the
-  destination's workload check, the run states afterwards; a second
-  ``migrate`` refused with QEMU's text.
+  destination's workload check, the run states afterwards; passes following
+  one another under ``max-bandwidth``; a second ``migrate`` refused with
+  QEMU's text, then a cancel.
 * ``livemig demo --json``: its summary line.
 * Faults: a multifd channel cut mid-packet by a proxy, the destination killed,
-  the source killed. Both sides (or the survivor) report ``failed`` with an
-  ``error-desc`` naming the cause, a surviving source runs on, and the
-  survivors' threads, descriptors and socket files go back to what they were.
+  the source killed / terminated / quit, two sides that do not match (RAM size,
+  channel count, compression), a destination nobody listens at. Both sides (or
+  the survivor) report ``failed`` with an ``error-desc`` naming the cause, a
+  surviving source runs on, and the survivors' threads, descriptors and socket
+  files go back to what they were.
 * Format interop: ``livemig run`` -> ``livemig receive`` -> snapshot ->
-  ``livemig inspect --json``.
+  ``livemig inspect --json``, and the snapshot ``livemig send``-ed back into a
+  fresh ``livemig run`` that checks every page.
 
 Every wait has a deadline; every process a test starts is killed at teardown
 (``machines`` fixture), and the proxy's threads are joined.
