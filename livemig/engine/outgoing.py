@@ -209,7 +209,7 @@ class OutgoingMigration:
         blockers = m.migration_blockers()
         if blockers:
             raise ConfigError("; ".join(blockers))
-        main = connect_channel(self.uri)
+        main = connect_channel(self.uri, latch=latch)
         latch.add_socket(main)
         chans = []
         rp: ReturnPath | None = None
@@ -226,7 +226,8 @@ class OutgoingMigration:
             self._rp = rp
             rp.start()
             if self.channels:
-                chans = [connect_channel(self.uri) for _ in range(self.channels)]
+                for _ in range(self.channels):  # each closed below, even if a later fails
+                    chans.append(connect_channel(self.uri, latch=latch))
                 sender = RamMultifdSender(chans, self.compression, m.uuid, latch, self.stats)
                 sender.start()
             self.sender = sender

@@ -93,7 +93,10 @@ class ReturnPath(threading.Thread):
             self.done.set()
 
 
-def connect_channel(u: Uri, timeout: float = 10.0) -> socket.socket:
+def connect_channel(u: Uri, timeout: float = 10.0,
+                    latch: FailureLatch | None = None) -> socket.socket:
+    """Connect, retrying for ``timeout`` seconds while the destination does not listen
+    yet; a failure of ``latch`` (a cancel) ends the retries at once."""
     deadline = time.monotonic() + timeout
     while True:
         s: socket.socket | None = None
@@ -115,6 +118,8 @@ def connect_channel(u: Uri, timeout: float = 10.0) -> socket.socket:
         except OSError as e:
             if s is not None:
                 s.close()  # the error's traceback would keep the descriptor open
+            if latch is not None:
+                latch.raise_if_failed()
             if time.monotonic() > deadline:
                 raise TransportError(f"cannot connect to the destination {u}: "
                                      f"{e.strerror or e}") from e
