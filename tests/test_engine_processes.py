@@ -130,10 +130,13 @@ class RunProcess:
                                          stderr=err, start_new_session=True, env=livemig_env())
         self.client: QMPClient | None = None
         self.events: list[dict[str, Any]] = []
-        self.ready = self._wait_ready()
-        client = QMPClient(name)
-        self.loop.call(client.connect(str(self.qmp_path)))
-        self.client = client
+        try:
+            self.ready = self._wait_ready()
+            self.client = QMPClient(name)
+            self.loop.call(self.client.connect(str(self.qmp_path)))
+        except BaseException:
+            self.close()  # the fixture never saw this one: kill it here
+            raise
 
     @property
     def pid(self) -> int:
@@ -284,18 +287,23 @@ class RunProcess:
 
     def close(self) -> None:
         """Quit (over QMP, else SIGTERM, else SIGKILL), always reaped."""
+        asked = False
         if self.alive() and self.client is not None:
             with contextlib.suppress(Exception):
                 self.cmd("quit", timeout=5.0)
+                asked = True
         self.disconnect()
-        for sig in (signal.SIGTERM, signal.SIGKILL):
-            try:
+        if asked:
+            with contextlib.suppress(subprocess.TimeoutExpired):
                 self.proc.wait(EXIT_TIMEOUT)
+        for sig in (signal.SIGTERM, signal.SIGKILL):
+            if self.proc.poll() is not None:
                 return
-            except subprocess.TimeoutExpired:
-                with contextlib.suppress(OSError):
-                    os.killpg(self.proc.pid, sig)
-        self.proc.wait(EXIT_TIMEOUT)
+            with contextlib.suppress(OSError):
+                os.killpg(self.proc.pid, sig)
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                self.proc.wait(EXIT_TIMEOUT)
+        assert self.proc.poll() is not None, f"{self.name}: still running after SIGKILL"
 
 
 Factory = Callable[..., RunProcess]
