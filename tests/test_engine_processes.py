@@ -740,15 +740,19 @@ assert INIT_PACKET_SIZE + 2 * RAM_HEADER_SIZE < CUT_AFTER < \
     INIT_PACKET_SIZE + 2 * RAM_HEADER_SIZE + 128 * PAGE_SIZE
 
 
-def test_fault_multifd_channel_cut_mid_packet(machines: Factory, workdir: Path,
-                                               proxies: list[CuttingProxy]) -> None:
-    src, dst, uri = start_pair(machines, workdir, 64 * MIB, rate="64M", channels=4)
+@pytest.mark.parametrize("channel", ["multifd", "main"])
+def test_fault_channel_cut_mid_packet(machines: Factory, workdir: Path,
+                                      proxies: list[CuttingProxy], channel: str) -> None:
+    """A connection cut by something in between, inside a packet: multifd channel 1 of 4
+    (connection 2), or the main channel of a plain precopy migration, inside its pages."""
+    channels = 4 if channel == "multifd" else 0
+    src, dst, uri = start_pair(machines, workdir, 64 * MIB, rate="64M", channels=channels)
     src.set_params(max_bandwidth=64 * MIB)
     src_base, dst_base = src.resources(), dst.resources()
     dst.cmd("migrate-incoming", uri=uri)
     proxy_path = str(workdir / "proxy.sock")
-    proxy = CuttingProxy(proxy_path, uri.removeprefix("unix:"), cut_index=2,
-                         cut_after=CUT_AFTER)
+    proxy = CuttingProxy(proxy_path, uri.removeprefix("unix:"),
+                         cut_index=2 if channel == "multifd" else 0, cut_after=CUT_AFTER)
     proxies.append(proxy)
     src.cmd("migrate", uri=f"unix:{proxy_path}")
     assert proxy.cut.wait(FAULT_TIMEOUT), f"the proxy never cut: {proxy.forwarded}"
@@ -757,12 +761,24 @@ def test_fault_multifd_channel_cut_mid_packet(machines: Factory, workdir: Path,
     dq = dst.wait_migration(FAULT_TIMEOUT)
     assert q["status"] == "failed", q
     assert dq["status"] == "failed", dq
-    # The destination names the first cause: connection 2 is multifd channel 1 (0 is
-    # main), cut inside packet 1 (packet 0 is the setup sync). The source names the
-    # first of its sends that failed: channel 1's, unless that one's packet was already
-    # in the socket buffer and another channel sent first after the destination closed.
-    assert re.search(r"multifd channel 1\b.*middle of packet", dq["error-desc"]), \
-        dq["error-desc"]
+    # The destination names the first cause. The source names the first of its sends
+    # that failed: for multifd, channel 1's, unless that one's packet was already in the
+    # socket buffer and another channel sent first after the destination closed.
+    if channel == "multifd":
+        # connection 2 is multifd channel 1 (0 is main), cut inside packet 1 (packet 0
+        # is the setup sync)
+        assert re.search(r"multifd channel 1\b.*middle of packet", dq["error-desc"]), \
+            dq["error-desc"]
+    else:
+        # the record the stream ends in (it starts at most a page and its header before
+        # the cut); or, when the destination came to the source's PING only after the
+        # cut, its PONG that could not go back
+        err = dq["error-desc"]
+        m = re.search(r"main channel, offset (0x[0-9a-f]+): .*stream ends", err)
+        if m:
+            assert CUT_AFTER - 2 * PAGE_SIZE < int(m.group(1), 16) <= CUT_AFTER, err
+        else:
+            assert "main channel: return path send failed" in err, err
     assert re.search(r"(main|multifd) channel.*send failed", q["error-desc"]), \
         q["error-desc"]
     assert migration_statuses(src) == ["setup", "active", "failed"]
