@@ -439,20 +439,24 @@ def test_capabilities_and_parameters(machines: Factory) -> None:
 
 def start_pair(machines: Factory, workdir: Path, memory: int, *, rate: str = "32M",
                channels: int = 2, compression: str = "none",
-               incoming: str | None = None) -> tuple[RunProcess, RunProcess, str]:
-    dst = machines("dst", *workload_args(memory, fill=False), "--incoming", "defer")
-    src = machines("src", *workload_args(memory, rate=rate))
+               tracking: str = "software") -> tuple[RunProcess, RunProcess, str]:
+    dst = machines("dst", *workload_args(memory, fill=False), "--incoming", "defer",
+                   "--dirty-tracking", tracking)
+    src = machines("src", *workload_args(memory, rate=rate), "--dirty-tracking", tracking)
     configure(channels, compression, src, dst)
     uri = f"unix:{workdir}/mig.sock"
     return src, dst, uri
 
 
-@pytest.mark.parametrize("channels,compression,memory", [
-    (1, "none", 64 * MIB), (4, "none", 128 * MIB), (1, "zstd", 64 * MIB), (4, "zstd", 64 * MIB)])
+@pytest.mark.parametrize("channels,compression,memory,tracking", [
+    (1, "none", 64 * MIB, "software"), (4, "none", 128 * MIB, "software"),
+    (1, "zstd", 64 * MIB, "software"), (4, "zstd", 64 * MIB, "software"),
+    # the workload marks nothing: uffd-wp + PAGEMAP_SCAN see its writes
+    (2, "none", 64 * MIB, "kernel")])
 def test_live_migration(machines: Factory, workdir: Path, channels: int, compression: str,
-                        memory: int) -> None:
+                        memory: int, tracking: str) -> None:
     src, dst, uri = start_pair(machines, workdir, memory, channels=channels,
-                               compression=compression)
+                               compression=compression, tracking=tracking)
     src.set_params(max_bandwidth=0)
     assert dst.status() == "inmigrate"
     src.wait_workload_passes(-1)
