@@ -546,8 +546,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                         "CPUs: all CPUs' busy time (/proc/stat) less what the two machines and "
                         "this script used, over the run (default 0.15)")
     p.add_argument("--retries", type=int, default=3, help="re-runs of a noisy run (3)")
-    p.add_argument("--poll", type=float, default=0.005,
-                   help="query-migrate polling interval in seconds (0.005)")
+    p.add_argument("--poll", type=float, default=0.01,
+                   help="query-migrate polling interval in seconds (0.01; livemig answers "
+                        "each poll in Python, so a much shorter one costs it measurable CPU)")
     p.add_argument("--profile-dir", metavar="DIR",
                    help="attach py-spy (raw stacks, every thread) to both livemig processes "
                         "for the migration window and write the profiles here; those runs' "
