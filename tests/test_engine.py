@@ -318,3 +318,17 @@ def test_device_missing_on_destination_fails_fast(pairs: list[Pair], workdir: Pa
     d = p.dst.query_migrate()
     assert d["status"] == "failed" and "only-on-source" in d["error-desc"], d
     assert p.src_m.state == "running"
+
+
+def test_failed_destination_does_not_run(pairs: list[Pair], workdir: Path) -> None:
+    """After a failed incoming migration the destination's RAM is incomplete: cont is
+    refused (QEMU's destination would not run either)."""
+    from livemig.engine.controller import CommandError
+
+    p = make_pair(pairs, workdir, 8 * MIB, rate=10 * MIB, fill=False,
+                  extra_src=[BlobDevice("only-on-source", b"abc")])
+    p.configure(1)
+    assert p.migrate()["status"] == "failed"
+    with pytest.raises(CommandError, match="incoming migration failed"):
+        p.dst.cont()
+    assert p.dst_m.state == "paused"

@@ -79,6 +79,9 @@ class MachineController:
             raise CommandError("Migration is not finalized yet")
         if st == "finish-migrate":
             raise CommandError("a migration is completing; try again")
+        if self.incoming is not None and self.incoming.status == "failed":
+            raise CommandError("the incoming migration failed (guest memory and devices are "
+                               "incomplete): this machine cannot run")
         if st != "running":
             self.machine.cont()
             self.emit("RESUME")
