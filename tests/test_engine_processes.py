@@ -394,7 +394,7 @@ def test_capabilities_and_parameters(machines: Factory) -> None:
     m = machines("m", "--memory", "16M", "-S")
     caps = {c["capability"]: c["state"] for c in m.cmd("query-migrate-capabilities")}
     assert caps == {"multifd": False, "events": False, "auto-converge": False,
-                    "return-path": False, "pause-before-switchover": False}
+                    "return-path": False}
     params = m.cmd("query-migrate-parameters")
     assert params["max-bandwidth"] == 128 * MIB and params["downtime-limit"] == 300
     assert params["multifd-channels"] == 2 and params["multifd-compression"] == "none"

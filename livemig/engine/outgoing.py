@@ -120,6 +120,7 @@ class OutgoingMigration:
         self.precopy_bytes = 0
         self.downtime_bytes = 0
         self._high_count = 0
+        self._last_sent = 0
         self._stopped_at: float | None = None
         self._rp: ReturnPath | None = None
 
@@ -391,7 +392,11 @@ class OutgoingMigration:
         if bw and pending <= bw * limit_ms / 1000:
             return True
         if self.passes > 1:
-            self._maybe_throttle(found * PAGE_SIZE, sent)
+            # QEMU compares what was dirtied during a period with what was sent during
+            # that same period: the pages found now were dirtied while the previous
+            # pass was sending
+            self._maybe_throttle(found * PAGE_SIZE, self._last_sent)
+        self._last_sent = sent
         return False
 
     def _bytes(self) -> int:

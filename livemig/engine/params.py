@@ -20,7 +20,6 @@ CAPABILITIES: dict[str, bool] = {
     "events": False,
     "auto-converge": False,
     "return-path": False,
-    "pause-before-switchover": False,
 }
 
 #: Parameters livemig implements, with QEMU 10's defaults.
