@@ -187,8 +187,8 @@ def test_convergence_needs_auto_converge(pairs: list[Pair], workdir: Path) -> No
     assert p.src.wait_migration(DEADLINE) == "cancelled"
     assert p.src_m.state == "running"
 
-    p2 = make_pair(pairs, workdir / "b" if (workdir / "b").mkdir() is None else workdir,
-                   16 * MIB, rate=64 * MIB)
+    (workdir / "b").mkdir()
+    p2 = make_pair(pairs, workdir / "b", 16 * MIB, rate=64 * MIB)
     p2.configure(1, **{"max-bandwidth": bw, "downtime-limit": 50,
                        "cpu-throttle-initial": 30, "cpu-throttle-increment": 20})
     p2.src.migrate_set_capabilities([{"capability": "auto-converge", "state": True}])

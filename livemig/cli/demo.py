@@ -108,11 +108,7 @@ class _Backend:
     def close(self) -> None:
         if self.proc.poll() is None:
             self.proc.terminate()
-        try:
-            self.proc.wait(10)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            self.proc.wait()
+        _reap(self.proc)
         self.log.close()
 
 
@@ -165,14 +161,19 @@ class _Machine:
             with contextlib.suppress(MigrationError, OSError):
                 self.qmp.cmd("quit")
             self.qmp.close()
-        try:
-            self.proc.wait(10)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            self.proc.wait()
+        _reap(self.proc)
         if self.proc.stdout is not None:
             self.proc.stdout.close()
         self.log.close()
+
+
+def _reap(proc: subprocess.Popen[bytes]) -> None:
+    """Wait for a child asked to leave; kill it if it does not within 10 s."""
+    try:
+        proc.wait(10)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
 
 
 def _child_env() -> dict[str, str]:

@@ -11,17 +11,15 @@ from __future__ import annotations
 
 import threading
 import time
-from collections.abc import Callable
 from typing import Any
 
 from livemig.engine.incoming import IncomingMachineMigration
 from livemig.engine.machine import Machine
+from livemig.engine.migration_run import EventSink
 from livemig.engine.outgoing import OutgoingMigration
 from livemig.engine.params import PARAMETERS, MigrationSettings
 from livemig.engine.workload import DirtyPagesWorkload
 from livemig.errors import ConfigError, MigrationError
-
-EventSink = Callable[[str, "dict[str, Any] | None"], None]
 
 
 class CommandError(MigrationError):

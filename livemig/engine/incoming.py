@@ -24,15 +24,14 @@ import numpy as np
 
 from livemig.engine.handlers import DeviceHandler
 from livemig.engine.machine import Machine
-from livemig.engine.params import FINISHED, MigrationSettings, next_status
+from livemig.engine.migration_run import EventSink, MigrationRun
+from livemig.engine.params import MigrationSettings
 from livemig.errors import ConfigError, MigrationError, StreamFormatError
 from livemig.io.guest_ram import PAGE_SIZE
-from livemig.io.uri import TcpUri, UnixUri, Uri, parse_uri
+from livemig.io.uri import Uri
 from livemig.migration.device_state_recv import DeviceStateReassembler
-from livemig.migration.failure import FailureLatch
 from livemig.migration.incoming import IncomingMigration
-from livemig.migration.stats import TransferStats
-from livemig.wire.constants import Command, MultifdCompression
+from livemig.wire.constants import Command
 from livemig.wire.events import CommandRecord, Configuration, DeviceSection, RamBlockInfo
 from livemig.wire.multifd import page_runs
 from livemig.wire.stream import LengthFn
@@ -118,34 +117,17 @@ class MachineSink:
         raise ConfigError("a livemig machine cannot load a mapped-ram file as a migration")
 
 
-class IncomingMachineMigration:
+class IncomingMachineMigration(MigrationRun):
     """``migrate-incoming`` for a machine: runs in its own thread."""
 
     def __init__(self, machine: Machine, uri: str | Uri, settings: MigrationSettings, *,
-                 emit: Callable[[str, dict[str, Any] | None], None] | None = None,
-                 autostart: bool = True,
+                 emit: EventSink | None = None, autostart: bool = True,
                  on_listening: Callable[[str], None] | None = None) -> None:
-        self.machine = machine
-        self.uri = parse_uri(uri) if isinstance(uri, str) else uri
-        if not isinstance(self.uri, (TcpUri, UnixUri)):
-            raise ConfigError(f"migrate-incoming needs a tcp: or unix: URI, not {self.uri}")
-        self.caps = dict(settings.capabilities)
-        self.channels = settings.channels
-        self.compression = MultifdCompression(settings.compression)
-        self.emit_event = emit or (lambda name, data: None)
+        super().__init__(machine, uri, settings, "migrate-incoming", emit)
         self.autostart = autostart
         self.on_listening = on_listening
-        self.latch = FailureLatch()
-        self.stats = TransferStats()
-        self.status = "none"
-        self.error_desc: str | None = None
         self.address: str | None = None
         self.listening = threading.Event()
-        self.thread: threading.Thread | None = None
-        self.start_time = time.monotonic()
-        self.end_time: float | None = None
-        self._lock = threading.Lock()
-        self._loaded: set[tuple[str, int]] = set()
         self.reassembler: DeviceStateReassembler | None = None
         self.incoming: IncomingMigration | None = None
 
@@ -171,24 +153,6 @@ class IncomingMachineMigration:
         if inc is not None and inc.listener is not None:
             with contextlib.suppress(OSError):
                 inc.listener.sock.shutdown(socket.SHUT_RDWR)  # wakes a blocked accept()
-
-    def join(self, timeout: float | None = None) -> bool:
-        if self.thread is not None:
-            self.thread.join(timeout)
-            return not self.thread.is_alive()
-        return True
-
-    @property
-    def finished(self) -> bool:
-        return self.status in FINISHED
-
-    def _set_status(self, new: str) -> None:
-        with self._lock:
-            if self.status == new:
-                return
-            self.status = next_status(self.status, new)
-        if self.caps.get("events"):
-            self.emit_event("MIGRATION", {"status": new})
 
     def _listening(self, address: str) -> None:
         self.address = address
@@ -278,7 +242,6 @@ class IncomingMachineMigration:
                                     f"newer than this machine's {d.version_id}")
         body = memoryview(ev.raw)[ev.body_offset:ev.body_offset + ev.body_length]
         d.load_state(body, hdr.version_id, hdr.kind.name.removeprefix("SECTION_"))
-        self._loaded.add((hdr.idstr, hdr.instance_id))
 
     def query(self) -> dict[str, Any]:
         st = self.status

@@ -38,7 +38,8 @@ import numpy as np
 
 from livemig.engine.handlers import DeviceHandler, SectionOut
 from livemig.engine.machine import Machine
-from livemig.engine.params import FINISHED, MigrationSettings, next_status
+from livemig.engine.migration_run import EventSink, MigrationRun
+from livemig.engine.params import FINISHED, MigrationSettings
 from livemig.engine.ram_send import (
     MAIN_BATCH_PAGES,
     RamMultifdSender,
@@ -48,11 +49,9 @@ from livemig.engine.ram_send import (
 )
 from livemig.errors import ConfigError, MigrationError, PeerError, TransportError
 from livemig.io.guest_ram import PAGE_SIZE
-from livemig.io.uri import TcpUri, UnixUri, Uri, parse_uri
-from livemig.migration.failure import FailureLatch
+from livemig.io.uri import Uri
 from livemig.migration.source_channels import MainWriter, ReturnPath, connect_channel
-from livemig.migration.stats import TransferStats
-from livemig.wire.constants import Command, MultifdCompression, SectionType
+from livemig.wire.constants import Command, SectionType
 from livemig.wire.events import RamBlockInfo
 from livemig.wire.ram import encode_block_list, encode_eos, encode_multifd_flush
 from livemig.wire.stream import (
@@ -75,38 +74,20 @@ class MigrationCancelled(MigrationError):
     """``migrate_cancel`` was asked for."""
 
 
-EventSink = Callable[[str, "dict[str, Any] | None"], None]
-
-
-class OutgoingMigration:
+class OutgoingMigration(MigrationRun):
     def __init__(self, machine: Machine, uri: str | Uri, settings: MigrationSettings, *,
                  emit: EventSink | None = None, dirty_tracking: str = "software") -> None:
-        self.machine = machine
-        self.uri = parse_uri(uri) if isinstance(uri, str) else uri
-        if not isinstance(self.uri, (TcpUri, UnixUri)):
-            raise ConfigError(f"migrate needs a tcp: or unix: URI, not {self.uri}")
+        super().__init__(machine, uri, settings, "migrate", emit)
         if dirty_tracking not in ("software", "kernel"):
             raise ConfigError(f"dirty tracking {dirty_tracking!r}: software or kernel")
-        # a private copy: parameters changed during the migration are read live
-        # from ``settings`` only where QEMU reads them live (bandwidth, downtime)
+        # parameters changed during the migration are read live from ``settings``
+        # only where QEMU reads them live (bandwidth, downtime)
         self.settings = settings
-        self.caps = dict(settings.capabilities)
-        self.channels = settings.channels
-        self.compression = MultifdCompression(settings.compression)
-        self.emit_event = emit or (lambda name, data: None)
         self.tracking = dirty_tracking
         for d in machine.devices:
             d.configure_migration(self.channels)
-        self.latch = FailureLatch()
-        self.stats = TransferStats()
-        self.status = "none"
-        self.error_desc: str | None = None
-        self.thread: threading.Thread | None = None
-        self._lock = threading.Lock()
         self._was_running = machine.running
         self._trackers: dict[str, Any] = {}
-        self.start_time = time.monotonic()
-        self.end_time: float | None = None
         self.setup_time_ms: int | None = None
         self.downtime_ms: int | None = None
         self.expected_downtime_ms: int | None = None
@@ -136,27 +117,6 @@ class OutgoingMigration:
                 return
             self._set_status_locked("cancelling")
         self.latch.fail(MigrationCancelled("migration cancelled"))
-
-    def join(self, timeout: float | None = None) -> bool:
-        if self.thread is not None:
-            self.thread.join(timeout)
-            return not self.thread.is_alive()
-        return True
-
-    @property
-    def finished(self) -> bool:
-        return self.status in FINISHED
-
-    def _set_status(self, new: str) -> None:
-        with self._lock:
-            self._set_status_locked(new)
-
-    def _set_status_locked(self, new: str) -> None:
-        if self.status == new:
-            return
-        self.status = next_status(self.status, new)
-        if self.caps.get("events"):
-            self.emit_event("MIGRATION", {"status": new})
 
     # -- the migration thread ------------------------------------------------
     def _run(self) -> None:

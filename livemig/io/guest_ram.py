@@ -50,12 +50,13 @@ class RamBlock:
 
     def write(self, offset: int, data: bytes | bytearray | memoryview | np.ndarray) -> None:
         """Write guest memory and mark the pages it touched."""
-        n = len(memoryview(data).cast("B")) if not isinstance(data, np.ndarray) else data.nbytes
+        buf = (data.reshape(-1).view(np.uint8) if isinstance(data, np.ndarray)
+               else np.frombuffer(data, dtype=np.uint8))
+        n = buf.size
         if offset < 0 or offset + n > self.size:
             raise ConfigError(f"write of {n} bytes at {offset:#x} is outside block "
                               f"{self.name} ({self.size:#x} bytes)")
-        self.bytes[offset:offset + n] = np.frombuffer(data, dtype=np.uint8) \
-            if not isinstance(data, np.ndarray) else data.reshape(-1).view(np.uint8)
+        self.bytes[offset:offset + n] = buf
         self.mark_dirty(offset, n)
 
     def mark_dirty(self, offset: int, length: int) -> None:

@@ -1,0 +1,66 @@
+"""What an outgoing and an incoming migration of a machine have in common.
+
+Both run in a thread of their own, keep QEMU's MigrationStatus (moved only
+along :data:`~livemig.engine.params.STATUS_ARCS`, with a MIGRATION event per
+change when the ``events`` capability is on), count what moved, and end
+through a :class:`~livemig.migration.failure.FailureLatch`.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Callable
+from typing import Any
+
+from livemig.engine.machine import Machine
+from livemig.engine.params import FINISHED, MigrationSettings, next_status
+from livemig.errors import ConfigError
+from livemig.io.uri import TcpUri, UnixUri, Uri, parse_uri
+from livemig.migration.failure import FailureLatch
+from livemig.migration.stats import TransferStats
+from livemig.wire.constants import MultifdCompression
+
+EventSink = Callable[[str, "dict[str, Any] | None"], None]
+
+
+class MigrationRun:
+    def __init__(self, machine: Machine, uri: str | Uri, settings: MigrationSettings,
+                 command: str, emit: EventSink | None) -> None:
+        self.machine = machine
+        self.uri = parse_uri(uri) if isinstance(uri, str) else uri
+        if not isinstance(self.uri, (TcpUri, UnixUri)):
+            raise ConfigError(f"{command} needs a tcp: or unix: URI, not {self.uri}")
+        self.caps = dict(settings.capabilities)
+        self.channels = settings.channels
+        self.compression = MultifdCompression(settings.compression)
+        self.emit_event: EventSink = emit or (lambda name, data: None)
+        self.latch = FailureLatch()
+        self.stats = TransferStats()
+        self.status = "none"
+        self.error_desc: str | None = None
+        self.thread: threading.Thread | None = None
+        self.start_time = time.monotonic()
+        self.end_time: float | None = None
+        self._lock = threading.Lock()
+
+    def join(self, timeout: float | None = None) -> bool:
+        if self.thread is not None:
+            self.thread.join(timeout)
+            return not self.thread.is_alive()
+        return True
+
+    @property
+    def finished(self) -> bool:
+        return self.status in FINISHED
+
+    def _set_status(self, new: str) -> None:
+        with self._lock:
+            self._set_status_locked(new)
+
+    def _set_status_locked(self, new: str) -> None:
+        if self.status == new:
+            return
+        self.status = next_status(self.status, new)
+        if self.caps.get("events"):
+            self.emit_event("MIGRATION", {"status": new})
