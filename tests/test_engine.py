@@ -332,3 +332,21 @@ def test_failed_destination_does_not_run(pairs: list[Pair], workdir: Path) -> No
     with pytest.raises(CommandError, match="incoming migration failed"):
         p.dst.cont()
     assert p.dst_m.state == "paused"
+
+
+@pytest.mark.parametrize("args,expect", [
+    (["--memory", "1Q"], "not a size: '1Q'"),
+    (["--qmp", "/no/such/dir/x.sock"], "--qmp '/no/such/dir/x.sock'"),
+    (["--qmp", "unix:/no/such/dir/x.sock"], "cannot listen for QMP"),
+    (["--incoming", "bogus:x"], "unsupported migration URI scheme 'bogus'"),
+])
+def test_run_bad_arguments(args: list[str], expect: str) -> None:
+    import subprocess
+    import sys
+
+    from conftest import livemig_env
+    r = subprocess.run([sys.executable, "-m", "livemig.cli.main", "run", *args],
+                       env=livemig_env(), capture_output=True, timeout=60, check=False)
+    err = r.stderr.decode()
+    assert r.returncode == 1 and expect in err and "Traceback" not in err, err
+    assert len(err.strip().splitlines()) == 1, err

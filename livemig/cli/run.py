@@ -11,6 +11,7 @@ import argparse
 import json
 import sys
 
+from livemig.errors import ConfigError
 from livemig.io.uri import parse_size
 
 #: How often the main thread looks at the quit flag and the incoming migration.
@@ -99,6 +100,9 @@ def cmd_run(args: argparse.Namespace) -> int:
                                 incoming=args.incoming, autostart=not args.paused,
                                 emit=lambda name, data: server.emit(name, data) if server else None)
         if args.qmp:
+            if not args.qmp.startswith(("unix:", "tcp:")):
+                raise ConfigError(f"--qmp {args.qmp!r}: a QMP server listens on unix:PATH or "
+                                  "tcp:HOST:PORT")
             server = QmpServer(args.qmp, machine_commands(ctl))
             server.start()
         ctl.start()
