@@ -65,6 +65,7 @@ import tempfile
 import threading
 import time
 import traceback
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -335,6 +336,96 @@ def settle(wait_idle: float) -> float:
             return busy
 
 
+def start_source(sc: Scenario, blobs: list[tuple[str, int]], workdir: Path,
+                 name: str) -> QemuPeer:
+    """A paused QEMU 10 source holding ``blobs``, with the scenario's multifd settings,
+    the ``events`` capability and ``max-bandwidth`` MAX_BANDWIDTH."""
+    src = QemuPeer(QEMU, machine=MACHINE, memory=f"{sc.memory // MIB}M", blobs=blobs,
+                   paused=True, workdir=workdir, name=name)
+    try:
+        caps = {"events": True}
+        if sc.channels:
+            caps["multifd"] = True
+        src.set_caps(caps)
+        params: dict[str, Any] = {"max-bandwidth": MAX_BANDWIDTH}
+        if sc.channels:
+            params["multifd-channels"] = sc.channels
+            params["multifd-compression"] = sc.compression
+        src.set_params(**params)
+        src.events()
+    except BaseException:
+        src.close()
+        raise
+    return src
+
+
+def start_destination(sc: Scenario, workdir: Path, name: str, uri: str | None,
+                      caps: dict[str, bool] | None = None,
+                      extra_args: tuple[str, ...] = ()) -> QemuPeer:
+    """A QEMU 10 destination (``-incoming defer``, paused) with the scenario's RAM size
+    and multifd settings and the ``events`` capability, listening on ``uri`` (if given)."""
+    dst = QemuPeer(QEMU, machine=MACHINE, memory=f"{sc.memory // MIB}M", incoming="defer",
+                   paused=True, extra_args=extra_args, workdir=workdir, name=name,
+                   start_timeout=120)
+    try:
+        all_caps = {"events": True, **(caps or {})}
+        if sc.channels:
+            all_caps["multifd"] = True
+        dst.set_caps(all_caps)
+        if sc.channels:
+            dst.set_params(**{"multifd-channels": sc.channels,
+                              "multifd-compression": sc.compression})
+        if uri is not None:
+            dst.migrate_incoming(uri)
+        dst.events()
+    except BaseException:
+        dst.close()
+        raise
+    return dst
+
+
+def retry_noisy(run_once: Callable[[], dict[str, Any]], args: argparse.Namespace,
+                label: str) -> list[dict[str, Any]]:
+    """Run ``run_once`` and again (up to ``args.retries`` times) while other processes
+    used more than ``args.max_noise`` CPUs during it (its record's ``foreign_cores``).
+    Returns every attempt; the discarded ones are marked ``"discarded": "noisy"``."""
+    attempts = []
+    for attempt in range(args.retries + 1):
+        r = run_once()
+        attempts.append(r)
+        noise = r.get("foreign_cores")
+        if not r["ok"] or noise is None or noise <= args.max_noise:
+            break
+        if attempt < args.retries:
+            r["discarded"] = "noisy"
+            log(f"  {label} other processes used {noise:.2f} CPUs during the run: "
+                "discarded, running it again")
+    return attempts
+
+
+def wait_destination(dst: QemuPeer, t0: float, t0_wall: float, timeout: float,
+                     poll: float, seen: dict[str, float]) -> tuple[float, float, dict[str, Any]]:
+    """Poll a QEMU destination until its migration is terminal. Returns (seconds from
+    ``t0`` to "completed" by its MIGRATION event, or by polling if the event is missing;
+    the polled time; the final query-migrate). Raises RunFailed if it failed or did not
+    finish within ``timeout`` seconds."""
+    deadline = t0 + timeout
+    while True:
+        info = dst.query_migrate()
+        st = info.get("status")
+        if st in MIGRATION_TERMINAL_STATES:
+            polled = time.monotonic() - t0
+            break
+        if time.monotonic() > deadline:
+            raise RunFailed(f"destination still '{st}' after {timeout:.0f} s")
+        time.sleep(poll)
+    if st != "completed":
+        raise RunFailed(f"destination migration {st}: {info.get('error-desc', '?')}\n"
+                        f"destination stderr:\n{tail(dst.stderr_text())}")
+    ev = event_time(dst, "completed", t0_wall, seen)
+    return (ev if ev is not None else polled), polled, info
+
+
 # ------------------------------------------------------------------------------------------
 # One run of each variant
 # ------------------------------------------------------------------------------------------
@@ -351,24 +442,7 @@ class Bench:
     # -- the source ----------------------------------------------------------------------
 
     def source(self, sc: Scenario) -> QemuPeer:
-        src = QemuPeer(QEMU, machine=MACHINE, memory=f"{sc.memory // MIB}M",
-                       blobs=self.blobs.get(sc.data), paused=True, workdir=self.workdir,
-                       name=f"src{self.run_no}")
-        try:
-            caps = {"events": True}
-            if sc.channels:
-                caps["multifd"] = True
-            src.set_caps(caps)
-            params: dict[str, Any] = {"max-bandwidth": MAX_BANDWIDTH}
-            if sc.channels:
-                params["multifd-channels"] = sc.channels
-                params["multifd-compression"] = sc.compression
-            src.set_params(**params)
-            src.events()
-        except BaseException:
-            src.close()
-            raise
-        return src
+        return start_source(sc, self.blobs.get(sc.data), self.workdir, f"src{self.run_no}")
 
     def _poll_source(self, src: QemuPeer, t0: float, t0_wall: float, deadline: float,
                      seen: dict[str, float]) -> tuple[float, dict[str, Any]]:
@@ -399,20 +473,10 @@ class Bench:
         try:
             extra = ["-mem-prealloc"] if prealloc else []
             t_start = time.monotonic()
-            dst = QemuPeer(QEMU, machine=MACHINE, memory=f"{sc.memory // MIB}M",
-                           incoming="defer", paused=True, extra_args=extra,
-                           workdir=self.workdir, name=f"dst{self.run_no}", start_timeout=120)
+            dst = start_destination(sc, self.workdir, f"dst{self.run_no}", f"unix:{sock}",
+                                    extra_args=tuple(extra))
             rec["dst_start_s"] = round(time.monotonic() - t_start, 3)
             try:
-                caps = {"events": True}
-                if sc.channels:
-                    caps["multifd"] = True
-                dst.set_caps(caps)
-                if sc.channels:
-                    dst.set_params(**{"multifd-channels": sc.channels,
-                                      "multifd-compression": sc.compression})
-                dst.migrate_incoming(f"unix:{sock}")
-                dst.events()
                 rec["dst_rss_before_kib"] = proc_status_kib(dst.pid or 0, "VmRSS")
                 rec["busy_before"] = settle(self.args.wait_idle)
                 rec["loadavg"] = os.getloadavg()[0]
@@ -424,22 +488,9 @@ class Bench:
                 t0 = time.monotonic()
                 src.migrate(f"unix:{sock}")
                 deadline = t0 + self.args.timeout
-                dst_polled: float | None = None
-                dst_info: dict[str, Any] = {}
-                while True:  # poll both; the destination finishes last or nearly so
-                    dst_info = dst.query_migrate()
-                    dst_st = dst_info.get("status")
-                    if dst_st in MIGRATION_TERMINAL_STATES:
-                        dst_polled = time.monotonic() - t0
-                        break
-                    if time.monotonic() > deadline:
-                        raise RunFailed(f"destination still '{dst_st}' after "
-                                        f"{self.args.timeout:.0f} s")
-                    time.sleep(self.args.poll)
-                if dst_st != "completed":
-                    raise RunFailed(f"destination migration {dst_st}: "
-                                    f"{dst_info.get('error-desc', '?')}\n"
-                                    f"destination stderr:\n{tail(dst.stderr_text())}")
+                # the destination finishes last or nearly so
+                done, dst_polled, _ = wait_destination(dst, t0, t0_wall, self.args.timeout,
+                                                       self.args.poll, dst_seen)
                 src_done, src_info = self._poll_source(src, t0, t0_wall, deadline, src_seen)
                 rec["foreign_cpu_s"] = foreign_cpu_since(foreign0)
                 rec["foreign_window_s"] = time.monotonic() - t0
@@ -447,9 +498,8 @@ class Bench:
                 if None not in (src_cpu0, src_cpu1, dst_cpu0, dst_cpu1):
                     rec["src_cpu_s"] = round(src_cpu1 - src_cpu0, 2)  # type: ignore[operator]
                     rec["dst_cpu_s"] = round(dst_cpu1 - dst_cpu0, 2)  # type: ignore[operator]
-                ev = event_time(dst, "completed", t0_wall, dst_seen)
-                rec["done_s"] = ev if ev is not None else dst_polled
-                rec["done_source"] = "event" if ev is not None else "poll"
+                rec["done_s"] = done
+                rec["done_source"] = "event" if "completed" in dst_seen else "poll"
                 rec["dst_polled_s"] = dst_polled
                 rec["src_done_s"] = src_done
                 rec["src_total_time_ms"] = src_info.get("total-time")
@@ -723,18 +773,8 @@ class Bench:
     def run(self, sc: Scenario, variant: str, rep: int) -> list[dict[str, Any]]:
         """One repetition of one variant; re-run (up to --retries times) while other
         processes used more than --max-noise CPUs during it. Returns every attempt."""
-        attempts = []
-        for attempt in range(self.args.retries + 1):
-            r = self.run_once(sc, variant, rep)
-            attempts.append(r)
-            noise = r.get("foreign_cores")
-            if not r["ok"] or noise is None or noise <= self.args.max_noise:
-                break
-            if attempt < self.args.retries:
-                r["discarded"] = "noisy"
-                log(f"  {sc.key} rep {rep} {variant:<13} other processes used {noise:.2f} "
-                    f"CPUs during the run: discarded, running it again")
-        return attempts
+        return retry_noisy(lambda: self.run_once(sc, variant, rep), self.args,
+                           f"{sc.key} rep {rep} {variant:<13}")
 
     def run_once(self, sc: Scenario, variant: str, rep: int) -> dict[str, Any]:
         self.run_no += 1

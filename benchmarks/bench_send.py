@@ -1,17 +1,27 @@
 #!/usr/bin/env python3
-"""Benchmark ``livemig send`` against QEMU 10 loading the same VM from its own mapped-ram file.
+"""Benchmark ``livemig send`` against QEMU 10 loading the same VM by its own means.
 
-Both variants restore the same snapshot (a QEMU mapped-ram file written by
-``livemig receive``: QEMU 10 loads it directly) into a fresh QEMU 10 with the
-same multifd channel count, interleaved repetition by repetition, page cache warm:
+All variants put the same paused VM (``--size`` of random data, captured once into a
+snapshot with ``livemig receive``) into a fresh QEMU 10 destination with the same
+multifd channel count, interleaved repetition by repetition, page cache warm:
 
-``qemu-file``  QEMU 10 ``-incoming defer``, capabilities mapped-ram + multifd,
-               ``migrate-incoming file:SNAPSHOT`` (QEMU's own parallel file loader);
-``livemig``    QEMU 10 ``-incoming defer`` with multifd, ``migrate-incoming unix:...``,
-               then ``livemig send SNAPSHOT unix:...`` with the same channels.
+``qemu-file``    QEMU 10 ``-incoming defer``, capabilities mapped-ram + multifd,
+                 ``migrate-incoming file:SNAPSHOT`` (QEMU's own parallel file loader);
+``qemu-socket``  a QEMU 10 source holding the same guest (paused, the same blob at the
+                 same address) migrating with ``migrate unix:...`` to a QEMU 10
+                 ``-incoming defer`` with multifd: what ``livemig send`` does, done by
+                 QEMU's own sender;
+``livemig``      the same destination, then ``livemig send SNAPSHOT unix:... --json``
+                 with the same channels (started as a process, under GNU time).
 
-Time = from the command that starts the load (``migrate-incoming`` / starting
-``livemig send``) until the destination reports ``completed``.
+Time (``done``) = from the command that starts the load (``migrate-incoming`` /
+``migrate`` / starting the ``livemig send`` process) until the destination's MIGRATION
+event "completed" (QEMU's timestamp; query-migrate polling as fallback). ``active`` is
+the destination's "active" event: every channel has connected, so for livemig it is
+its start-up (interpreter, imports, reading the snapshot's bitmaps, connecting).
+
+A run during which other processes used more than ``--max-noise`` CPUs is run again
+(up to ``--retries`` times), and every run first waits for a quiet machine.
 
 Usage::
 
@@ -24,109 +34,349 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import platform
+import shutil
+import signal
 import statistics
 import subprocess
 import sys
 import tempfile
 import time
+import traceback
 from pathlib import Path
+from typing import Any
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT / "tests"))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from peers import QemuPeer, make_blob, parse_size  # noqa: E402
+import bench_receive as br
+from bench_receive import GNU_TIME, MIB, QEMU, ROOT, RunFailed, log
+from peers import QEMU_BINARIES, QemuPeer, parse_size, qemu_version
 
-
-def capture(work: Path, size: int, channels: int) -> Path:
-    """A snapshot of a paused QEMU 10 guest holding ``size`` bytes of random data."""
-    blob = work / "blob.bin"
-    make_blob(blob, size, seed=5)
-    snap = work / "vm.snap"
-    sock = work / "cap.sock"
-    mem = f"{(size >> 20) + 256}M"
-    recv = subprocess.Popen([sys.executable, "-m", "livemig.cli.main", "receive",
-                             f"unix:{sock}", "-o", str(snap), "-q",
-                             "--multifd-channels", str(channels)])
-    while not sock.exists():
-        time.sleep(0.02)
-    with QemuPeer("10.0", memory=mem, blobs=[(str(blob), 0x100000)],
-                  workdir=str(work / "src")) as src:
-        src.set_caps({"multifd": True})
-        src.set_params(**{"multifd-channels": channels, "max-bandwidth": 100 << 30})
-        src.migrate(f"unix:{sock}")
-        src.wait_migration(timeout=600)
-    if recv.wait(timeout=600) != 0:
-        raise SystemExit("capture failed")
-    blob.unlink()
-    return snap
+VARIANTS = ("qemu-file", "qemu-socket", "livemig")
+GIB = 1 << 30
 
 
-def wait_completed(q: QemuPeer, timeout: float = 600) -> float:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        st = q.query_migrate().get("status")
-        if st == "completed":
-            return time.monotonic()
-        if st == "failed":
-            raise SystemExit(f"destination failed: {q.query_migrate()}")
-        time.sleep(0.005)
-    raise SystemExit("destination did not complete")
+def livemig_env() -> dict[str, str]:
+    env = dict(os.environ)
+    env["PYTHONPATH"] = str(ROOT) + (os.pathsep + env["PYTHONPATH"]
+                                     if env.get("PYTHONPATH") else "")
+    return env
 
 
-def run_qemu_file(snap: Path, mem: str, channels: int, work: Path) -> float:
-    with QemuPeer("10.0", memory=mem, incoming="defer", workdir=str(work / "qf")) as q:
-        q.set_caps({"mapped-ram": True, "multifd": True})
-        q.set_params(**{"multifd-channels": channels})
-        t0 = time.monotonic()
-        q.migrate_incoming(f"file:{snap}")
-        return wait_completed(q) - t0
+class Bench:
+    def __init__(self, args: argparse.Namespace, workdir: Path) -> None:
+        self.args = args
+        self.workdir = workdir
+        self.blobs = br.Blobs(workdir)
+        self.sc = br.Scenario("send", "random guest", args.size + br.GUEST_HEADROOM,
+                              args.size, args.channels, "none")
+        self.snap = workdir / "vm.snap"
+        self.run_no = 0
+
+    # -- set-up ----------------------------------------------------------------------------
+
+    def capture(self) -> None:
+        """The snapshot of the paused guest that every variant restores."""
+        sock = self.workdir / "cap.sock"
+        recv = subprocess.Popen([sys.executable, "-m", "livemig.cli.main", "receive",
+                                 f"unix:{sock}", "-o", str(self.snap), "-q",
+                                 "--multifd-channels", str(self.sc.channels)],
+                                env=livemig_env(), start_new_session=True)
+        try:
+            deadline = time.monotonic() + 60
+            while not br.unix_listening(str(sock)):
+                if recv.poll() is not None or time.monotonic() > deadline:
+                    raise SystemExit("livemig receive did not start listening")
+                time.sleep(0.02)
+            with br.start_source(self.sc, self.blobs.get(self.sc.data), self.workdir,
+                                 "capture") as src:
+                src.migrate(f"unix:{sock}")
+                src.wait_migration(timeout=self.args.timeout)
+            if recv.wait(timeout=self.args.timeout) != 0:
+                raise SystemExit("capture failed: livemig receive exited with "
+                                 f"{recv.returncode}")
+        finally:
+            if recv.poll() is None:
+                os.killpg(recv.pid, signal.SIGKILL)
+                recv.wait()
+
+    def import_cpu(self) -> dict[str, float]:
+        """What starting the interpreter and importing the send path costs, alone."""
+        out = self.workdir / "import.time"
+        subprocess.run([GNU_TIME or "/usr/bin/time", "-f", "%e %U %S", "-o", str(out),
+                        sys.executable, "-c",
+                        "import livemig.cli.main, livemig.migration.send"],
+                       env=livemig_env(), check=True)
+        wall, user, sys_ = (float(x) for x in out.read_text().split()[-3:])
+        return {"wall_s": wall, "user_s": user, "sys_s": sys_}
+
+    # -- the variants ----------------------------------------------------------------------
+
+    def destination(self, uri: str | None, caps: dict[str, bool] | None = None) -> QemuPeer:
+        return br.start_destination(self.sc, self.workdir, f"dst{self.run_no}", uri, caps)
+
+    def finish(self, dst: QemuPeer, t0: float, t0_wall: float, rec: dict[str, Any]) -> None:
+        seen: dict[str, float] = {}
+        rec["done_s"], rec["dst_polled_s"], _ = br.wait_destination(
+            dst, t0, t0_wall, self.args.timeout, self.args.poll, seen)
+        rec["active_s"] = seen.get("active")
+
+    def run_qemu_file(self) -> dict[str, Any]:
+        rec: dict[str, Any] = {"busy_before": br.settle(self.args.wait_idle)}
+        with self.destination(None, {"mapped-ram": True}) as dst:
+            cpu0 = br.pid_cpu_s(dst.pid)
+            foreign0 = br.foreign_cpu_snapshot()
+            t0_wall, t0 = time.time(), time.monotonic()
+            dst.migrate_incoming(f"file:{self.snap}")
+            self.finish(dst, t0, t0_wall, rec)
+            rec["dst_cpu_s"] = br.pid_cpu_s(dst.pid) - cpu0  # type: ignore[operator]
+            rec["foreign_cpu_s"] = br.foreign_cpu_since(foreign0)
+            rec["foreign_window_s"] = time.monotonic() - t0
+        return rec
+
+    def run_qemu_socket(self) -> dict[str, Any]:
+        sock = self.workdir / f"qs{self.run_no}.sock"
+        rec: dict[str, Any] = {}
+        with br.start_source(self.sc, self.blobs.get(self.sc.data), self.workdir,
+                             f"src{self.run_no}") as src, \
+                self.destination(f"unix:{sock}") as dst:
+            rec["busy_before"] = br.settle(self.args.wait_idle)
+            src_cpu0, cpu0 = br.pid_cpu_s(src.pid), br.pid_cpu_s(dst.pid)
+            foreign0 = br.foreign_cpu_snapshot()
+            t0_wall, t0 = time.time(), time.monotonic()
+            src.migrate(f"unix:{sock}")
+            self.finish(dst, t0, t0_wall, rec)
+            info = src.wait_migration(timeout=self.args.timeout, poll=self.args.poll)
+            rec["src_cpu_s"] = br.pid_cpu_s(src.pid) - src_cpu0  # type: ignore[operator]
+            rec["dst_cpu_s"] = br.pid_cpu_s(dst.pid) - cpu0  # type: ignore[operator]
+            rec["foreign_cpu_s"] = br.foreign_cpu_since(foreign0)
+            rec["foreign_window_s"] = time.monotonic() - t0
+            rec["src_ram"] = br.ram_info(info)
+        sock.unlink(missing_ok=True)
+        return rec
+
+    def run_livemig(self) -> dict[str, Any]:
+        sock = self.workdir / f"lm{self.run_no}.sock"
+        time_path = self.workdir / f"lm{self.run_no}.time"
+        err_path = self.workdir / f"lm{self.run_no}.err"
+        rec: dict[str, Any] = {}
+        cmd = [sys.executable, "-m", "livemig.cli.main", "send", str(self.snap),
+               f"unix:{sock}", "--json", "--multifd-channels", str(self.sc.channels)]
+        if GNU_TIME is None:
+            raise RunFailed("livemig's CPU time needs GNU time (/usr/bin/time)")
+        cmd = [GNU_TIME, "-f", "%e %U %S", "-o", str(time_path), *cmd]
+        with self.destination(f"unix:{sock}") as dst:
+            rec["busy_before"] = br.settle(self.args.wait_idle)
+            cpu0 = br.pid_cpu_s(dst.pid)
+            foreign0 = br.foreign_cpu_snapshot()
+            with open(err_path, "wb") as err:
+                t0_wall, t0 = time.time(), time.monotonic()
+                proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                                        stderr=err, env=livemig_env(), start_new_session=True)
+            try:
+                self.finish(dst, t0, t0_wall, rec)
+                out, _ = proc.communicate(timeout=self.args.timeout)
+                rec["exit_s"] = time.monotonic() - t0
+            except BaseException as e:  # noqa: BLE001 - also Ctrl-C: kill livemig first
+                if proc.poll() is None:
+                    os.killpg(proc.pid, signal.SIGKILL)
+                    proc.wait()
+                errtext = err_path.read_text(errors="replace")
+                raise RunFailed(f"{e}\nlivemig send's stderr:\n{br.tail(errtext)}") from None
+            rec["dst_cpu_s"] = br.pid_cpu_s(dst.pid) - cpu0  # type: ignore[operator]
+            rec["foreign_cpu_s"] = br.foreign_cpu_since(foreign0)
+            rec["foreign_window_s"] = time.monotonic() - t0
+        if proc.returncode != 0:
+            raise RunFailed(f"livemig send exited with {proc.returncode}:\n"
+                            f"{br.tail(err_path.read_text(errors='replace'))}")
+        summary = json.loads(out.decode().strip().splitlines()[-1])
+        _, user, sys_ = (float(x) for x in time_path.read_text().split()[-3:])
+        rec.update(cpu_user_s=user, cpu_sys_s=sys_, livemig_seconds=summary["seconds"],
+                   normal_pages=summary["normal_pages"])
+        # its own clock starts once the main channel is connected, just before the
+        # first byte; what comes before is start-up
+        rec["startup_s"] = rec["exit_s"] - summary["seconds"]
+        rec["cpu_per_gib"] = (user + sys_) / (summary["normal_pages"] * 4096 / GIB)
+        for p in (sock, time_path, err_path):
+            p.unlink(missing_ok=True)
+        return rec
+
+    # -- driver ----------------------------------------------------------------------------
+
+    def run_once(self, variant: str, rep: int) -> dict[str, Any]:
+        self.run_no += 1
+        base: dict[str, Any] = {"variant": variant, "rep": rep, "ok": False}
+        fn = {"qemu-file": self.run_qemu_file, "qemu-socket": self.run_qemu_socket,
+              "livemig": self.run_livemig}[variant]
+        try:
+            base.update(fn())
+            base["ok"] = True
+            base["foreign_cores"] = round(base["foreign_cpu_s"] / base["foreign_window_s"], 3)
+            extra = ""
+            if base.get("active_s") is not None:
+                extra += f", active {base['active_s']:.3f} s"
+            if variant == "livemig":
+                extra += (f", start-up {base['startup_s']:.3f} s, CPU "
+                          f"{base['cpu_user_s']:.2f}+{base['cpu_sys_s']:.2f} s")
+            extra += f", noise {base['foreign_cores']:.2f}"
+            log(f"  rep {rep} {variant:<12} done {base['done_s']:.3f} s{extra}")
+        except KeyboardInterrupt:
+            raise
+        except BaseException as e:  # noqa: BLE001 - pytest.fail from peers is BaseException
+            base["error"] = f"{type(e).__name__}: {e}"
+            base["traceback"] = traceback.format_exc()
+            log(f"  rep {rep} {variant:<12} FAILED: {base['error']}")
+        return base
 
 
-def run_livemig(snap: Path, mem: str, channels: int, work: Path) -> float:
-    sock = work / "send.sock"
-    with QemuPeer("10.0", memory=mem, incoming="defer", workdir=str(work / "lm")) as q:
-        q.set_caps({"multifd": True})
-        q.set_params(**{"multifd-channels": channels})
-        q.migrate_incoming(f"unix:{sock}")
-        t0 = time.monotonic()
-        p = subprocess.run([sys.executable, "-m", "livemig.cli.main", "send", str(snap),
-                            f"unix:{sock}", "-q", "--multifd-channels", str(channels)],
-                           timeout=600)
-        if p.returncode != 0:
-            raise SystemExit("livemig send failed")
-        return wait_completed(q) - t0
+def summarize(runs: list[dict[str, Any]], variants: list[str]) -> dict[str, Any]:
+    per: dict[str, dict[str, Any]] = {}
+    for v in variants:
+        ok = [r for r in runs if r["variant"] == v and r["ok"] and not r.get("discarded")]
+        m: dict[str, Any] = {"ok": len(ok), "discarded_noisy": sum(
+            1 for r in runs if r["variant"] == v and r.get("discarded"))}
+        for key in ("done_s", "active_s", "exit_s", "startup_s", "livemig_seconds",
+                    "cpu_user_s", "cpu_sys_s", "cpu_per_gib", "src_cpu_s", "dst_cpu_s",
+                    "foreign_cores"):
+            vals = [r[key] for r in ok if r.get(key) is not None]
+            if vals:
+                m[key] = statistics.median(vals)
+                m[key + "_all"] = vals
+        per[v] = m
+    ratios = {}
+    lm = per.get("livemig", {}).get("done_s")
+    for ref in ("qemu-file", "qemu-socket"):
+        r = per.get(ref, {}).get("done_s")
+        if lm is not None and r:
+            ratios[f"livemig/{ref}"] = lm / r
+    return {"variants": per, "ratios": ratios}
 
 
-def main() -> int:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--size", default="1G")
-    ap.add_argument("--channels", type=int, default=4)
-    ap.add_argument("-n", "--reps", type=int, default=3)
-    ap.add_argument("--json-out")
-    args = ap.parse_args()
-    size = parse_size(args.size)
-    mem = f"{(size >> 20) + 256}M"
-    with tempfile.TemporaryDirectory(prefix="lm-bench-send-") as tmp:
-        work = Path(tmp)
-        print(f"capturing a {args.size} random guest ...", flush=True)
-        snap = capture(work, size, args.channels)
-        subprocess.run(["cat", str(snap)], stdout=subprocess.DEVNULL, check=True)  # warm
-        times: dict[str, list[float]] = {"qemu-file": [], "livemig": []}
-        for rep in range(args.reps):
-            for name, fn in (("qemu-file", run_qemu_file), ("livemig", run_livemig)):
-                t = fn(snap, mem, args.channels, work)
-                times[name].append(t)
-                print(f"  rep {rep + 1} {name:10s} {t:.3f} s", flush=True)
-    med = {k: statistics.median(v) for k, v in times.items()}
-    ratio = med["livemig"] / med["qemu-file"]
-    print(f"medians: qemu-file {med['qemu-file']:.3f} s, livemig send {med['livemig']:.3f} s; "
-          f"ratio livemig/qemu-file = {ratio:.2f}x (target <= 1.0x: "
-          f"{'OK' if ratio <= 1.0 else 'MISSED'})")
+def print_summary(s: dict[str, Any], args: argparse.Namespace, imports: dict[str, float]
+                  ) -> None:
+    def f(v: float | None, prec: int = 3) -> str:
+        return "-" if v is None else f"{v:.{prec}f}"
+
+    print(f"\n{br.fmt_size(args.size)} random guest, multifd {args.channels} channels; "
+          f"medians of {args.reps} repetition(s), seconds from the command that starts "
+          "the load")
+    hdr = (f"  {'variant':<12} {'ok':>3} {'done':>7} {'active':>7} {'CPU u+s':>8} "
+           f"{'CPU s/GiB':>9} {'noise':>6}")
+    print(hdr)
+    print("  " + "-" * (len(hdr) - 2))
+    for v, m in s["variants"].items():
+        cpu = None
+        if v == "livemig" and m.get("cpu_user_s") is not None:
+            cpu = m["cpu_user_s"] + m["cpu_sys_s"]
+        elif v == "qemu-socket" and m.get("src_cpu_s") is not None:
+            cpu = m["src_cpu_s"]  # the sender's
+        per_gib = m.get("cpu_per_gib") if v == "livemig" else (
+            None if cpu is None else cpu / (args.size / GIB))
+        print(f"  {v:<12} {m['ok']:>3} {f(m.get('done_s')):>7} {f(m.get('active_s')):>7} "
+              f"{f(cpu, 2):>8} {f(per_gib, 2):>9} {f(m.get('foreign_cores'), 2):>6}"
+              + (f"  ({m['discarded_noisy']} noisy run(s) discarded)"
+                 if m.get("discarded_noisy") else ""))
+    lm = s["variants"].get("livemig", {})
+    if lm.get("startup_s") is not None:
+        print(f"  livemig send: start-up to its first byte {lm['startup_s']:.3f} s, "
+              f"sending {f(lm.get('livemig_seconds'))} s, CPU {lm['cpu_user_s']:.2f} user + "
+              f"{lm['cpu_sys_s']:.2f} sys = {lm['cpu_per_gib']:.2f} s/GiB (start-up "
+              "included)")
+    print(f"  interpreter + imports alone: {imports['wall_s']:.2f} s wall, "
+          f"{imports['user_s'] + imports['sys_s']:.2f} s CPU")
+    dst = ", ".join(f"{v} {m['dst_cpu_s']:.2f}" for v, m in s["variants"].items()
+                    if m.get("dst_cpu_s") is not None)
+    print(f"  destination QEMU CPU s: {dst}")
+    for k, r in s["ratios"].items():
+        verdict = ""
+        if k == "livemig/qemu-file":
+            verdict = f" (target <= 1.0x: {'OK' if r <= 1.0 else 'MISSED'})"
+        print(f"  {k} = {r:.2f}x{verdict}")
+    print("  done: destination 'completed'; active: destination 'active' (all channels "
+          "connected);\n  CPU u+s: livemig's whole process / QEMU source's during the "
+          "migration;\n  noise: CPUs other processes used during the run.")
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                 epilog="See benchmarks/README.md.")
+    ap.add_argument("--size", default="1G", help="random data in the guest (default 1G)")
+    ap.add_argument("--channels", type=int, default=4, help="multifd channels (4)")
+    ap.add_argument("-n", "--reps", type=int, default=3, help="repetitions (3)")
+    ap.add_argument("--variants", default=",".join(VARIANTS),
+                    help=f"comma-separated, from {', '.join(VARIANTS)} (default: all)")
+    ap.add_argument("--json-out", metavar="PATH", help="write all runs and medians as JSON")
+    ap.add_argument("--tmpdir", default=tempfile.gettempdir(),
+                    help="where the work directory goes (default: the system temp dir)")
+    ap.add_argument("--keep", action="store_true", help="keep the work directory")
+    ap.add_argument("--timeout", type=float, default=300.0,
+                    help="seconds one load may take before the run fails (300)")
+    ap.add_argument("--wait-idle", type=float, default=30.0, metavar="SECONDS",
+                    help="before each run, wait up to this long for the CPUs to be less "
+                         "than 25%% busy (30)")
+    ap.add_argument("--max-noise", type=float, default=0.1, metavar="CPUS",
+                    help="re-run a run during which other processes used more CPUs than "
+                         "this (0.1)")
+    ap.add_argument("--retries", type=int, default=3, help="re-runs of a noisy run (3)")
+    ap.add_argument("--poll", type=float, default=0.005,
+                    help="query-migrate polling interval in seconds (0.005)")
+    a = ap.parse_args(argv)
+    a.size = parse_size(a.size)
+    a.variant_list = [x.strip() for x in a.variants.split(",") if x.strip()]
+    bad = [x for x in a.variant_list if x not in VARIANTS]
+    if bad:
+        ap.error(f"unknown variant(s) {bad}; known: {', '.join(VARIANTS)}")
+    if a.size < 32 * MIB or a.size % MIB:
+        ap.error("--size must be a whole number of MiB, at least 32M")
+    return a
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    found = qemu_version(QEMU_BINARIES[QEMU])
+    if found is None or not found.startswith(QEMU):
+        log(f"QEMU {QEMU} is missing or reports {found}")
+        return 2
+
+    def on_term(signum: int, frame: object) -> None:
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGTERM, on_term)
+    workdir = Path(tempfile.mkdtemp(prefix="lm-bench-send-", dir=args.tmpdir))
+    git = br.git_head()
+    log(f"work directory {workdir} (livemig {git}, QEMU {found}, {os.cpu_count()} CPUs)")
+    bench = Bench(args, workdir)
+    runs: list[dict[str, Any]] = []
+    interrupted = False
+    imports: dict[str, float] = {}
+    try:
+        log(f"capturing a paused guest with {br.fmt_size(args.size)} of random data ...")
+        bench.capture()
+        subprocess.run(["cat", str(bench.snap)], stdout=subprocess.DEVNULL, check=True)
+        imports = bench.import_cpu()
+        for rep in range(1, args.reps + 1):
+            for v in args.variant_list:
+                runs.extend(br.retry_noisy(lambda v=v, rep=rep: bench.run_once(v, rep),
+                                           args, f"rep {rep} {v:<12}"))
+    except KeyboardInterrupt:
+        interrupted = True
+        log("interrupted: reporting what ran")
+    finally:
+        if args.keep:
+            log(f"kept {workdir}")
+        else:
+            shutil.rmtree(workdir, ignore_errors=True)
+    summary = summarize(runs, args.variant_list)
+    if imports:
+        print_summary(summary, args, imports)
+    failed = [r for r in runs if not r["ok"]]
+    for r in failed:
+        print(f"  rep {r['rep']} {r['variant']} FAILED: {r['error']}")
     if args.json_out:
-        Path(args.json_out).write_text(json.dumps({"times": times, "medians": med,
-                                                   "ratio": ratio, "args": vars(args)},
-                                                  indent=2))
-    return 0
+        doc = {"git": git, "qemu": found, "python": platform.python_version(),
+               "args": vars(args), "imports": imports, "summary": summary, "runs": runs}
+        Path(args.json_out).write_text(json.dumps(doc, indent=2, default=str) + "\n")
+    return 1 if failed or interrupted else 0
 
 
 if __name__ == "__main__":
