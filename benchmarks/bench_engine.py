@@ -532,23 +532,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                    help="multifd compression (none)")
     p.add_argument("--livemig-source-paused", action="store_true",
                    help="start livemig's source with -S like QEMU's (default: running, idle)")
-    p.add_argument("--json-out", metavar="PATH", help="write all runs and medians as JSON")
-    p.add_argument("--tmpdir", default=tempfile.gettempdir(),
-                   help="where the work directory goes (default: the system temp dir)")
-    p.add_argument("--keep", action="store_true", help="keep the work directory (debugging)")
-    p.add_argument("--timeout", type=float, default=300.0,
-                   help="seconds one migration may take (300)")
-    p.add_argument("--wait-idle", type=float, default=30.0, metavar="SECONDS",
-                   help="before each run, wait up to this long for the CPUs to be less than "
-                        f"{br.SETTLE_BUSY:.0%} busy (default 30)")
-    p.add_argument("--max-noise", type=float, default=0.15, metavar="CPUS",
-                   help="re-run a run during which other processes used more than this many "
-                        "CPUs: all CPUs' busy time (/proc/stat) less what the two machines and "
-                        "this script used, over the run (default 0.15)")
-    p.add_argument("--retries", type=int, default=3, help="re-runs of a noisy run (3)")
-    p.add_argument("--poll", type=float, default=0.01,
-                   help="query-migrate polling interval in seconds (0.01; livemig answers "
-                        "each poll in Python, so a much shorter one costs it measurable CPU)")
+    br.add_run_options(p, max_noise=0.15, poll=0.01,
+                       noise_help="other processes (all CPUs' busy time in /proc/stat, less "
+                                  "what the two machines and this script used) used",
+                       poll_help="; livemig answers each poll in Python, so a much shorter "
+                                 "one costs it measurable CPU")
     p.add_argument("--profile-dir", metavar="DIR",
                    help="attach py-spy (raw stacks, every thread) to both livemig processes "
                         "for the migration window and write the profiles here; those runs' "

@@ -49,6 +49,7 @@ from __future__ import annotations
 
 import argparse
 import collections
+import contextlib
 import dataclasses
 import hashlib
 import json
@@ -65,7 +66,7 @@ import tempfile
 import threading
 import time
 import traceback
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -403,27 +404,91 @@ def retry_noisy(run_once: Callable[[], dict[str, Any]], args: argparse.Namespace
     return attempts
 
 
-def wait_destination(dst: QemuPeer, t0: float, t0_wall: float, timeout: float,
-                     poll: float, seen: dict[str, float]) -> tuple[float, float, dict[str, Any]]:
-    """Poll a QEMU destination until its migration is terminal. Returns (seconds from
-    ``t0`` to "completed" by its MIGRATION event, or by polling if the event is missing;
-    the polled time; the final query-migrate). Raises RunFailed if it failed or did not
-    finish within ``timeout`` seconds."""
+def wait_terminal(peer: QemuPeer, role: str, t0: float, t0_wall: float, timeout: float,
+                  poll: float, seen: dict[str, float]) -> tuple[float, float, dict[str, Any]]:
+    """Poll a QEMU ``role`` ("source", "destination") until its migration is terminal.
+    Returns (seconds from ``t0`` to "completed" by its MIGRATION event, or by polling if
+    the event is missing; the polled time; the final query-migrate). Raises RunFailed
+    if it did not complete within ``timeout`` seconds of ``t0``."""
     deadline = t0 + timeout
     while True:
-        info = dst.query_migrate()
+        info = peer.query_migrate()
         st = info.get("status")
         if st in MIGRATION_TERMINAL_STATES:
             polled = time.monotonic() - t0
             break
         if time.monotonic() > deadline:
-            raise RunFailed(f"destination still '{st}' after {timeout:.0f} s")
+            raise RunFailed(f"{role} still '{st}' after {timeout:.0f} s")
         time.sleep(poll)
     if st != "completed":
-        raise RunFailed(f"destination migration {st}: {info.get('error-desc', '?')}\n"
-                        f"destination stderr:\n{tail(dst.stderr_text())}")
-    ev = event_time(dst, "completed", t0_wall, seen)
+        raise RunFailed(f"{role} migration {st}: {info.get('error-desc', '?')}\n"
+                        f"{role} stderr:\n{tail(peer.stderr_text())}")
+    ev = event_time(peer, "completed", t0_wall, seen)
     return (ev if ev is not None else polled), polled, info
+
+
+def run_guarded(base: dict[str, Any], label: str, body: Callable[[], None]) -> dict[str, Any]:
+    """Run one benchmark run's ``body`` (which fills ``base``); a failure is recorded in
+    ``base`` (error, traceback) and logged instead of raised, Ctrl-C excepted."""
+    try:
+        body()
+        base["ok"] = True
+    except KeyboardInterrupt:
+        raise
+    except BaseException as e:  # noqa: BLE001 - pytest.fail from peers is BaseException
+        base["ok"] = False
+        base["error"] = f"{type(e).__name__}: {e}"
+        base["traceback"] = traceback.format_exc()
+        log(f"  {label} FAILED: {base['error']}")
+    return base
+
+
+def add_run_options(p: argparse.ArgumentParser, *, max_noise: float, poll: float,
+                    noise_help: str = "other processes used", poll_help: str = "") -> None:
+    """The options every QEMU benchmark here shares: output, work directory, timeouts,
+    the wait for a quiet machine and the re-runs of noisy runs."""
+    p.add_argument("--json-out", metavar="PATH", help="write all runs and medians as JSON")
+    p.add_argument("--tmpdir", default=tempfile.gettempdir(),
+                   help="where the work directory goes (default: the system temp dir)")
+    p.add_argument("--keep", action="store_true", help="keep the work directory (debugging)")
+    p.add_argument("--timeout", type=float, default=300.0,
+                   help="seconds one migration may take before the run fails (300)")
+    p.add_argument("--wait-idle", type=float, default=30.0, metavar="SECONDS",
+                   help="before each run, wait up to this long for the CPUs to be less than "
+                        f"{SETTLE_BUSY:.0%}% busy (other jobs on a shared machine); the "
+                        "measured busy fraction is recorded per run (default 30)")
+    p.add_argument("--max-noise", type=float, default=max_noise, metavar="CPUS",
+                   help=f"a run during which {noise_help} more than this many CPUs on "
+                        f"average is discarded and run again (default {max_noise})")
+    p.add_argument("--retries", type=int, default=3,
+                   help="how often to re-run a noisy run (default 3; the last attempt "
+                        "counts whatever the noise)")
+    p.add_argument("--poll", type=float, default=poll,
+                   help=f"query-migrate polling interval in seconds ({poll}{poll_help})")
+
+
+@contextlib.contextmanager
+def bench_session(args: argparse.Namespace, prefix: str) -> Iterator[dict[str, Any]]:
+    """A work directory under ``args.tmpdir`` (removed at the end unless ``args.keep``)
+    as ``session["workdir"]``; Ctrl-C or SIGTERM inside ends the runs early with
+    ``session["interrupted"]`` set, so that what ran is still reported."""
+    def on_term(signum: int, frame: object) -> None:
+        raise KeyboardInterrupt  # clean up (QEMUs, livemig, files) as for Ctrl-C
+
+    signal.signal(signal.SIGTERM, on_term)
+    session: dict[str, Any] = {"workdir": Path(tempfile.mkdtemp(prefix=prefix,
+                                                                 dir=args.tmpdir)),
+                               "interrupted": False}
+    try:
+        yield session
+    except KeyboardInterrupt:
+        session["interrupted"] = True
+        log("interrupted: reporting what ran")
+    finally:
+        if args.keep:
+            log(f"kept {session['workdir']}")
+        else:
+            shutil.rmtree(session["workdir"], ignore_errors=True)
 
 
 # ------------------------------------------------------------------------------------------
@@ -447,22 +512,9 @@ class Bench:
     def _poll_source(self, src: QemuPeer, t0: float, t0_wall: float, deadline: float,
                      seen: dict[str, float]) -> tuple[float, dict[str, Any]]:
         """Poll the source until it is terminal; return (src_done, final query-migrate)."""
-        poll = self.args.poll
-        polled = None
-        while True:
-            info = src.query_migrate()
-            st = info.get("status")
-            if st in MIGRATION_TERMINAL_STATES:
-                polled = time.monotonic() - t0
-                break
-            if time.monotonic() > deadline:
-                raise RunFailed(f"source still '{st}' after {self.args.timeout:.0f} s")
-            time.sleep(poll)
-        if st != "completed":
-            raise RunFailed(f"source migration {st}: {info.get('error-desc', '?')}\n"
-                            f"source stderr:\n{tail(src.stderr_text())}")
-        ev = event_time(src, "completed", t0_wall, seen)
-        return (ev if ev is not None else polled), info
+        done, _, info = wait_terminal(src, "source", t0, t0_wall, deadline - t0,
+                                      self.args.poll, seen)
+        return done, info
 
     # -- QEMU -> QEMU --------------------------------------------------------------------
 
@@ -489,8 +541,9 @@ class Bench:
                 src.migrate(f"unix:{sock}")
                 deadline = t0 + self.args.timeout
                 # the destination finishes last or nearly so
-                done, dst_polled, _ = wait_destination(dst, t0, t0_wall, self.args.timeout,
-                                                       self.args.poll, dst_seen)
+                done, dst_polled, _ = wait_terminal(dst, "destination", t0, t0_wall,
+                                                    self.args.timeout, self.args.poll,
+                                                    dst_seen)
                 src_done, src_info = self._poll_source(src, t0, t0_wall, deadline, src_seen)
                 rec["foreign_cpu_s"] = foreign_cpu_since(foreign0)
                 rec["foreign_window_s"] = time.monotonic() - t0
@@ -780,54 +833,49 @@ class Bench:
         self.run_no += 1
         base: dict[str, Any] = {"scenario": sc.key, "variant": variant, "rep": rep, "ok": False}
         t = time.monotonic()
-        try:
-            if variant == "qemu":
-                rec = self.run_qemu(sc, prealloc=False)
-            elif variant == "qemu-prealloc":
-                rec = self.run_qemu(sc, prealloc=True)
-            elif variant == "livemig":
-                prof = None
-                if self.args.profile:
-                    d = Path(self.args.profile_dir)
-                    d.mkdir(parents=True, exist_ok=True)
-                    ext = "txt" if self.args.profile == "py-spy" else "prof"
-                    prof = str(d.resolve() / f"livemig-{sc.key}-rep{rep}.{self.args.profile}"
-                                               f".{ext}")
-                rec = self.run_livemig(sc, prof)
-                if prof:
-                    rec["profile"] = prof
-                    if self.args.profile == "py-spy" and os.path.exists(prof):
-                        text = summarize_pyspy(prof)
-                        Path(prof + ".summary").write_text(text + "\n")
-                        log(text)
-            elif variant == "disk-floor":
-                rec = self.run_disk_floor(sc)
-            else:
-                raise ValueError(variant)
-            base.update(rec)
-            base["ok"] = True
-            if base.get("foreign_cpu_s") is not None and base.get("foreign_window_s"):
-                base["foreign_cores"] = round(base["foreign_cpu_s"] / base["foreign_window_s"],
-                                              3)
-            extra = ""
-            if variant == "livemig" and base.get("peak_rss_kib"):
-                extra = (f", source done {base['src_done_s']:.3f} s, "
-                         f"peak RSS {base['peak_rss_kib'] / 1024:.0f} MiB")
-            elif "src_done_s" in base:
-                extra = f", source done {base['src_done_s']:.3f} s"
-            if base.get("busy_before", 0) >= SETTLE_BUSY:
-                extra += f" [machine {base['busy_before']:.0%} busy before the run]"
-            if base.get("foreign_cores", 0) > self.args.max_noise:
-                extra += f" [other processes used {base['foreign_cores']:.2f} CPUs]"
-            log(f"  {sc.key} rep {rep} {variant:<13} done {base['done_s']:.3f} s{extra}")
-        except KeyboardInterrupt:
-            raise
-        except BaseException as e:  # noqa: BLE001 - pytest.fail from peers is BaseException
-            base["error"] = f"{type(e).__name__}: {e}"
-            base["traceback"] = traceback.format_exc()
-            log(f"  {sc.key} rep {rep} {variant:<13} FAILED: {base['error']}")
+        run_guarded(base, f"{sc.key} rep {rep} {variant:<13}",
+                    lambda: self._run_variant(sc, variant, rep, base))
         base["wall_s"] = round(time.monotonic() - t, 3)
         return base
+
+    def _run_variant(self, sc: Scenario, variant: str, rep: int, base: dict[str, Any]) -> None:
+        if variant == "qemu":
+            rec = self.run_qemu(sc, prealloc=False)
+        elif variant == "qemu-prealloc":
+            rec = self.run_qemu(sc, prealloc=True)
+        elif variant == "livemig":
+            prof = None
+            if self.args.profile:
+                d = Path(self.args.profile_dir)
+                d.mkdir(parents=True, exist_ok=True)
+                ext = "txt" if self.args.profile == "py-spy" else "prof"
+                prof = str(d.resolve() / f"livemig-{sc.key}-rep{rep}.{self.args.profile}"
+                                         f".{ext}")
+            rec = self.run_livemig(sc, prof)
+            if prof:
+                rec["profile"] = prof
+                if self.args.profile == "py-spy" and os.path.exists(prof):
+                    text = summarize_pyspy(prof)
+                    Path(prof + ".summary").write_text(text + "\n")
+                    log(text)
+        elif variant == "disk-floor":
+            rec = self.run_disk_floor(sc)
+        else:
+            raise ValueError(variant)
+        base.update(rec)
+        if base.get("foreign_cpu_s") is not None and base.get("foreign_window_s"):
+            base["foreign_cores"] = round(base["foreign_cpu_s"] / base["foreign_window_s"], 3)
+        extra = ""
+        if variant == "livemig" and base.get("peak_rss_kib"):
+            extra = (f", source done {base['src_done_s']:.3f} s, "
+                     f"peak RSS {base['peak_rss_kib'] / 1024:.0f} MiB")
+        elif "src_done_s" in base:
+            extra = f", source done {base['src_done_s']:.3f} s"
+        if base.get("busy_before", 0) >= SETTLE_BUSY:
+            extra += f" [machine {base['busy_before']:.0%} busy before the run]"
+        if base.get("foreign_cores", 0) > self.args.max_noise:
+            extra += f" [other processes used {base['foreign_cores']:.2f} CPUs]"
+        log(f"  {sc.key} rep {rep} {variant:<13} done {base['done_s']:.3f} s{extra}")
 
 
 # ------------------------------------------------------------------------------------------
@@ -1019,30 +1067,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--channels", type=int, default=4, help="multifd channels for A/B (4)")
     p.add_argument("--compression", default="none", choices=["none", "zlib", "zstd"],
                    help="multifd compression for A/B (none)")
-    p.add_argument("--json-out", metavar="PATH", help="write all runs and medians as JSON")
-    p.add_argument("--tmpdir", default=tempfile.gettempdir(),
-                   help="where the work directory goes (default: the system temp dir)")
+    add_run_options(p, max_noise=0.1, poll=0.01)
     p.add_argument("--snapshot-dir", metavar="DIR",
                    help="where livemig writes its snapshots (default: the work directory); "
                         "e.g. /dev/shm to take the disk out of the measurement")
-    p.add_argument("--keep", action="store_true", help="keep the work directory (debugging)")
     p.add_argument("--verify", action="store_true",
                    help="after each livemig run, extract pc.ram and compare it with the blob "
                         "(outside the timed window)")
-    p.add_argument("--timeout", type=float, default=300.0,
-                   help="seconds one migration may take before the run fails (300)")
-    p.add_argument("--wait-idle", type=float, default=30.0, metavar="SECONDS",
-                   help="before each run, wait up to this long for the CPUs to be less than "
-                        f"{SETTLE_BUSY:.0%}% busy (other jobs on a shared machine); the "
-                        "measured busy fraction is recorded per run (default 30)")
-    p.add_argument("--max-noise", type=float, default=0.1, metavar="CPUS",
-                   help="a run during which other processes used more than this many CPUs "
-                        "on average is discarded and run again (default 0.1)")
-    p.add_argument("--retries", type=int, default=3,
-                   help="how often to re-run a noisy run (default 3; the last attempt "
-                        "counts whatever the noise)")
-    p.add_argument("--poll", type=float, default=0.01,
-                   help="query-migrate polling interval in seconds (0.01)")
     p.add_argument("--profile", choices=["py-spy", "cprofile"],
                    help="run livemig under a profiler (its timings then carry the profiler's "
                         "overhead and no RSS); cprofile sees the main thread only")
@@ -1081,33 +1112,21 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     all_sc = make_scenarios(args.size, args.channels, args.compression)
     scenarios = [all_sc[k] for k in args.scenario_keys]
-    def on_term(signum: int, frame: object) -> None:
-        raise KeyboardInterrupt  # clean up (QEMUs, livemig, files) as for Ctrl-C
-
-    signal.signal(signal.SIGTERM, on_term)
-    workdir = Path(tempfile.mkdtemp(prefix="lm-bench-", dir=args.tmpdir))
     git = git_head()
-    log(f"work directory {workdir} (livemig {git}, QEMU {found}, {os.cpu_count()} CPUs, "
-        f"python {platform.python_version()})")
-    bench = Bench(args, workdir)
     runs: list[dict[str, Any]] = []
     started = time.time()
-    interrupted = False
-    try:
+    with bench_session(args, "lm-bench-") as session:
+        workdir = session["workdir"]
+        log(f"work directory {workdir} (livemig {git}, QEMU {found}, {os.cpu_count()} CPUs, "
+            f"python {platform.python_version()})")
+        bench = Bench(args, workdir)
         for sc in scenarios:
             log(sc.describe())
             bench.blobs.get(sc.data)
             for rep in range(1, args.reps + 1):
                 for v in args.variant_list:
                     runs.extend(bench.run(sc, v, rep))
-    except KeyboardInterrupt:
-        interrupted = True
-        log("interrupted: reporting what ran")
-    finally:
-        if args.keep:
-            log(f"kept {workdir}")
-        else:
-            shutil.rmtree(workdir, ignore_errors=True)
+    interrupted = session["interrupted"]
     summary = summarize(runs, scenarios, args.variant_list)
     print_table(summary, scenarios, args.reps)
     failed = [r for r in runs if not r["ok"]]

@@ -35,14 +35,11 @@ import argparse
 import json
 import os
 import platform
-import shutil
 import signal
 import statistics
 import subprocess
 import sys
-import tempfile
 import time
-import traceback
 from pathlib import Path
 from typing import Any
 
@@ -117,8 +114,8 @@ class Bench:
 
     def finish(self, dst: QemuPeer, t0: float, t0_wall: float, rec: dict[str, Any]) -> None:
         seen: dict[str, float] = {}
-        rec["done_s"], rec["dst_polled_s"], _ = br.wait_destination(
-            dst, t0, t0_wall, self.args.timeout, self.args.poll, seen)
+        rec["done_s"], rec["dst_polled_s"], _ = br.wait_terminal(
+            dst, "destination", t0, t0_wall, self.args.timeout, self.args.poll, seen)
         rec["active_s"] = seen.get("active")
 
     def run_qemu_file(self) -> dict[str, Any]:
@@ -208,9 +205,9 @@ class Bench:
         base: dict[str, Any] = {"variant": variant, "rep": rep, "ok": False}
         fn = {"qemu-file": self.run_qemu_file, "qemu-socket": self.run_qemu_socket,
               "livemig": self.run_livemig}[variant]
-        try:
+
+        def body() -> None:
             base.update(fn())
-            base["ok"] = True
             base["foreign_cores"] = round(base["foreign_cpu_s"] / base["foreign_window_s"], 3)
             extra = ""
             if base.get("active_s") is not None:
@@ -220,13 +217,8 @@ class Bench:
                           f"{base['cpu_user_s']:.2f}+{base['cpu_sys_s']:.2f} s")
             extra += f", noise {base['foreign_cores']:.2f}"
             log(f"  rep {rep} {variant:<12} done {base['done_s']:.3f} s{extra}")
-        except KeyboardInterrupt:
-            raise
-        except BaseException as e:  # noqa: BLE001 - pytest.fail from peers is BaseException
-            base["error"] = f"{type(e).__name__}: {e}"
-            base["traceback"] = traceback.format_exc()
-            log(f"  rep {rep} {variant:<12} FAILED: {base['error']}")
-        return base
+
+        return br.run_guarded(base, f"rep {rep} {variant:<12}", body)
 
 
 def summarize(runs: list[dict[str, Any]], variants: list[str]) -> dict[str, Any]:
@@ -305,21 +297,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("-n", "--reps", type=int, default=3, help="repetitions (3)")
     ap.add_argument("--variants", default=",".join(VARIANTS),
                     help=f"comma-separated, from {', '.join(VARIANTS)} (default: all)")
-    ap.add_argument("--json-out", metavar="PATH", help="write all runs and medians as JSON")
-    ap.add_argument("--tmpdir", default=tempfile.gettempdir(),
-                    help="where the work directory goes (default: the system temp dir)")
-    ap.add_argument("--keep", action="store_true", help="keep the work directory")
-    ap.add_argument("--timeout", type=float, default=300.0,
-                    help="seconds one load may take before the run fails (300)")
-    ap.add_argument("--wait-idle", type=float, default=30.0, metavar="SECONDS",
-                    help="before each run, wait up to this long for the CPUs to be less "
-                         "than 25%% busy (30)")
-    ap.add_argument("--max-noise", type=float, default=0.1, metavar="CPUS",
-                    help="re-run a run during which other processes used more CPUs than "
-                         "this (0.1)")
-    ap.add_argument("--retries", type=int, default=3, help="re-runs of a noisy run (3)")
-    ap.add_argument("--poll", type=float, default=0.005,
-                    help="query-migrate polling interval in seconds (0.005)")
+    br.add_run_options(ap, max_noise=0.1, poll=0.005)
     a = ap.parse_args(argv)
     a.size = parse_size(a.size)
     a.variant_list = [x.strip() for x in a.variants.split(",") if x.strip()]
@@ -338,18 +316,13 @@ def main(argv: list[str] | None = None) -> int:
         log(f"QEMU {QEMU} is missing or reports {found}")
         return 2
 
-    def on_term(signum: int, frame: object) -> None:
-        raise KeyboardInterrupt
-
-    signal.signal(signal.SIGTERM, on_term)
-    workdir = Path(tempfile.mkdtemp(prefix="lm-bench-send-", dir=args.tmpdir))
     git = br.git_head()
-    log(f"work directory {workdir} (livemig {git}, QEMU {found}, {os.cpu_count()} CPUs)")
-    bench = Bench(args, workdir)
     runs: list[dict[str, Any]] = []
-    interrupted = False
     imports: dict[str, float] = {}
-    try:
+    with br.bench_session(args, "lm-bench-send-") as session:
+        workdir = session["workdir"]
+        log(f"work directory {workdir} (livemig {git}, QEMU {found}, {os.cpu_count()} CPUs)")
+        bench = Bench(args, workdir)
         log(f"capturing a paused guest with {br.fmt_size(args.size)} of random data ...")
         bench.capture()
         subprocess.run(["cat", str(bench.snap)], stdout=subprocess.DEVNULL, check=True)
@@ -358,14 +331,7 @@ def main(argv: list[str] | None = None) -> int:
             for v in args.variant_list:
                 runs.extend(br.retry_noisy(lambda v=v, rep=rep: bench.run_once(v, rep),
                                            args, f"rep {rep} {v:<12}"))
-    except KeyboardInterrupt:
-        interrupted = True
-        log("interrupted: reporting what ran")
-    finally:
-        if args.keep:
-            log(f"kept {workdir}")
-        else:
-            shutil.rmtree(workdir, ignore_errors=True)
+    interrupted = session["interrupted"]
     summary = summarize(runs, args.variant_list)
     if imports:
         print_summary(summary, args, imports)
