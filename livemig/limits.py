@@ -42,6 +42,11 @@ MAX_VMDESC_JSON = 64 << 20
 #: (they can only be split once the JSON arrives at the very end).
 MAX_DEVICE_STATE_TAIL = 256 << 20
 
+#: Multifd device-state bytes ``livemig receive`` keeps in a snapshot's trailer.
+#: They go to disk, not memory, but no RAM block size bounds them: a source
+#: that keeps sending must not fill the disk.
+MAX_SNAPSHOT_DEVICE_STATE = 64 << 30
+
 #: multifd: pages per packet is 512 KiB / page size (MULTIFD_PACKET_SIZE).
 MULTIFD_PACKET_BYTES = 512 << 10
 MULTIFD_PAGES_PER_PACKET = MULTIFD_PACKET_BYTES // TARGET_PAGE_SIZE

@@ -21,8 +21,9 @@ import time
 from collections.abc import Callable
 from typing import Protocol
 
-from livemig.errors import ConfigError, TransportError
+from livemig.errors import ConfigError, StreamFormatError, TransportError
 from livemig.io.uri import ExecUri, FileUri, TcpUri, UnixUri, Uri
+from livemig.wire.device_state_trailer import FOOTER_SIZE, trailer_from_footer
 
 QEVM = b"QEVM"
 
@@ -88,8 +89,25 @@ class FileSource:
         self.name = path
         self.pos = offset
         self.size = os.fstat(self.fd).st_size
+        #: Where a snapshot's device-state trailer starts; the stream ends there.
+        self.trailer: int | None = None
+        self.end = self.size
+        if self.size >= FOOTER_SIZE:
+            try:
+                self.trailer = trailer_from_footer(
+                    os.pread(self.fd, FOOTER_SIZE, self.size - FOOTER_SIZE), self.size)
+            except StreamFormatError as e:
+                self.close()
+                raise e.locate(path)
+            except OSError as e:
+                self.close()
+                raise TransportError(f"{path}: read failed: {e}") from e
+            if self.trailer is not None:
+                self.end = self.trailer
 
     def readinto(self, view: memoryview) -> int:
+        if self.pos + len(view) > self.end:
+            view = view[:max(0, self.end - self.pos)]
         try:
             n = os.preadv(self.fd, [view], self.pos)
         except OSError as e:

@@ -26,6 +26,11 @@ import numpy as np
 from livemig import limits
 from livemig.errors import ConfigError, MigrationError, StreamFormatError, TransportError
 from livemig.wire.constants import Command, RamFlag, SectionType
+from livemig.wire.device_state_trailer import (
+    TRAILER_HEADER_SIZE,
+    encode_trailer_footer,
+    encode_trailer_header,
+)
 from livemig.wire.events import Configuration, RamBlockInfo
 from livemig.wire.mapped_ram import bitmap_runs, layout_ram_start, pack_bitmap, unpack_bitmap
 from livemig.wire.multifd import page_runs
@@ -91,6 +96,10 @@ class SnapshotWriter:
         self._stop_flusher = False
         self._flusher = threading.Thread(target=self._flush_loop, name="snapshot-writeback")
         self._flusher.start()
+        # multifd device-state packets, spooled until the stream's end is known
+        self._spool: int | None = None
+        self._spool_bytes = 0
+        self._spool_packets = 0
 
     # -- layout --------------------------------------------------------------
 
@@ -221,27 +230,70 @@ class SnapshotWriter:
         b.present |= present
         return int(np.count_nonzero(present))
 
+    # -- device state over multifd -------------------------------------------
+
+    def store_device_state(self, header: bytes, payload: memoryview) -> None:
+        """Keep one multifd device-state packet for the trailer (callers serialize)."""
+        if self._spool is None:
+            self._spool = _anonymous_file(os.path.dirname(self.path))
+        n = len(header) + len(payload)
+        try:
+            done = os.pwritev(self._spool, [header, payload], self._spool_bytes)
+            if done < n:
+                buf = header + bytes(payload)
+                while done < n:
+                    done += os.pwrite(self._spool, buf[done:], self._spool_bytes + done)
+        except OSError as e:
+            raise TransportError(f"keeping device state for the snapshot {self.path} "
+                                 f"failed: {e.strerror}") from e
+        self._spool_bytes += n
+        self._spool_packets += 1
+
     # -- completion ----------------------------------------------------------
 
     def commit(self, *, device_sections: list[bytes], vmdesc_json: bytes | None,
-               switchover_start: bool) -> int:
-        """Write the rest of the stream and the bitmaps, fsync, rename into place."""
+               switchover_start: bool, switchover_at: int | None = None) -> int:
+        """Write the rest of the stream and the bitmaps, fsync, rename into place.
+
+        ``switchover_at``: how many device sections came before ``SWITCHOVER_START``
+        (they stay before it: a VFIO device's precopy data must reach the device
+        before its multifd stop-copy data); None puts the command before them all.
+        """
         if self.configuration is None:
             raise StreamFormatError("the migration ended before its RAM block list arrived")
         sid = self.ram_section_id
+        before = 0 if switchover_at is None else switchover_at
         tail = bytearray()
         tail += struct.pack(">Q", RamFlag.EOS) + encode_footer(sid)
+        for raw in device_sections[:before]:
+            tail += raw
         if switchover_start:
             tail += encode_command(Command.SWITCHOVER_START)
         tail += encode_section_header(SectionType.SECTION_END, sid)
         tail += struct.pack(">Q", RamFlag.EOS) + encode_footer(sid)
-        for raw in device_sections:
+        for raw in device_sections[before:]:
             tail += raw
         tail.append(SectionType.EOF)
         if vmdesc_json is not None:
             tail += encode_vmdescription(vmdesc_json)
+        elif self._spool is not None:
+            raise StreamFormatError("the stream has multifd device state but no vmstate "
+                                    "description to end it; livemig cannot place it")
+        if self._spool is not None:
+            tail += encode_trailer_header(self._spool_packets, self._spool_bytes)
         self._pwrite(bytes(tail), self._end)
         size = self._end + len(tail)
+        if self._spool is not None:
+            try:
+                _copy_range(self._spool, 0, self.fd, size, self._spool_bytes)
+            except OSError as e:
+                raise TransportError(f"writing the device-state trailer of {self.path} "
+                                     f"failed: {e.strerror}") from e
+            size += self._spool_bytes
+            self._close_spool()
+            footer = encode_trailer_footer(self._end + len(tail) - TRAILER_HEADER_SIZE)
+            self._pwrite(footer, size)
+            size += len(footer)
         for b in self.blocks.values():
             self._pwrite(pack_bitmap(b.present), b.bitmap_offset)
         self._stop_writeback()
@@ -261,8 +313,14 @@ class SnapshotWriter:
             raise TransportError(f"cannot complete the snapshot {self.path}: {e.strerror}") from e
         return size
 
+    def _close_spool(self) -> None:
+        if self._spool is not None:
+            os.close(self._spool)
+            self._spool = None
+
     def abort(self) -> None:
         self._stop_writeback()
+        self._close_spool()
         if not self._closed:
             try:
                 os.close(self.fd)
@@ -273,6 +331,22 @@ class SnapshotWriter:
             os.unlink(self.tmp_path)
         except FileNotFoundError:
             pass
+
+
+def _anonymous_file(folder: str) -> int:
+    """A file with no name next to the snapshot (same disk, gone with the process)."""
+    try:
+        return os.open(folder, os.O_RDWR | os.O_TMPFILE | os.O_CLOEXEC, 0o600)
+    except OSError:
+        pass
+    import tempfile
+    try:
+        fd, name = tempfile.mkstemp(dir=folder, prefix=".livemig-devstate-")
+    except OSError as e:
+        raise TransportError(f"cannot create a spool file for device state in {folder}: "
+                             f"{e.strerror}") from e
+    os.unlink(name)
+    return fd
 
 
 def read_bitmap(fd: int, info: RamBlockInfo) -> np.ndarray:

@@ -50,7 +50,12 @@ from dataclasses import dataclass
 from typing import Protocol, TypeVar
 
 from livemig.errors import LimitExceeded, MigrationError, StreamFormatError, TransportError
-from livemig.wire.vfio_packet import VFIO_DEVICE_STATE_PACKET_HEADER_SIZE, decode_vfio_packet_header
+from livemig.wire.vfio_packet import (
+    VFIO_DEVICE_STATE_PACKET_HEADER_SIZE,
+    decode_vfio_packet_header,
+    idx_ranges,
+    placement_error,
+)
 from livemig.wire.vfio_section import decode_config_blob
 
 __all__ = [
@@ -225,19 +230,15 @@ class DeviceStateReassembler:
                           + (", finished)" if dev.done else ")"))
             if idx in dev.bufs:
                 raise bad(f"duplicate idx {idx}")
+            why = placement_error(idx, hdr.is_config, config_idx=dev.config_idx,
+                                  max_data_idx=dev.max_data_idx)
+            if why is not None:
+                raise bad(why)
             if hdr.is_config:
-                if dev.config_idx is not None:
-                    raise bad(f"second config packet (the first had idx {dev.config_idx})")
-                if idx <= dev.max_data_idx:
-                    raise bad(f"config packet has idx {idx} but data packet idx "
-                              f"{dev.max_data_idx} arrived: data after the config packet")
                 try:
                     decode_config_blob(data, where=f"{dev.label} config packet")
                 except StreamFormatError as e:
                     raise bad(f"config packet: {e.message}") from None
-            elif dev.config_idx is not None and idx > dev.config_idx:
-                raise bad(f"data packet idx {idx} after the config packet (idx "
-                          f"{dev.config_idx})")
             size = len(data)
             if self._buffered + size > self.max_buffered:
                 raise self._fail(LimitExceeded(
@@ -342,7 +343,7 @@ class DeviceStateReassembler:
         gaps = [i for i in range(dev.next_idx, dev.config_idx) if i not in dev.bufs]
         if not gaps:
             return ""
-        return f"idx {_ranges(gaps)} never arrived (config packet idx {dev.config_idx})"
+        return f"idx {idx_ranges(gaps)} never arrived (config packet idx {dev.config_idx})"
 
     def _join(self) -> None:
         with self._lock:
@@ -427,16 +428,3 @@ def _where(channel: int | None, dev: _Device | None, idx: int | None) -> str:
         parts.append(f"VFIO packet idx {idx}")
     return ", ".join(parts) or "device state"
 
-
-def _ranges(values: list[int]) -> str:
-    out, i = [], 0
-    while i < len(values):
-        j = i
-        while j + 1 < len(values) and values[j + 1] == values[j] + 1:
-            j += 1
-        out.append(str(values[i]) if i == j else f"{values[i]}-{values[j]}")
-        i = j + 1
-        if len(out) == 8:
-            out.append("...")
-            break
-    return ", ".join(out)

@@ -9,19 +9,24 @@ bitmaps.
 from __future__ import annotations
 
 import hashlib
+import os
 from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 
 from livemig import limits
-from livemig.errors import ConfigError
+from livemig.errors import ConfigError, StreamFormatError
 from livemig.io.channels import FileSource
 from livemig.io.snapshot import extract_block, read_bitmap
+from livemig.migration.device_state_record import DeviceStateRecorder
 from livemig.migration.failure import FailureLatch
 from livemig.migration.loader import LoadResult, MainChannelLoader
 from livemig.migration.stats import TransferStats
+from livemig.wire.constants import SectionType
+from livemig.wire.device_state_trailer import FOOTER_SIZE, TrailerPacket, scan_trailer
 from livemig.wire.events import Configuration, RamBlockInfo
+from livemig.wire.multifd import DEVICE_STATE_HEADER_SIZE
 
 PS = limits.TARGET_PAGE_SIZE
 _NEVER, _DATA, _ZERO = 0, 1, 2
@@ -89,9 +94,63 @@ def load_file(path: str) -> tuple[LoadResult, CountingSink]:
     sink = CountingSink()
     try:
         loader = MainChannelLoader(source, sink, stats=TransferStats(), latch=FailureLatch())
-        return loader.run(), sink
+        result = loader.run()
+        result.trailer_offset = source.trailer
+        return result, sink
     finally:
         source.close()
+
+
+def device_state_report(path: str, trailer: int) -> list[dict[str, Any]]:
+    """Per device, the multifd device-state packets a snapshot's trailer holds.
+
+    The packets go through the same checks as when ``receive`` took them (a
+    trailer edited since fails here, naming the packet); each device's data is
+    hashed in idx order, the order a destination writes it to the device.
+    """
+    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        size = os.fstat(fd).st_size
+
+        def read_at(off: int, n: int) -> bytes:
+            return os.pread(fd, n, off)
+
+        packets = scan_trailer(read_at, trailer, size - FOOTER_SIZE)
+        check = DeviceStateRecorder(lambda header, payload: None)
+        by_device: dict[tuple[str, int], list[TrailerPacket]] = {}
+        for i, p in enumerate(packets):
+            payload = memoryview(read_at(p.offset + DEVICE_STATE_HEADER_SIZE, p.payload_size))
+            try:
+                check.on_packet(p.idstr, p.instance_id, payload)
+            except StreamFormatError as e:
+                raise StreamFormatError(f"device-state trailer packet {i}: {e.message}",
+                                        where=e.where, offset=p.offset) from None
+            by_device.setdefault((p.idstr, p.instance_id), []).append(p)
+        out = []
+        for key, plist in sorted(by_device.items()):
+            dev = check.devices[key]
+            data_hash, config_hash = hashlib.sha256(), hashlib.sha256()
+            for p in sorted(plist, key=lambda q: q.vfio.idx):
+                (config_hash if p.vfio.is_config else data_hash).update(
+                    read_at(p.data_offset, p.data_size))
+            missing = dev.missing()
+            out.append({
+                "idstr": key[0],
+                "instance_id": key[1],
+                "packet_count": len(plist),
+                "data_bytes": dev.data_bytes,
+                "config_bytes": dev.config_bytes,
+                "config_idx": dev.config_idx,
+                "complete": not missing,
+                "missing": missing or None,
+                "data_sha256": data_hash.hexdigest(),
+                "config_sha256": config_hash.hexdigest(),
+                "packets": [{"idx": p.vfio.idx, "kind": "config" if p.vfio.is_config else "data",
+                             "bytes": p.data_size, "offset": p.offset} for p in plist],
+            })
+        return out
+    finally:
+        os.close(fd)
 
 
 def inspect_file(path: str, *, fields: bool = False) -> dict[str, Any]:
@@ -124,10 +183,11 @@ def inspect_file(path: str, *, fields: bool = False) -> dict[str, Any]:
             "instance_id": s.header.instance_id,
             "version": s.header.version_id,
             "section_id": s.header.section_id,
+            "kind": s.header.kind.name.removeprefix("SECTION_"),
             "size": s.body_length,
             "sha256": hashlib.sha256(body).hexdigest(),
         }
-        if fields and desc is not None:
+        if fields and desc is not None and s.header.kind is SectionType.SECTION_FULL:
             from livemig.wire.vmstate import decode_fields
             dd = desc.device(s.header.idstr, s.header.instance_id)
             d["fields"] = decode_fields(dd, body) if dd is not None else None
@@ -145,6 +205,8 @@ def inspect_file(path: str, *, fields: bool = False) -> dict[str, Any]:
         "ram_total": sum(b.info.length for b in sink.blocks.values()),
         "ram_blocks": blocks,
         "devices": devices,
+        "device_state": (device_state_report(path, load.trailer_offset)
+                         if load.trailer_offset is not None else []),
         "vmdescription_bytes": len(load.vmdesc_json) if load.vmdesc_json is not None else None,
         "page_size": desc.page_size if desc is not None else PS,
     }

@@ -77,6 +77,10 @@ class LoadResult:
     device_sections: list[DeviceSection] = field(default_factory=list)
     vmdesc_json: bytes | None = None
     switchover_start: bool = False
+    #: How many device sections came before SWITCHOVER_START.
+    switchover_at: int | None = None
+    #: Where a snapshot's device-state trailer starts (it follows the description).
+    trailer_offset: int | None = None
     return_path: bool = False
     commands: list[CommandRecord] = field(default_factory=list)
     multifd_sync_mode: str | None = None
@@ -338,6 +342,7 @@ class MainChannelLoader:
             self.send_rp(rp_message(ReturnPathMessage.PONG, ev.data))
         elif ev.cmd == Command.SWITCHOVER_START:
             r.switchover_start = True
+            r.switchover_at = len(r.device_sections)
 
 
 _PAGE_EVENTS = (RamPages, RamZeroPages, RamXbzrlePage, RamCompressedPage, Seek,

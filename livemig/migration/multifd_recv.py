@@ -274,12 +274,14 @@ class MultifdReceiver:
                     return
                 size = packet_header_size(header, packet_index=index)
                 if is_device_state(peek_common_header(header)[2]):
-                    if self.on_device_state is None:
-                        raise StreamFormatError(f"packet {index}: device-state packets are not "
-                                                "supported by livemig receive yet")
                     _recv_exact(sock, hview[COMMON_HEADER_SIZE:size],
                                 f"packet {index}'s header")
                     dev = decode_device_state_header(header, packet_index=index)
+                    if self.on_device_state is None:
+                        raise StreamFormatError(
+                            f"packet {index}: device-state packet for {dev.idstr} instance "
+                            f"{dev.instance_id}, but this destination takes no device state "
+                            "over multifd", offset=0)
                     payload = bytearray(dev.payload_size)
                     _recv_exact(sock, memoryview(payload), f"packet {index}'s device state")
                     self.on_device_state(dev.idstr, dev.instance_id, memoryview(payload), ch)

@@ -2,17 +2,21 @@
 
 from __future__ import annotations
 
+import os
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
-from livemig.io.channels import DEFAULT_ACCEPT_TIMEOUT
+from livemig.io.channels import DEFAULT_ACCEPT_TIMEOUT, FileSource
 from livemig.io.snapshot import SnapshotWriter
 from livemig.io.uri import Uri, parse_uri
+from livemig.migration.device_state_record import DeviceStateRecorder
 from livemig.migration.failure import FailureLatch
 from livemig.migration.incoming import IncomingMigration, multifd_settings
 from livemig.migration.loader import LoadResult
 from livemig.migration.stats import TransferStats
 from livemig.wire.constants import MultifdCompression
+from livemig.wire.device_state_trailer import FOOTER_SIZE, scan_trailer
+from livemig.wire.multifd import DEVICE_STATE_HEADER_SIZE
 
 
 @dataclass
@@ -40,14 +44,20 @@ def receive(uri: str | Uri, output: str, *, multifd_channels: int = 0,
     latch = FailureLatch()
     writer = SnapshotWriter(output)
     incoming = IncomingMigration(u, multifd_channels, comp, writer, latch, stats)
+    devices = DeviceStateRecorder(writer.store_device_state)
     try:
         incoming.connect(accept_timeout=accept_timeout, on_listening=on_listening)
+        if incoming.multifd is not None:
+            incoming.multifd.on_device_state = devices.on_packet
         stats.phase = "receiving"
         result = incoming.load()
+        _copy_trailer(incoming.source, devices)
+        devices.finish()
         stats.phase = "writing the snapshot"
         size = writer.commit(device_sections=[s.raw for s in result.device_sections],
                              vmdesc_json=result.vmdesc_json,
-                             switchover_start=result.switchover_start)
+                             switchover_start=result.switchover_start,
+                             switchover_at=result.switchover_at)
         incoming.confirm()
         stats.phase = "completed"
         return ReceiveResult(writer.path, size, result, stats)
@@ -63,6 +73,17 @@ def receive(uri: str | Uri, output: str, *, multifd_channels: int = 0,
         raise
     finally:
         incoming.close()
+
+
+def _copy_trailer(source: object, devices: DeviceStateRecorder) -> None:
+    """A snapshot read with file: keeps its multifd device state in the new one."""
+    if not isinstance(source, FileSource) or source.trailer is None:
+        return
+    fd = source.fd
+    for p in scan_trailer(lambda off, n: os.pread(fd, n, off), source.trailer,
+                          source.size - FOOTER_SIZE):
+        payload = os.pread(fd, p.payload_size, p.offset + DEVICE_STATE_HEADER_SIZE)
+        devices.on_packet(p.idstr, p.instance_id, memoryview(payload))
 
 
 __all__ = ["ReceiveResult", "receive"]

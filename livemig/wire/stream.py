@@ -59,6 +59,16 @@ CONFIG_SUBSECTION_UUID = "configuration/uuid"
 CONFIG_SUBSECTION_PAGE_BITS = "configuration/target-page-bits"
 
 
+def builtin_iterable_length(idstr: str) -> LengthFn | None:
+    """How to split the START/PART/END sections of device kinds livemig knows
+    without their handler: VFIO devices (``<qdev path>/vfio``). FULL sections
+    of every device are split with the JSON description instead."""
+    if idstr.endswith("/vfio"):
+        from livemig.wire.vfio_section import iterable_body_length
+        return iterable_body_length
+    return None
+
+
 class _State(enum.Enum):
     HEADER = "file header"
     CONFIG = "configuration"
@@ -255,14 +265,15 @@ class MainStreamDecoder:
                 return self._open_section(cur, hdr, out, start)
             if sid in self.sections:
                 raise cur.error(f"section id {sid} ({idstr}) used twice", at=start)
-            length_of = self._length_fn(idstr, instance)
+            length_of = self._length_fn(idstr, instance, SectionType(t))
             if length_of is not None:
                 self._delimited_section(cur, hdr, start, out, length_of)
                 self.sections[sid] = hdr
                 return True
             if t == SectionType.SECTION_START:
                 raise cur.error(f"iterable section {idstr!r} (instance {instance}) is not "
-                                "supported: livemig only knows the ram iterable", at=start)
+                                "supported: livemig splits only the iterable sections of ram and of "
+                                "VFIO devices (idstr .../vfio)", at=start)
             if self.description is None:
                 cur.pos = start
                 out.append(DeviceStateTail(cur.base + start))
@@ -277,7 +288,7 @@ class MainStreamDecoder:
                 raise cur.error(f"{SectionType(t).name} for unknown section id {sid}", at=start)
             hdr = SectionHeader(SectionType(t), sid, opened.idstr, opened.instance_id,
                                 opened.version_id, cur.base + start)
-            length_of = self._length_fn(opened.idstr, opened.instance_id)
+            length_of = self._length_fn(opened.idstr, opened.instance_id, SectionType(t))
             if length_of is not None:
                 self._delimited_section(cur, hdr, start, out, length_of)
                 return True
@@ -313,10 +324,16 @@ class MainStreamDecoder:
         self.state = _State.RAM_BODY
         return True
 
-    def _length_fn(self, idstr: str, instance_id: int) -> LengthFn | None:
-        if self.section_lengths is None or idstr == RAM_SECTION_IDSTR:
+    def _length_fn(self, idstr: str, instance_id: int, kind: SectionType) -> LengthFn | None:
+        if idstr == RAM_SECTION_IDSTR:
             return None
-        return self.section_lengths(idstr, instance_id)
+        if self.section_lengths is not None:
+            fn = self.section_lengths(idstr, instance_id)
+            if fn is not None:
+                return fn
+        if kind is not SectionType.SECTION_FULL:
+            return builtin_iterable_length(idstr)
+        return None
 
     def _delimited_section(self, cur: Cursor, hdr: SectionHeader, start: int,
                            out: list[Event], length_of: LengthFn) -> None:

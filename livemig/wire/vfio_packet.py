@@ -94,3 +94,38 @@ def encode_vfio_packet_header(idx: int, *, config: bool = False) -> bytes:
         raise ConfigError(f"VFIO packet idx {idx} outside 0..{VFIO_INVALID_IDX - 1}")
     flags = int(VfioPacketFlag.CONFIG_STATE) if config else 0
     return _HDR.pack(VFIO_DEVICE_STATE_PACKET_VER_CURRENT, idx, flags)
+
+
+def placement_error(idx: int, is_config: bool, *, config_idx: int | None,
+                    max_data_idx: int) -> str | None:
+    """Why packet ``idx`` cannot join a device's packets so far, or None.
+
+    The numbering rules of QEMU's destination: one config packet, numbered after
+    every data packet. ``config_idx``: the config packet's idx if it arrived;
+    ``max_data_idx``: the highest data idx so far (-1 for none). Duplicates are
+    the caller's to find (it knows which idx it holds or has loaded).
+    """
+    if is_config:
+        if config_idx is not None:
+            return f"second config packet (the first had idx {config_idx})"
+        if idx <= max_data_idx:
+            return (f"config packet has idx {idx} but data packet idx {max_data_idx} "
+                    "arrived: data after the config packet")
+    elif config_idx is not None and idx > config_idx:
+        return f"data packet idx {idx} after the config packet (idx {config_idx})"
+    return None
+
+
+def idx_ranges(values: list[int]) -> str:
+    """``0-3, 7, 9-12``: sorted idx values as ranges, at most 8 of them."""
+    out, i = [], 0
+    while i < len(values):
+        j = i
+        while j + 1 < len(values) and values[j + 1] == values[j] + 1:
+            j += 1
+        out.append(str(values[i]) if i == j else f"{values[i]}-{values[j]}")
+        i = j + 1
+        if len(out) == 8:
+            out.append("...")
+            break
+    return ", ".join(out)

@@ -71,6 +71,7 @@ __all__ = [
     "encode_end_of_state",
     "encode_iterate",
     "encode_setup",
+    "iterable_body_length",
 ]
 
 Buffer = bytes | bytearray | memoryview
@@ -201,6 +202,11 @@ class VfioSectionDecoder:
         """The body is complete; bytes after it are not the decoder's."""
         return self._state is _St.DONE
 
+    @property
+    def in_config(self) -> bool:
+        """Inside a config state whose end only the body's end can tell."""
+        return self._state is _St.CONFIG
+
     def parse(self, buf: Buffer, start: int = 0, end: int | None = None, base: int = 0, *,
               final: bool = False) -> tuple[list[VfioEvent], int]:
         """Decode from ``buf[start:end]``; ``base`` is the stream offset of ``buf[0]``.
@@ -318,6 +324,27 @@ class VfioSectionDecoder:
             raise self._fail(f"config state of {size} bytes is followed by {_tag_name(word)}, "
                              "not END_OF_STATE", pos + size, buf, base)
         return VfioConfig(buf[pos:pos + size], base + at), pos + size + _MARK
+
+
+def iterable_body_length(buf: memoryview, pos: int, end: int) -> int:
+    """Length of a START/PART/END body at ``buf[pos:end]``, for a reader without the device.
+
+    A tool that captures or relays a stream (``receive``, ``relay``, ``inspect``)
+    splits VFIO sections by their markers; the JSON description covers only FULL
+    sections. A config state inside an iterable section has no length on the wire,
+    so it is refused here. Raises :class:`~livemig.wire.cursor.Incomplete` while the
+    body is not all in the buffer.
+    """
+    from livemig.wire.cursor import Incomplete
+
+    dec = VfioSectionDecoder(where="VFIO section")
+    _, at = dec.parse(buf, pos, end)
+    if dec.in_config:
+        raise StreamFormatError("DEV_CONFIG_STATE in an iterable (START/PART/END) section: "
+                                "its length is known only to the device", offset=pos)
+    if not dec.done:
+        raise Incomplete
+    return at - pos
 
 
 # --------------------------------------------------------------------------

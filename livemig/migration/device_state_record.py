@@ -1,0 +1,119 @@
+"""``livemig receive``: keep multifd device-state packets for the snapshot, checked.
+
+A capture has no device to load VFIO state into, so instead of reassembling
+(:mod:`livemig.migration.device_state_recv`) it checks each packet against the
+same numbering rules as it arrives -- one config packet, numbered last, no
+duplicate idx -- and hands it to a store (the snapshot's trailer, written to
+disk, so memory stays bounded whatever the device size). At the end every
+device that sent packets must have all of idx 0..config: a capture that would
+not load is refused while the source can still resume.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+from livemig import limits
+from livemig.errors import LimitExceeded, StreamFormatError
+from livemig.wire.multifd import encode_device_state_header
+from livemig.wire.vfio_packet import (
+    VFIO_DEVICE_STATE_PACKET_HEADER_SIZE,
+    decode_vfio_packet_header,
+    idx_ranges,
+    placement_error,
+)
+from livemig.wire.vfio_section import decode_config_blob
+
+__all__ = ["DeviceStateRecorder", "RecordedDevice"]
+
+#: ``store(multifd_header, payload)``: appends one packet; called under the recorder's lock.
+Store = Callable[[bytes, memoryview], None]
+
+
+@dataclass
+class RecordedDevice:
+    """What one device sent; ``idx`` holds every idx that arrived."""
+
+    idstr: str
+    instance_id: int
+    idx: set[int] = field(default_factory=set)
+    config_idx: int | None = None
+    max_data_idx: int = -1
+    data_bytes: int = 0
+    config_bytes: int = 0
+
+    @property
+    def label(self) -> str:
+        return f"device {self.idstr} instance {self.instance_id}"
+
+    def missing(self) -> str:
+        """What the device still lacks to be loadable, or ""."""
+        if self.config_idx is None:
+            return "no config packet arrived"
+        gaps = [i for i in range(self.config_idx) if i not in self.idx]
+        if gaps:
+            return f"idx {idx_ranges(gaps)} never arrived (config packet idx {self.config_idx})"
+        return ""
+
+
+class DeviceStateRecorder:
+    def __init__(self, store: Store, *,
+                 max_bytes: int = limits.MAX_SNAPSHOT_DEVICE_STATE) -> None:
+        self._store = store
+        self._lock = threading.Lock()
+        self.devices: dict[tuple[str, int], RecordedDevice] = {}
+        self.max_bytes = max_bytes
+        self.bytes = 0
+        self.packets = 0
+
+    def on_packet(self, idstr: str, instance_id: int, payload: memoryview,
+                  channel: int | None = None) -> None:
+        """One device-state packet's payload, from any multifd channel thread."""
+        where = f"{'' if channel is None else f'multifd channel {channel}, '}device {idstr} " \
+                f"instance {instance_id}"
+        view = memoryview(payload).cast("B")
+        try:
+            hdr = decode_vfio_packet_header(view)
+        except StreamFormatError as e:
+            raise StreamFormatError(e.message, where=where, raw=e.raw) from None
+        idx = hdr.idx
+        where += f", VFIO packet idx {idx}"
+        data = view[VFIO_DEVICE_STATE_PACKET_HEADER_SIZE:]
+        if hdr.is_config:
+            try:
+                decode_config_blob(data, where="config packet")
+            except StreamFormatError as e:
+                raise StreamFormatError(f"config packet: {e.message}", where=where,
+                                        raw=e.raw) from None
+        with self._lock:
+            dev = self.devices.get((idstr, instance_id))
+            if dev is None:
+                dev = self.devices[(idstr, instance_id)] = RecordedDevice(idstr, instance_id)
+            why = f"duplicate idx {idx}" if idx in dev.idx else placement_error(
+                idx, hdr.is_config, config_idx=dev.config_idx, max_data_idx=dev.max_data_idx)
+            if why is not None:
+                raise StreamFormatError(why, where=where, raw=bytes(view[:16]))
+            if self.bytes + len(view) > self.max_bytes:
+                raise LimitExceeded(f"more than {self.max_bytes} bytes of device state over "
+                                    "multifd", where=where)
+            self._store(encode_device_state_header(idstr, instance_id, len(view)), view)
+            dev.idx.add(idx)
+            if hdr.is_config:
+                dev.config_idx = idx
+                dev.config_bytes = len(data)
+            else:
+                dev.max_data_idx = max(dev.max_data_idx, idx)
+                dev.data_bytes += len(data)
+            self.bytes += len(view)
+            self.packets += 1
+
+    def finish(self) -> None:
+        """Every device that sent packets has all of them; raise naming the first that has not."""
+        with self._lock:
+            for dev in self.devices.values():
+                missing = dev.missing()
+                if missing:
+                    raise StreamFormatError(f"{dev.label}: the migration ended but {missing}",
+                                            where="multifd device state")
