@@ -429,19 +429,8 @@ def summarize(runs: list[dict[str, Any]], channel_list: list[int],
               variants: list[str]) -> dict[str, Any]:
     out: dict[str, Any] = {}
     for ch in channel_list:
-        per: dict[str, dict[str, Any]] = {}
-        for v in variants:
-            rs = [r for r in runs if r["channels"] == ch and r["variant"] == v]
-            ok = [r for r in rs if r["ok"] and not r.get("discarded")]
-            m: dict[str, Any] = {"runs": len([r for r in rs if not r.get("discarded")]),
-                                 "ok": len(ok),
-                                 "discarded_noisy": len([r for r in rs if r.get("discarded")])}
-            for key in SUMMARY_KEYS:
-                vals = [r[key] for r in ok if r.get(key) is not None]
-                if vals:
-                    m[key] = br.median(vals)
-                    m[key + "_all"] = vals
-            per[v] = m
+        per = br.variant_medians([r for r in runs if r["channels"] == ch], variants,
+                                 SUMMARY_KEYS)
         ratios: dict[str, float] = {}
         for ref in ("qemu", "qemu-prealloc"):
             for key in RATIO_KEYS:

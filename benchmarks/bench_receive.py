@@ -337,6 +337,19 @@ def settle(wait_idle: float) -> float:
             return busy
 
 
+def livemig_env(workdir: Path) -> dict[str, str]:
+    """The environment livemig runs in: this checkout first on the path, and its bytecode
+    cached (under ``workdir``) as in an installed livemig, even where
+    PYTHONDONTWRITEBYTECODE is set (it is on our test machines): otherwise every start
+    compiles livemig's modules again (~30 ms)."""
+    env = dict(os.environ)
+    env["PYTHONPATH"] = str(ROOT) + (os.pathsep + env["PYTHONPATH"]
+                                     if env.get("PYTHONPATH") else "")
+    env.pop("PYTHONDONTWRITEBYTECODE", None)
+    env["PYTHONPYCACHEPREFIX"] = str(workdir / "pycache")
+    return env
+
+
 def start_source(sc: Scenario, blobs: list[tuple[str, int]], workdir: Path,
                  name: str) -> QemuPeer:
     """A paused QEMU 10 source holding ``blobs``, with the scenario's multifd settings,
@@ -467,11 +480,86 @@ def add_run_options(p: argparse.ArgumentParser, *, max_noise: float, poll: float
                    help=f"query-migrate polling interval in seconds ({poll}{poll_help})")
 
 
+def parse_pair_args(argv: list[str] | None, doc: str, variants: tuple[str, ...],
+                    channels_help: str) -> argparse.Namespace:
+    """The command line of the benchmarks that compare livemig with QEMU on one guest
+    (bench_send, bench_relay): --size, --channels, -n, --variants and the run options."""
+    ap = argparse.ArgumentParser(description=doc.split("\n\n")[0],
+                                 epilog="See benchmarks/README.md.")
+    ap.add_argument("--size", default="1G", help="random data in the guest (default 1G)")
+    ap.add_argument("--channels", type=int, default=4, help=channels_help)
+    ap.add_argument("-n", "--reps", type=int, default=3, help="repetitions (3)")
+    ap.add_argument("--variants", default=",".join(variants),
+                    help=f"comma-separated, from {', '.join(variants)} (default: all)")
+    add_run_options(ap, max_noise=0.1, poll=0.005)
+    a = ap.parse_args(argv)
+    a.size = parse_size(a.size)
+    a.variant_list = [x.strip() for x in a.variants.split(",") if x.strip()]
+    bad = [x for x in a.variant_list if x not in variants]
+    if bad:
+        ap.error(f"unknown variant(s) {bad}; known: {', '.join(variants)}")
+    if a.size < 32 * MIB or a.size % MIB:
+        ap.error("--size must be a whole number of MiB, at least 32M")
+    return a
+
+
+def qemu10_version() -> str | None:
+    """QEMU 10's full version, or None (said on stderr) if it is missing."""
+    found = qemu_version(QEMU_BINARIES[QEMU])
+    if found is None or not found.startswith(QEMU):
+        log(f"QEMU {QEMU} ({QEMU_BINARIES[QEMU]}) is missing or reports {found}; "
+            "install it with scripts/install-qemu-peers.sh")
+        return None
+    return found
+
+
+def run_interleaved(run_once: Callable[[str, int], dict[str, Any]],
+                    args: argparse.Namespace, runs: list[dict[str, Any]]) -> None:
+    """Every variant once per repetition, in turn, noisy runs again (into ``runs``)."""
+    for rep in range(1, args.reps + 1):
+        for v in args.variant_list:
+            runs.extend(retry_noisy(lambda v=v, rep=rep: run_once(v, rep), args,
+                                    f"rep {rep} {v:<13}"))
+
+
+def variant_medians(runs: list[dict[str, Any]], variants: list[str],
+                    keys: tuple[str, ...]) -> dict[str, dict[str, Any]]:
+    """Per variant: runs that count (``ok``), noisy ones discarded, and the median (and
+    all values, ``KEY_all``) of each of ``keys``."""
+    per: dict[str, dict[str, Any]] = {}
+    for v in variants:
+        rs = [r for r in runs if r["variant"] == v]
+        ok = [r for r in rs if r["ok"] and not r.get("discarded")]
+        m: dict[str, Any] = {"runs": len([r for r in rs if not r.get("discarded")]),
+                             "ok": len(ok),
+                             "discarded_noisy": len([r for r in rs if r.get("discarded")])}
+        for key in keys:
+            vals = [r[key] for r in ok if r.get(key) is not None]
+            if vals:
+                m[key] = statistics.median(vals)
+                m[key + "_all"] = vals
+        per[v] = m
+    return per
+
+
+def report_end(runs: list[dict[str, Any]], args: argparse.Namespace, interrupted: bool,
+               doc: dict[str, Any]) -> int:
+    """Print the failed runs, write ``doc`` (+ every run) to --json-out; the exit status."""
+    failed = [r for r in runs if not r["ok"]]
+    for r in failed:
+        print(f"  rep {r['rep']} {r['variant']} FAILED: {r['error']}")
+    if args.json_out:
+        doc = {**doc, "python": platform.python_version(), "args": vars(args), "runs": runs}
+        Path(args.json_out).write_text(json.dumps(doc, indent=2, default=str) + "\n")
+    return 1 if failed or interrupted else 0
+
+
 @contextlib.contextmanager
-def bench_session(args: argparse.Namespace, prefix: str) -> Iterator[dict[str, Any]]:
+def bench_session(args: argparse.Namespace, prefix: str,
+                  banner: str = "") -> Iterator[dict[str, Any]]:
     """A work directory under ``args.tmpdir`` (removed at the end unless ``args.keep``)
-    as ``session["workdir"]``; Ctrl-C or SIGTERM inside ends the runs early with
-    ``session["interrupted"]`` set, so that what ran is still reported."""
+    as ``session["workdir"]``, logged with ``banner``; Ctrl-C or SIGTERM inside ends the
+    runs early with ``session["interrupted"]`` set, so that what ran is still reported."""
     def on_term(signum: int, frame: object) -> None:
         raise KeyboardInterrupt  # clean up (QEMUs, livemig, files) as for Ctrl-C
 
@@ -479,6 +567,8 @@ def bench_session(args: argparse.Namespace, prefix: str) -> Iterator[dict[str, A
     session: dict[str, Any] = {"workdir": Path(tempfile.mkdtemp(prefix=prefix,
                                                                  dir=args.tmpdir)),
                                "interrupted": False}
+    if banner:
+        log(f"work directory {session['workdir']} ({banner})")
     try:
         yield session
     except KeyboardInterrupt:
@@ -598,9 +688,7 @@ class Bench:
         err_path = self.workdir / f"livemig{self.run_no}.err"
         time_path = self.workdir / f"livemig{self.run_no}.time"
         rec: dict[str, Any] = {}
-        env = dict(os.environ)
-        env["PYTHONPATH"] = str(ROOT) + (os.pathsep + env["PYTHONPATH"]
-                                         if env.get("PYTHONPATH") else "")
+        env = livemig_env(self.workdir)
         src = self.source(sc)
         proc: subprocess.Popen[bytes] | None = None
         waiter: threading.Thread | None = None

@@ -34,9 +34,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import signal
-import statistics
 import subprocess
 import sys
 import time
@@ -46,18 +44,11 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import bench_receive as br
-from bench_receive import GNU_TIME, MIB, QEMU, ROOT, RunFailed, log
-from peers import QEMU_BINARIES, QemuPeer, parse_size, qemu_version
+from bench_receive import GNU_TIME, RunFailed, log
+from peers import QemuPeer
 
 VARIANTS = ("qemu-file", "qemu-socket", "livemig")
 GIB = 1 << 30
-
-
-def livemig_env() -> dict[str, str]:
-    env = dict(os.environ)
-    env["PYTHONPATH"] = str(ROOT) + (os.pathsep + env["PYTHONPATH"]
-                                     if env.get("PYTHONPATH") else "")
-    return env
 
 
 class Bench:
@@ -78,7 +69,7 @@ class Bench:
         recv = subprocess.Popen([sys.executable, "-m", "livemig.cli.main", "receive",
                                  f"unix:{sock}", "-o", str(self.snap), "-q",
                                  "--multifd-channels", str(self.sc.channels)],
-                                env=livemig_env(), start_new_session=True)
+                                env=br.livemig_env(self.workdir), start_new_session=True)
         try:
             deadline = time.monotonic() + 60
             while not br.unix_listening(str(sock)):
@@ -103,7 +94,7 @@ class Bench:
         subprocess.run([GNU_TIME or "/usr/bin/time", "-f", "%e %U %S", "-o", str(out),
                         sys.executable, "-c",
                         "import livemig.cli.main, livemig.migration.send"],
-                       env=livemig_env(), check=True)
+                       env=br.livemig_env(self.workdir), check=True)
         wall, user, sys_ = (float(x) for x in out.read_text().split()[-3:])
         return {"wall_s": wall, "user_s": user, "sys_s": sys_}
 
@@ -169,7 +160,8 @@ class Bench:
             with open(err_path, "wb") as err:
                 t0_wall, t0 = time.time(), time.monotonic()
                 proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
-                                        stderr=err, env=livemig_env(), start_new_session=True)
+                                        stderr=err, env=br.livemig_env(self.workdir),
+                                        start_new_session=True)
             try:
                 self.finish(dst, t0, t0_wall, rec)
                 out, _ = proc.communicate(timeout=self.args.timeout)
@@ -222,19 +214,9 @@ class Bench:
 
 
 def summarize(runs: list[dict[str, Any]], variants: list[str]) -> dict[str, Any]:
-    per: dict[str, dict[str, Any]] = {}
-    for v in variants:
-        ok = [r for r in runs if r["variant"] == v and r["ok"] and not r.get("discarded")]
-        m: dict[str, Any] = {"ok": len(ok), "discarded_noisy": sum(
-            1 for r in runs if r["variant"] == v and r.get("discarded"))}
-        for key in ("done_s", "active_s", "exit_s", "startup_s", "livemig_seconds",
+    per = br.variant_medians(runs, variants, ("done_s", "active_s", "exit_s", "startup_s", "livemig_seconds",
                     "cpu_user_s", "cpu_sys_s", "cpu_per_gib", "src_cpu_s", "dst_cpu_s",
-                    "foreign_cores"):
-            vals = [r[key] for r in ok if r.get(key) is not None]
-            if vals:
-                m[key] = statistics.median(vals)
-                m[key + "_all"] = vals
-        per[v] = m
+                    "foreign_cores"))
     ratios = {}
     lm = per.get("livemig", {}).get("done_s")
     for ref in ("qemu-file", "qemu-socket"):
@@ -289,61 +271,30 @@ def print_summary(s: dict[str, Any], args: argparse.Namespace, imports: dict[str
           "migration;\n  noise: CPUs other processes used during the run.")
 
 
-def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                 epilog="See benchmarks/README.md.")
-    ap.add_argument("--size", default="1G", help="random data in the guest (default 1G)")
-    ap.add_argument("--channels", type=int, default=4, help="multifd channels (4)")
-    ap.add_argument("-n", "--reps", type=int, default=3, help="repetitions (3)")
-    ap.add_argument("--variants", default=",".join(VARIANTS),
-                    help=f"comma-separated, from {', '.join(VARIANTS)} (default: all)")
-    br.add_run_options(ap, max_noise=0.1, poll=0.005)
-    a = ap.parse_args(argv)
-    a.size = parse_size(a.size)
-    a.variant_list = [x.strip() for x in a.variants.split(",") if x.strip()]
-    bad = [x for x in a.variant_list if x not in VARIANTS]
-    if bad:
-        ap.error(f"unknown variant(s) {bad}; known: {', '.join(VARIANTS)}")
-    if a.size < 32 * MIB or a.size % MIB:
-        ap.error("--size must be a whole number of MiB, at least 32M")
-    return a
-
-
 def main(argv: list[str] | None = None) -> int:
-    args = parse_args(argv)
-    found = qemu_version(QEMU_BINARIES[QEMU])
-    if found is None or not found.startswith(QEMU):
-        log(f"QEMU {QEMU} is missing or reports {found}")
+    args = br.parse_pair_args(argv, __doc__, VARIANTS, "multifd channels (4)")
+    found = br.qemu10_version()
+    if found is None:
         return 2
 
     git = br.git_head()
     runs: list[dict[str, Any]] = []
     imports: dict[str, float] = {}
-    with br.bench_session(args, "lm-bench-send-") as session:
+    with br.bench_session(args, "lm-bench-send-",
+                          f"livemig {git}, QEMU {found}, {os.cpu_count()} CPUs") as session:
         workdir = session["workdir"]
-        log(f"work directory {workdir} (livemig {git}, QEMU {found}, {os.cpu_count()} CPUs)")
         bench = Bench(args, workdir)
         log(f"capturing a paused guest with {br.fmt_size(args.size)} of random data ...")
         bench.capture()
         subprocess.run(["cat", str(bench.snap)], stdout=subprocess.DEVNULL, check=True)
         imports = bench.import_cpu()
-        for rep in range(1, args.reps + 1):
-            for v in args.variant_list:
-                runs.extend(br.retry_noisy(lambda v=v, rep=rep: bench.run_once(v, rep),
-                                           args, f"rep {rep} {v:<12}"))
+        br.run_interleaved(bench.run_once, args, runs)
     interrupted = session["interrupted"]
     summary = summarize(runs, args.variant_list)
     if imports:
         print_summary(summary, args, imports)
-    failed = [r for r in runs if not r["ok"]]
-    for r in failed:
-        print(f"  rep {r['rep']} {r['variant']} FAILED: {r['error']}")
-    if args.json_out:
-        doc = {"git": git, "qemu": found, "python": platform.python_version(),
-               "args": vars(args), "imports": imports, "summary": summary, "runs": runs}
-        Path(args.json_out).write_text(json.dumps(doc, indent=2, default=str) + "\n")
-    return 1 if failed or interrupted else 0
-
+    return br.report_end(runs, args, interrupted, {"git": git, "qemu": found,
+                                                   "imports": imports, "summary": summary})
 
 if __name__ == "__main__":
     sys.exit(main())
