@@ -31,9 +31,8 @@ from __future__ import annotations
 import socket
 import struct
 import threading
-import time
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 import numpy as np
 
@@ -47,7 +46,7 @@ from livemig.migration.incoming import IncomingMigration, multifd_settings
 from livemig.migration.loader import LoadResult
 from livemig.migration.multifd_send import sendmsg_all
 from livemig.migration.send import VERDICT_TIMEOUT, sync_mode_for_machine
-from livemig.migration.source_channels import ReturnPath, connect_channel
+from livemig.migration.source_channels import ReturnPath, connect_channel, let_main_channel_lead
 from livemig.migration.stats import TransferStats
 from livemig.wire.constants import (
     Command,
@@ -331,7 +330,7 @@ class _Forwarder:
             self.rp = ReturnPath(self.main_sock, self.latch)  # type: ignore[arg-type]
             self.rp.start()
             if self.out_n:
-                time.sleep(0.05)  # QEMU 7.2 takes the first accepted connection as main
+                let_main_channel_lead(self.dest)
                 self.chan_socks = [connect_channel(self.dest) for _ in range(self.out_n)]
                 for s in self.chan_socks:
                     self.latch.add_socket(s)

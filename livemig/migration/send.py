@@ -34,7 +34,12 @@ from livemig.io.uri import ExecUri, TcpUri, UnixUri, Uri, parse_uri
 from livemig.migration.failure import FailureLatch
 from livemig.migration.inspect import _DATA, load_file
 from livemig.migration.multifd_send import MultifdSender, PageJob
-from livemig.migration.source_channels import MainWriter, ReturnPath, connect_channel
+from livemig.migration.source_channels import (
+    MainWriter,
+    ReturnPath,
+    connect_channel,
+    let_main_channel_lead,
+)
 from livemig.migration.stats import TransferStats
 from livemig.wire.constants import (
     Command,
@@ -147,7 +152,7 @@ def send(snapshot: str, uri: str | Uri, *, multifd_channels: int = 0,
             rp.start()
         if multifd_channels:
             out.flush()
-            time.sleep(0.05)  # QEMU 7.2 takes the first accepted connection as main
+            let_main_channel_lead(u)
             chans = [connect_channel(u) for _ in range(multifd_channels)]
             sender = MultifdSender(chans, comp, fd, cfg.uuid, latch, stats)
             sender.start()

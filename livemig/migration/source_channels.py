@@ -19,6 +19,10 @@ from livemig.wire.constants import ReturnPathMessage
 
 #: Main-channel bytes gathered before one send.
 MAIN_FLUSH_BYTES = 1 << 20
+#: Seconds a tcp: destination gets to accept the main channel before the multifd
+#: channels connect: QEMU 7.2 takes the first connection it accepts as the main one,
+#: and over TCP a later connection can reach its accept queue first.
+MAIN_FIRST_DELAY = 0.05
 
 
 class MainWriter:
@@ -91,6 +95,14 @@ class ReturnPath(threading.Thread):
             self.latch.fail(e)
         finally:
             self.done.set()
+
+
+def let_main_channel_lead(u: Uri) -> None:
+    """Before connecting multifd channels after the main channel: a unix: listener's
+    accept queue is in connect order, so the main channel is accepted first anyway;
+    over tcp: wait MAIN_FIRST_DELAY."""
+    if isinstance(u, TcpUri):
+        time.sleep(MAIN_FIRST_DELAY)
 
 
 def connect_channel(u: Uri, timeout: float = 10.0,
