@@ -211,9 +211,67 @@ def test_unknown_device() -> None:
 
 
 def test_limit() -> None:
-    rs = DeviceStateReassembler({DEV: Target()}, max_buffered=100)
+    """Over the bound with no device taking anything: the held channel fails."""
+    rs = DeviceStateReassembler({DEV: Target()}, max_buffered=100, stall_timeout=0.2)
     rs.on_packet(*DEV, pkt(1, b"x" * 60), 0)
-    fails(rs, pkt(2, b"x" * 60), "above the limit 100", cls=LimitExceeded)
+    t0 = time.monotonic()
+    fails(rs, pkt(2, b"x" * 60), "above the limit 100, and the devices took none of it",
+          cls=LimitExceeded)
+    assert time.monotonic() - t0 >= 0.2
+
+
+class SlowTarget(Target):
+    def write_data(self, data: memoryview) -> None:
+        time.sleep(0.002)
+        super().write_data(data)
+
+
+def test_slow_devices_hold_channels_back_within_the_bound() -> None:
+    """Devices slower than the channels: memory stays at the bound, nothing fails, and
+    every byte arrives in order."""
+    data = os.urandom(200 * 1000)
+    plan = packets(data, b"cfg", 1000)
+    target = SlowTarget()
+    rs = DeviceStateReassembler({DEV: target}, max_buffered=10_000, stall_timeout=5)
+    rs.main_stream_complete()
+    peak = [0]
+    lanes = [plan[i::4] for i in range(4)]
+
+    def channel(ch: int) -> None:
+        for _, payload in lanes[ch]:
+            rs.on_packet(*DEV, payload, ch)
+            peak[0] = max(peak[0], rs.buffered)
+
+    threads = [threading.Thread(target=channel, args=(c,)) for c in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(30)
+    rs.no_more_packets()
+    rs.finish(30)
+    assert bytes(target.data) == data and target.config == b"cfg"
+    # at most the bound plus the next packet of the device (one packet of data)
+    assert peak[0] <= 10_000 + 1000
+
+
+def test_held_channel_is_released_by_abort() -> None:
+    rs = DeviceStateReassembler({DEV: Target()}, max_buffered=100, stall_timeout=30)
+    rs.on_packet(*DEV, pkt(1, b"x" * 60), 0)
+    err: list[BaseException] = []
+
+    def held() -> None:
+        try:
+            rs.on_packet(*DEV, pkt(2, b"x" * 60), 1)
+        except MigrationError as e:
+            err.append(e)
+
+    t = threading.Thread(target=held)
+    t.start()
+    time.sleep(0.2)
+    assert t.is_alive()
+    rs.abort()
+    t.join(5)
+    assert not t.is_alive() and err
 
 
 def test_missing_config_at_end() -> None:

@@ -4,6 +4,7 @@ device-state packets injected on the wire by a source that misbehaves."""
 
 from __future__ import annotations
 
+import os
 import struct
 from collections.abc import Iterator
 from pathlib import Path
@@ -13,7 +14,9 @@ import pytest
 from test_engine import MIB, Pair, make_pair, pairs, wait_passes  # noqa: F401 - fixture
 
 from livemig.devices.vfio_sim import VfioSimHandler
+from livemig.errors import MigrationError
 from livemig.migration.device_state_send import OutgoingDeviceStatePacket
+from livemig.migration.inspect import inspect_file
 from livemig.wire.multifd import encode_device_state_header
 
 DEVICES = 4
@@ -92,17 +95,22 @@ class HostileVfio(VfioSimHandler):
         return iter(tamper(self.damage, list(good)))
 
 
+def hostile_pair(pairs: list[Pair], workdir: Path, damage: str, size: int) -> Pair:
+    """A running pair whose source devices send multifd device state with ``damage``."""
+    p = make_pair(pairs, workdir, 16 * MIB, rate=8 * MIB)
+    add_devices(p, size, "multifd", cls=type("H", (HostileVfio,), {"damage": damage}))
+    p.configure(2, **{"max-bandwidth": 0})
+    wait_passes(p.src_w, 1)
+    return p
+
+
 @pytest.mark.parametrize("damage,expect", [
     ("short", "shorter"), ("version", "version"), ("invalid-idx", "0xffffffff"),
     ("duplicate", "idx"), ("after-config", "after"), ("no-config", "config"),
     ("unknown-device", "0000:00:99.0/vfio")])
 def test_malformed_packets_fail_cleanly(pairs: list[Pair], workdir: Path, damage: str,
                                         expect: str) -> None:
-    p = make_pair(pairs, workdir, 16 * MIB, rate=10 * MIB)
-    cls = type("H", (HostileVfio,), {"damage": damage})
-    add_devices(p, 8 * MIB, "multifd", cls=cls)
-    p.configure(2, **{"max-bandwidth": 0})
-    wait_passes(p.src_w, 1)
+    p = hostile_pair(pairs, workdir, damage, 8 * MIB)
     q = p.migrate()
     assert q["status"] == "failed", q
     d = p.dst.query_migrate()
@@ -114,3 +122,95 @@ def test_malformed_packets_fail_cleanly(pairs: list[Pair], workdir: Path, damage
     assert p.src_m.state == "running"
     passes = p.src_w.passes
     wait_passes(p.src_w, passes + 1)
+
+
+# --------------------------------------------------------------------------------------------
+# Captures: a machine with vfio-sim devices -> livemig receive -> snapshot -> inspect
+# --------------------------------------------------------------------------------------------
+
+
+def _capture(p: Pair, workdir: Path, receive_in_thread: Any, channels: int) -> Path:
+    snap = workdir / "vm.snap"
+    recv = receive_in_thread(p.uri, snap, multifd_channels=channels)
+    recv.wait_listening()
+    p.src.migrate(p.uri)
+    assert p.src.wait_migration(60) == "completed", p.src.query_migrate()
+    recv.join()
+    return snap
+
+
+@pytest.mark.parametrize("transfer", ["main", "multifd"])
+def test_capture_lists_device_state(pairs: list[Pair], workdir: Path, receive_in_thread: Any,
+                                    transfer: str) -> None:
+    """A stream with device state over multifd, captured by ``receive``, is listed by
+    ``inspect`` packet by packet per device; the main path keeps the VFIO sections."""
+    size = 4 * MIB
+    p = make_pair(pairs, workdir, 16 * MIB, rate=8 * MIB)
+    add_devices(p, size, transfer)
+    p.configure(2, **{"max-bandwidth": 0})
+    wait_passes(p.src_w, 1)
+    snap = _capture(p, workdir, receive_in_thread, 2)
+    sent = {d.idstr: d.state_bytes for d in p.src_m.devices if isinstance(d, VfioSimHandler)}
+    config = {d.idstr: d.config_size for d in p.src_m.devices if isinstance(d, VfioSimHandler)}
+    report = inspect_file(str(snap))
+    vfio = [d for d in report["devices"] if d["idstr"].endswith("/vfio")]
+    kinds = {name: [d["kind"] for d in vfio if d["idstr"] == name] for name in sent}
+    for name, k in kinds.items():
+        # setup, precopy parts, the end of the iterable, the FULL section
+        assert k[0] == "START" and k[-2:] == ["END", "FULL"] and "PART" in k, (name, k)
+    states = {d["idstr"]: d for d in report["device_state"]}
+    if transfer == "main":
+        assert states == {}
+        return
+    assert sorted(states) == sorted(sent)
+    for name, d in states.items():
+        assert d["complete"] is True and d["missing"] is None, d
+        # DEV_CONFIG_STATE <config> END_OF_STATE
+        assert d["instance_id"] == 0 and d["config_bytes"] == config[name] + 16
+        idx = sorted(pk["idx"] for pk in d["packets"])
+        assert idx == list(range(d["packet_count"])) and d["config_idx"] == idx[-1]
+        assert [pk["kind"] for pk in d["packets"] if pk["idx"] == idx[-1]] == ["config"]
+        assert sum(pk["bytes"] for pk in d["packets"] if pk["kind"] == "data") == d["data_bytes"]
+        # the stop-copy data is part of what the device read from its data fd
+        assert 0 < d["data_bytes"] <= sent[name]
+    # the trailer does not disturb anything before it
+    assert report["ram_blocks"][0]["pages_present"] == 16 * MIB // 4096
+
+
+def test_capture_with_main_path_restores_into_a_machine(pairs: list[Pair], workdir: Path,
+                                                         receive_in_thread: Any) -> None:
+    """The VFIO sections a snapshot keeps go back into a machine whose devices verify them."""
+    from livemig.migration.send import send
+
+    p = make_pair(pairs, workdir, 16 * MIB, rate=8 * MIB)
+    add_devices(p, 4 * MIB, "main")
+    p.configure(0, **{"max-bandwidth": 0})
+    wait_passes(p.src_w, 1)
+    snap = _capture(p, workdir, receive_in_thread, 0)
+    back = f"unix:{workdir}/back.sock"
+    p.dst.migrate_incoming(back)
+    send(str(snap), back)
+    assert p.dst.wait_migration(60) == "completed", p.dst.query_migrate()
+    assert p.dst_w.verified is True
+    for d in p.dst_m.devices:
+        if isinstance(d, VfioSimHandler):
+            assert d.summary()["verified"] is True, d.summary()
+
+
+@pytest.mark.parametrize("damage,expect", [
+    ("duplicate", "duplicate idx 0"), ("after-config", "after the config packet"),
+    ("no-config", "no config packet arrived"), ("invalid-idx", "0xffffffff")])
+def test_receive_refuses_malformed_device_state(pairs: list[Pair], workdir: Path,
+                                                receive_in_thread: Any, damage: str,
+                                                expect: str) -> None:
+    p = hostile_pair(pairs, workdir, damage, 4 * MIB)
+    snap = workdir / "vm.snap"
+    recv = receive_in_thread(p.uri, snap, multifd_channels=2)
+    recv.wait_listening()
+    p.src.migrate(p.uri)
+    assert p.src.wait_migration(60) == "failed"
+    with pytest.raises(MigrationError) as e:
+        recv.join()
+    assert expect in str(e.value).lower() and "0000:00:04.0/vfio" in str(e.value), e.value
+    assert not snap.exists() and [f for f in os.listdir(workdir) if ".part" in f] == []
+    assert p.src_m.state == "running"

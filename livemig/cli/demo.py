@@ -64,6 +64,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-ar
                    help="give each machine N vfio-sim devices (simulated VFIO devices)")
     d.add_argument("--vfio-state-size", default="64M", metavar="SIZE",
                    help="device memory of each vfio-sim device (default 64M)")
+    d.add_argument("--vfio-precopy", choices=["on", "off"], default="on",
+                   help="vfio-sim devices support PRE_COPY (default on: most state moves while "
+                        "the machine runs); off: all of it moves at switchover")
     d.add_argument("--device-state-transfer", choices=["main", "multifd", "auto"],
                    default="auto",
                    help="vfio-sim state at switchover: main channel or multifd device-state "
@@ -195,7 +198,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
         if args.vfio_devices:
             common += ["--vfio-devices", str(args.vfio_devices), "--vfio-state-size",
                        args.vfio_state_size, "--device-state-transfer",
-                       args.device_state_transfer]
+                       args.device_state_transfer, "--vfio-precopy", args.vfio_precopy]
         vu_size = parse_size(args.vhost_user_state_size)
         src_vu, dst_vu = [], []
         for i in range(args.vhost_user_backends):
@@ -319,6 +322,15 @@ def _summary(q: dict[str, Any], src: _Machine, dst: _Machine) -> dict[str, Any]:
         out["cpu_throttle_percentage"] = q["cpu-throttle-percentage"]
     if status != "completed":
         out["error"] = q.get("error-desc", status)
+        # the first cause is often on the destination's side
+        deadline = time.monotonic() + 10
+        while True:
+            dq = dst.cmd("query-migrate")
+            if dq.get("status") in ("failed", "completed") or time.monotonic() > deadline:
+                break
+            time.sleep(POLL)
+        if dq.get("error-desc"):
+            out["destination_error"] = dq["error-desc"]
     return out
 
 
@@ -327,6 +339,8 @@ def _print_summary(s: dict[str, Any]) -> None:
     print(f"migration {s['status']}: {s['ram_bytes'] >> 20} MiB in {s['total_time_ms']} ms "
           f"({s['throughput_mbps']} Mbit/s), {s['passes']} passes, downtime "
           f"{s['downtime_ms']} ms; destination memory {ok}")
+    if "destination_error" in s:
+        print(f"  destination: {s['destination_error']}")
     for d in s["devices"]:
         print(f"  device {d['name']} ({d['kind']}): {d['state_bytes']} bytes, "
               f"{'verified' if d['verified'] else 'NOT verified'}")

@@ -58,6 +58,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-ar
                         "that changes while the machine runs)")
     r.add_argument("--vfio-state-size", default="64M", metavar="SIZE",
                    help="device memory of each vfio-sim device (default 64M)")
+    r.add_argument("--vfio-precopy", choices=["on", "off"], default="on",
+                   help="vfio-sim devices support PRE_COPY (default on: most state moves while "
+                        "the machine runs); off: all of it moves at switchover")
     r.add_argument("--device-state-transfer", choices=["main", "multifd", "auto"],
                    default="auto",
                    help="how vfio-sim state moves at switchover: on the main channel, or as "
@@ -95,7 +98,8 @@ def cmd_run(args: argparse.Namespace) -> int:
             for i in range(args.vfio_devices):
                 machine.add_device(VfioSimHandler(machine, i, state_size=size,
                                                   transfer=args.device_state_transfer,
-                                                  source=args.incoming is None))
+                                                  source=args.incoming is None,
+                                                  precopy=args.vfio_precopy == "on"))
         ctl = MachineController(machine, dirty_tracking=args.dirty_tracking,
                                 incoming=args.incoming, autostart=not args.paused,
                                 emit=lambda name, data: server.emit(name, data) if server else None)

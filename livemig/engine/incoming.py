@@ -185,6 +185,8 @@ class IncomingMachineMigration(MigrationRun):
             self._set_status("active")
             inc.load(observer=self._observe, section_lengths=self._section_lengths)
             if reassembler is not None:
+                # a livemig source syncs the channels after its device-state packets:
+                # past the main stream's end, none is still in flight
                 reassembler.no_more_packets()
                 reassembler.finish(DEVICE_STATE_TIMEOUT)
             for d in self.machine.devices:

@@ -407,15 +407,20 @@ class OutgoingMigration(MigrationRun):
         dirty = self._collect()
         self.dirty_sync_count += 1
         sid = self._ram_sid()
-        out.put(encode_section_header(SectionType.SECTION_END, sid))
-        self._send_pages(out, sender, dirty)
-        self._sync_round(out, sender)
-        out.put(encode_eos() + encode_footer(sid))
-        description = []
         # QEMU 10: all main-channel precopy data is out; the destination may start
         # loading device state that comes over multifd from here on
         out.put(encode_command(Command.SWITCHOVER_START))
         savers = self._start_device_state_savers(sender)
+        out.put(encode_section_header(SectionType.SECTION_END, sid))
+        self._send_pages(out, sender, dirty)
+        # The last sync comes after the device-state packets on every channel: once
+        # the destination's main stream is past it, no packet is still in flight.
+        for t in savers:
+            t.join()
+        self.latch.raise_if_failed()
+        self._sync_round(out, sender)
+        out.put(encode_eos() + encode_footer(sid))
+        description = []
         budget = max(1 << 20, int(self._bandwidth_estimate() * 0.05))
         for i, d in enumerate(m.devices):
             if d.iterable:
@@ -438,9 +443,6 @@ class OutgoingMigration(MigrationRun):
                 entry = d.describe(n)
                 entry["section_id"] = sid
                 description.append(entry)
-        for t in savers:
-            t.join()
-        self.latch.raise_if_failed()
         out.put(bytes([SectionType.EOF]))
         doc = {"page_size": PAGE_SIZE, "devices": description}
         out.put(encode_vmdescription(json.dumps(doc).encode()))

@@ -12,11 +12,14 @@ not load is refused while the source can still resume.
 from __future__ import annotations
 
 import threading
-from collections.abc import Callable
+import time
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 
 from livemig import limits
 from livemig.errors import LimitExceeded, StreamFormatError
+from livemig.wire.constants import SectionType
+from livemig.wire.events import DeviceSection
 from livemig.wire.multifd import encode_device_state_header
 from livemig.wire.vfio_packet import (
     VFIO_DEVICE_STATE_PACKET_HEADER_SIZE,
@@ -24,9 +27,24 @@ from livemig.wire.vfio_packet import (
     idx_ranges,
     placement_error,
 )
-from livemig.wire.vfio_section import decode_config_blob
+from livemig.wire.vfio_section import decode_config_blob, encode_end_of_state
 
-__all__ = ["DeviceStateRecorder", "RecordedDevice"]
+__all__ = ["DeviceStateRecorder", "RecordedDevice", "multifd_devices"]
+
+#: How long receive waits, after the main stream ended, for device-state packets still
+#: on the channels. A livemig source fences them with its last multifd sync, so none
+#: is; QEMU 10 joins its device-state threads before EOF, so what is in flight is
+#: at most what the sockets hold.
+DEVICE_STATE_DRAIN = 10.0
+
+
+def multifd_devices(sections: Iterable[DeviceSection]) -> set[tuple[str, int]]:
+    """The VFIO devices whose state travelled over multifd: their FULL section holds
+    only ``END_OF_STATE`` (the config went in their last device-state packet)."""
+    end = encode_end_of_state()
+    return {(s.header.idstr, s.header.instance_id) for s in sections
+            if s.header.kind is SectionType.SECTION_FULL and s.header.idstr.endswith("/vfio")
+            and s.raw[s.body_offset:s.body_offset + s.body_length] == end}
 
 #: ``store(multifd_header, payload)``: appends one packet; called under the recorder's lock.
 Store = Callable[[bytes, memoryview], None]
@@ -63,6 +81,8 @@ class DeviceStateRecorder:
                  max_bytes: int = limits.MAX_SNAPSHOT_DEVICE_STATE) -> None:
         self._store = store
         self._lock = threading.Lock()
+        self._changed = threading.Condition(self._lock)
+        self._ended = False
         self.devices: dict[tuple[str, int], RecordedDevice] = {}
         self.max_bytes = max_bytes
         self.bytes = 0
@@ -108,6 +128,42 @@ class DeviceStateRecorder:
                 dev.data_bytes += len(data)
             self.bytes += len(view)
             self.packets += 1
+            self._changed.notify_all()
+
+    def wait_complete(self, devices: set[tuple[str, int]], timeout: float,
+                      failed: Callable[[], bool]) -> None:
+        """Wait until each of ``devices`` has all its packets (they can still be on
+        the channels when the main stream ends); raise naming what is missing after
+        ``timeout`` seconds. Returns early once ``failed()`` (call :meth:`wake`) or
+        once the channels ended (:meth:`channels_ended`)."""
+        deadline = time.monotonic() + timeout
+        with self._changed:
+            while not failed() and not self._ended:
+                waiting = [k for k in sorted(devices)
+                           if k not in self.devices or self.devices[k].missing()]
+                if not waiting:
+                    return
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    why = "; ".join(
+                        f"device {i} instance {n}: " + (self.devices[(i, n)].missing()
+                                                        if (i, n) in self.devices
+                                                        else "no packet arrived")
+                        for i, n in waiting)
+                    raise StreamFormatError(f"device state over multifd incomplete "
+                                            f"{timeout:g} s after the main stream ended: {why}",
+                                            where="multifd device state")
+                self._changed.wait(min(left, 0.5))
+
+    def wake(self) -> None:
+        with self._changed:
+            self._changed.notify_all()
+
+    def channels_ended(self) -> None:
+        """No more packets will come (:meth:`finish` then says what is missing)."""
+        with self._changed:
+            self._ended = True
+            self._changed.notify_all()
 
     def finish(self) -> None:
         """Every device that sent packets has all of them; raise naming the first that has not."""

@@ -31,7 +31,8 @@ early (cancel, or a failure elsewhere).
 Stricter than QEMU, because the stream is not trusted: a packet for an idx that
 was already loaded is an error (QEMU asserts), so is a second config packet,
 a data packet numbered after the config packet, unknown flag bits, and more
-buffered data than :data:`DEFAULT_MAX_BUFFERED` (QEMU 10.0 has no limit). Every
+buffered data than :data:`DEFAULT_MAX_BUFFERED` while no device makes progress
+(QEMU 10.0 has no limit; below it channels are held back instead). Every
 error names the device, the packet's idx and the channel. After the first error
 the reassembler is poisoned: later packets raise that error, load threads stop.
 
@@ -61,6 +62,7 @@ from livemig.wire.vfio_section import decode_config_blob
 __all__ = [
     "ABORT_JOIN_TIMEOUT",
     "DEFAULT_MAX_BUFFERED",
+    "DEFAULT_STALL_TIMEOUT",
     "DeviceKey",
     "DeviceLoadStats",
     "DeviceLoadTarget",
@@ -71,12 +73,16 @@ __all__ = [
 #: Device-state bytes held in memory, all devices together, waiting for their turn.
 #: Packets queue up before SWITCHOVER_START is read from the main channel (the
 #: source starts sending device state right after writing it, and the main
-#: channel may still be draining RAM here) and behind a missing idx. A channel
-#: cannot be paused instead (the missing idx may be queued behind the packet it
-#: would hold), so the bound is a hard limit. 512 MiB covers the whole stop-copy
-#: state of a 256 MiB-class device arriving before its load thread runs twice over,
-#: and keeps a hostile source from making the destination hold more.
+#: channel may still be draining RAM here), behind a missing idx, and whenever
+#: the devices load slower than the channels deliver. At the bound a channel is
+#: held until the devices have taken enough (a device's next packet always gets
+#: in); only a bound that holds with no device progress is an error, so a
+#: hostile source cannot make the destination hold more.
 DEFAULT_MAX_BUFFERED = 512 << 20
+
+#: A channel held back because the buffer is full fails after this many seconds in
+#: which no device took any buffered data.
+DEFAULT_STALL_TIMEOUT = 10.0
 
 #: How long :meth:`DeviceStateReassembler.abort` waits for each load thread. A
 #: thread stuck in a device write is released by the target's ``cancel()``; if it
@@ -161,10 +167,12 @@ class DeviceStateReassembler:
     """
 
     def __init__(self, devices: Mapping[DeviceKey, DeviceLoadTarget], *,
-                 max_buffered: int = DEFAULT_MAX_BUFFERED) -> None:
+                 max_buffered: int = DEFAULT_MAX_BUFFERED,
+                 stall_timeout: float = DEFAULT_STALL_TIMEOUT) -> None:
         self._lock = threading.Lock()
         self._devices = {k: _Device(k, t, self._lock) for k, t in devices.items()}
         self.max_buffered = max_buffered
+        self.stall_timeout = stall_timeout
         self._buffered = 0
         self._started = False
         self._stopping = False
@@ -240,11 +248,8 @@ class DeviceStateReassembler:
                 except StreamFormatError as e:
                     raise bad(f"config packet: {e.message}") from None
             size = len(data)
-            if self._buffered + size > self.max_buffered:
-                raise self._fail(LimitExceeded(
-                    f"{size} more bytes would make {self._buffered + size} bytes of device "
-                    f"state waiting to be loaded, above the limit {self.max_buffered}",
-                    where=_where(channel, dev, idx)))
+            if self._buffered + size > self.max_buffered and idx != dev.next_idx:
+                self._wait_for_room(size, channel, dev, idx)
             dev.bufs[idx] = keep
             self._buffered += size
             if hdr.is_config:
@@ -334,6 +339,36 @@ class DeviceStateReassembler:
         self._changed.notify_all()
         return error
 
+    def _wait_for_room(self, size: int, channel: int | None, dev: _Device, idx: int) -> None:
+        """Hold the calling channel until the devices have taken enough (lock held).
+
+        Back-pressure, not a failure: devices that load slower than the network
+        delivers would otherwise need the whole stop-copy state in memory. A
+        device's next packet never waits (its load thread needs it to make room),
+        so waiting only fails when nothing is taken for :attr:`stall_timeout`
+        seconds -- the packets the devices need are stuck behind held ones, or no
+        load thread runs.
+        """
+        last = self._buffered
+        since = time.monotonic()
+        while self._buffered + size > self.max_buffered and idx != dev.next_idx:
+            if self._error is not None:
+                raise self._error
+            if self._stopping:
+                raise MigrationError("device-state loading was aborted")
+            self._changed.wait(min(0.5, self.stall_timeout))
+            now = time.monotonic()
+            if self._buffered != last:  # (a device that moves on takes some)
+                last, since = self._buffered, now
+            elif now - since >= self.stall_timeout:
+                raise self._fail(LimitExceeded(
+                    f"{size} more bytes would make {self._buffered + size} bytes of device "
+                    f"state waiting to be loaded, above the limit {self.max_buffered}, and "
+                    f"the devices took none of it for {self.stall_timeout:g} s",
+                    where=_where(channel, dev, idx)))
+        if self._error is not None:
+            raise self._error
+
     def _missing(self, dev: _Device) -> str:
         """What ``dev`` still lacks to finish, or "" (lock held)."""
         if dev.done:
@@ -395,6 +430,7 @@ class DeviceStateReassembler:
                 finally:
                     with self._lock:
                         self._buffered -= len(data)
+                        self._changed.notify_all()  # channels held for room go on
                 if is_config:
                     with self._lock:
                         dev.done = dev.stats.loaded = True

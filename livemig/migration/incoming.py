@@ -11,7 +11,7 @@ source with a return path fails and keeps running).
 from __future__ import annotations
 
 import time
-from typing import Callable
+from collections.abc import Callable
 
 from livemig import limits
 from livemig.errors import ConfigError, MigrationError, TransportError
@@ -83,8 +83,14 @@ class IncomingMigration:
             self.multifd.start()
 
     def load(self, observer: Callable[[object], None] | None = None,
-             section_lengths: SectionLengths | None = None) -> LoadResult:
-        """Run the main channel to its end, then end the channels."""
+             section_lengths: SectionLengths | None = None,
+             drain: Callable[[LoadResult], None] | None = None) -> LoadResult:
+        """Run the main channel to its end, then end the channels.
+
+        ``drain`` runs between the two: multifd device-state packets are not
+        fenced by any sync point, so they may still be arriving when the main
+        stream ends; it waits for them (QEMU waits for its load threads there).
+        """
         assert self.source is not None
         send_rp = self.source.send if isinstance(self.source, SocketSource) else None
         self.loader = MainChannelLoader(self.source, self.sink, stats=self.stats,
@@ -92,6 +98,8 @@ class IncomingMigration:
                                         send_return_path=send_rp, observer=observer,
                                         section_lengths=section_lengths)
         result = self.loader.run()
+        if drain is not None:
+            drain(result)
         if self.multifd is not None:
             self.multifd.finish()
         if isinstance(self.source, ExecSource):

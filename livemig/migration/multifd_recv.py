@@ -174,8 +174,11 @@ class MultifdReceiver:
         self.block_sizes: dict[str, int] = {}
         self.layout_ready = threading.Event()
         #: Where device-state packets go: ``(idstr, instance_id, payload, channel)``.
-        #: None refuses them (a snapshot has no place for them yet).
+        #: None refuses them.
         self.on_device_state: Callable[[str, int, memoryview, int], None] | None = None
+        #: Called once, from the last channel thread to end: no more packets will come.
+        self.on_channels_ended: Callable[[], None] | None = None
+        self._running = len(sockets)
         self.finishing = False
         self._ids: dict[int, int] = {}
         self._uuid: bytes | None = None
@@ -230,6 +233,11 @@ class MultifdReceiver:
             self.latch.fail(e)
         finally:
             self.barrier.channel_ended(conn_index)
+            with self._ids_lock:
+                self._running -= 1
+                last = self._running == 0
+            if last and self.on_channels_ended is not None:
+                self.on_channels_ended()
 
     def _channel(self, conn_index: int, where: str) -> None:
         sock = self.sockets[conn_index]

@@ -9,7 +9,11 @@ from dataclasses import dataclass
 from livemig.io.channels import DEFAULT_ACCEPT_TIMEOUT, FileSource
 from livemig.io.snapshot import SnapshotWriter
 from livemig.io.uri import Uri, parse_uri
-from livemig.migration.device_state_record import DeviceStateRecorder
+from livemig.migration.device_state_record import (
+    DEVICE_STATE_DRAIN,
+    DeviceStateRecorder,
+    multifd_devices,
+)
 from livemig.migration.failure import FailureLatch
 from livemig.migration.incoming import IncomingMigration, multifd_settings
 from livemig.migration.loader import LoadResult
@@ -31,6 +35,7 @@ def receive(uri: str | Uri, output: str, *, multifd_channels: int = 0,
             multifd_compression: str | MultifdCompression = "none",
             stats: TransferStats | None = None,
             accept_timeout: float = DEFAULT_ACCEPT_TIMEOUT,
+            device_state_drain: float = DEVICE_STATE_DRAIN,
             on_listening: Callable[[str], None] | None = None) -> ReceiveResult:
     """Receive one migration on ``uri`` and write it to ``output`` as a mapped-ram snapshot.
 
@@ -49,8 +54,15 @@ def receive(uri: str | Uri, output: str, *, multifd_channels: int = 0,
         incoming.connect(accept_timeout=accept_timeout, on_listening=on_listening)
         if incoming.multifd is not None:
             incoming.multifd.on_device_state = devices.on_packet
+            incoming.multifd.on_channels_ended = devices.channels_ended
+        latch.on_failure(devices.wake)
         stats.phase = "receiving"
-        result = incoming.load()
+
+        def drain(result: LoadResult) -> None:
+            devices.wait_complete(multifd_devices(result.device_sections),
+                                  device_state_drain, lambda: latch.failed)
+
+        result = incoming.load(drain=drain if incoming.multifd is not None else None)
         _copy_trailer(incoming.source, devices)
         devices.finish()
         stats.phase = "writing the snapshot"

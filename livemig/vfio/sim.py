@@ -49,7 +49,7 @@ import os
 import select
 import termios
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from typing import Self
 
 import numpy as np
@@ -197,6 +197,19 @@ class VfioSimDevice:
                                 if seed is not None else bytes(config_size))
         self._lock = threading.Lock()
         self._changed = threading.Condition(self._lock)
+        # Per chunk, its SHA-256 and the CRC of the record that carries it, kept
+        # current by the workload's writes on the source and by each applied record
+        # on the destination (its CRC, checked anyway): the END record's digests and
+        # the destination's check then cost a hash of these, not a pass over all of
+        # memory while the machine is stopped. Zero CRCs on a destination: a chunk
+        # that never arrived fails the check.
+        self._chunk_hash = np.zeros((self.nchunks, 32), dtype=np.uint8)
+        self._chunk_crc = np.zeros(self.nchunks, dtype=">u4")
+        if seed is not None:
+            self._hash_chunks(range(self.nchunks))
+        else:
+            zero = hashlib.sha256(bytes(chunk_size)).digest()
+            self._chunk_hash[:] = np.frombuffer(zero, dtype=np.uint8)
         self.dirty = np.zeros(self.nchunks, dtype=bool)
         self._initial = np.zeros(self.nchunks, dtype=bool)
         self._rng = np.random.default_rng(None if seed is None else seed + 1)
@@ -210,6 +223,8 @@ class VfioSimDevice:
         self._in_hand = (0, 0)  # (initial, dirty) bytes taken out of the bitmaps, not written
         self._header_pending = False
         self._chunks_sent = 0
+        self._queue: list[int] = []  # chunks to send, last one first
+        self._queue_initial = False
         # resuming
         self._decoder: fmt.SimStreamDecoder | None = None
         self._expected: fmt.SimEnd | None = None
@@ -299,6 +314,7 @@ class VfioSimDevice:
                 raise StateError(self.machine.state.name, "a running state (RUNNING, "
                                  "RUNNING_P2P, PRE_COPY, PRE_COPY_P2P) for mutate")
             self.memory.reshape(self.nchunks, self.chunk_size)[idx, :width] = values
+            self._hash_chunks(idx.tolist())
             self.config[0] = (self.config[0] + 1) & 0xFF
             self.dirty[idx] = True
             self._generation += 1
@@ -321,17 +337,31 @@ class VfioSimDevice:
             self._generation += 1
 
     def digest(self) -> bytes:
-        """SHA-256 of memory followed by config: equal on both ends after a migration."""
+        """SHA-256 over the chunks' SHA-256 and the config: equal on both ends after a
+        migration."""
         with self._lock:
             return self._state_digest()
 
+    def matches_source(self) -> bool:
+        """Resuming ended with memory whose chunk CRCs match the source's (the check
+        RESUMING -> STOP makes, without a pass over memory); :attr:`verified` is the
+        full check."""
+        with self._lock:
+            return self._expected is not None
+
     @property
     def verified(self) -> bool:
-        """Memory and config equal what the source had when it stopped (from its END record)."""
+        """Memory and config equal what the source had when it stopped (from its END record).
+
+        Rehashes all of memory (the kept chunk hashes are not trusted here), so
+        this checks the bytes themselves; it runs after the migration, not in
+        its downtime.
+        """
         with self._lock:
             if self._expected is None:
                 return False
             if self._verified_cache is None or self._verified_cache[0] != self._generation:
+                self._hash_chunks(range(self.nchunks))
                 ok = self._state_digest() == self._expected.state_digest
                 self._verified_cache = (self._generation, ok)
             return self._verified_cache[1]
@@ -373,6 +403,7 @@ class VfioSimDevice:
             self._in_hand = (0, 0)
             self._header_pending = True
             self._chunks_sent = 0
+            self._queue.clear()
             self._session = sess
         sess.thread = threading.Thread(target=self._feed, args=(sess,),
                                        name=f"vfio-sim feeder {self.name}")
@@ -401,8 +432,7 @@ class VfioSimDevice:
             raise StreamFormatError(f"{self.name}: the data stream ended before its END "
                                     f"record ({dec.chunks} chunks received)", where=self.name)
         with self._lock:
-            mem = hashlib.sha256(self.memory.data).digest()
-            if mem != dec.end.memory_digest:
+            if self._memory_digest() != dec.end.memory_digest:
                 raise StreamFormatError(f"{self.name}: device memory after resuming does not "
                                         "match the source's digest", where=self.name)
             self._expected = dec.end
@@ -444,7 +474,7 @@ class VfioSimDevice:
                  + max(0, written - max(consumed, init_end)))
         return initial, dirty
 
-    def _take(self) -> tuple[bytes, bool, bool] | None:
+    def _take(self) -> tuple[bytes | list[bytes | memoryview], bool, bool] | None:
         """The next record to write, whether it is initial data and whether it is the
         END, or None when nothing is pending (lock held)."""
         if self._header_pending:
@@ -452,26 +482,47 @@ class VfioSimDevice:
             data = fmt.encode_header(self.mem_size, self.chunk_size)
             self._in_hand = (len(data), 0)
             return data, True, False
-        pending = np.flatnonzero(self._initial)
-        initial = pending.size > 0
-        if not initial:
-            pending = np.flatnonzero(self.dirty)
-        if pending.size == 0:
+        found = self._next_pending()
+        if found is None:
             if not self._stop_copy:
                 return None
-            mem = hashlib.sha256(self.memory.data).digest()
-            data = fmt.encode_end(self._chunks_sent, mem, self._state_digest())
+            data = fmt.encode_end(self._chunks_sent, self._memory_digest(), self._state_digest())
             self._in_hand = (0, len(data))
             return data, False, True
-        i = int(pending[0])
+        i, initial = found
         self._initial[i] = False
         self.dirty[i] = False
         a = i * self.chunk_size
-        head, body = fmt.encode_chunk(a, self.memory[a:a + self.chunk_size].tobytes())
-        data = bytes(head) + bytes(body)
+        view = self.memory.data[a:a + self.chunk_size]
+        # a stopped device does not change: its memory goes out as it is
+        head, body = fmt.encode_chunk(a, view if self._stop_copy else view.tobytes())
         self._chunks_sent += 1
-        self._in_hand = (len(data), 0) if initial else (0, len(data))
-        return data, initial, False
+        n = len(head) + len(body)
+        self._in_hand = (n, 0) if initial else (0, n)
+        return [head, body], initial, False
+
+    def _next_pending(self) -> tuple[int, bool] | None:
+        """The next chunk to send and whether it is initial data (lock held).
+
+        Initial data first, then dirty chunks, each in address order. The bitmap
+        is scanned once per sweep (a list of candidates), not once per chunk;
+        a candidate whose bit was cleared since is skipped, one set since is
+        found by the next sweep.
+        """
+        queue = self._queue
+        while True:
+            while queue:
+                i = queue.pop()
+                bits = self._initial if self._queue_initial else self.dirty
+                if bits[i]:
+                    return i, self._queue_initial
+            pending = np.flatnonzero(self._initial)
+            self._queue_initial = pending.size > 0
+            if not self._queue_initial:
+                pending = np.flatnonzero(self.dirty)
+                if pending.size == 0:
+                    return None
+            queue[:] = pending[::-1].tolist()
 
     def _feed(self, sess: _Session) -> None:
         try:
@@ -483,10 +534,12 @@ class VfioSimDevice:
                         return
                     assert item is not None
                     data, initial, last = item
-                if not self._write_all(sess, memoryview(data)):
+                bufs = [memoryview(b) for b in data] if isinstance(data, list) \
+                    else [memoryview(data)]
+                if not self._write_all(sess, bufs):
                     return
                 with self._lock:
-                    self._written += len(data)
+                    self._written += sum(len(b) for b in bufs)
                     self._in_hand = (0, 0)
                     if initial and self._initial_end is None and not self._initial.any():
                         self._initial_end = self._written
@@ -497,24 +550,30 @@ class VfioSimDevice:
         except BaseException as e:  # noqa: BLE001 - raised by the transition ending the session
             sess.error = e
 
-    def _write_all(self, sess: _Session, view: memoryview) -> bool:
+    def _write_all(self, sess: _Session, bufs: list[memoryview]) -> bool:
         assert sess.dev_fd is not None
-        while view:
+        while bufs:
             try:
-                n = os.write(sess.dev_fd, view)
+                n = os.writev(sess.dev_fd, bufs)
             except BlockingIOError:
                 ready, _, _ = select.select([sess.wake_r], [sess.dev_fd], [])
                 if sess.wake_r in ready:
                     return False
                 continue
-            view = view[n:]
+            while bufs and n >= len(bufs[0]):
+                n -= len(bufs[0])
+                bufs = bufs[1:]
+            if n:
+                bufs = [bufs[0][n:], *bufs[1:]]
         return True
 
     def _consume(self, sess: _Session) -> None:
         dec = self._decoder
         assert dec is not None and sess.dev_fd is not None
-        buf = bytearray()
-        base = 0
+        # room for a read and the part of a record the previous read left
+        buf = bytearray(_READ_SIZE + fmt.record_size(max(self.chunk_size, 64)))
+        view = memoryview(buf)
+        end = base = 0
         try:
             while True:
                 if sess.cancelled:
@@ -523,19 +582,23 @@ class VfioSimDevice:
                 if not draining:
                     select.select([sess.dev_fd, sess.wake_r], [], [])
                 try:
-                    chunk = os.read(sess.dev_fd, _READ_SIZE)
+                    n = os.readv(sess.dev_fd, [view[end:end + _READ_SIZE]])
                 except BlockingIOError:
                     if draining:
                         return  # everything written before the request is in
                     continue
-                if not chunk:
+                if not n:
                     return  # the user closed the fd
-                buf += chunk
-                records, pos = dec.parse(buf, 0, len(buf), base)
+                end += n
+                records, pos = dec.parse(buf, 0, end, base)
                 if records:
                     self._apply(records)
                 del records  # its chunk views pin ``buf``
-                del buf[:pos]
+                if end - pos > len(buf) - _READ_SIZE:
+                    raise StreamFormatError(f"{self.name}: a record larger than a chunk",
+                                            offset=base + pos, where=self.name)
+                buf[:end - pos] = buf[pos:end]
+                end -= pos
                 base += pos
         except BaseException as e:  # noqa: BLE001 - raised by RESUMING -> STOP
             if sess.error is None:  # a cancel came first
@@ -551,10 +614,24 @@ class VfioSimDevice:
                 if isinstance(r, fmt.SimChunk):
                     n = len(r.data)
                     self.memory[r.address:r.address + n] = np.frombuffer(r.data, np.uint8)
+                    self._chunk_crc[r.address // self.chunk_size] = r.crc
             self._generation += 1
 
+    def _hash_chunks(self, chunks: Iterable[int]) -> None:
+        """Rehash the given chunks (lock held, or during construction)."""
+        cs = self.chunk_size
+        data = self.memory.data
+        out, crcs = self._chunk_hash, self._chunk_crc
+        for i in chunks:
+            view = data[i * cs:(i + 1) * cs]
+            out[i] = np.frombuffer(hashlib.sha256(view).digest(), np.uint8)
+            crcs[i] = fmt.chunk_crc(i * cs, view)
+
+    def _memory_digest(self) -> bytes:
+        return hashlib.sha256(self._chunk_crc.tobytes()).digest()
+
     def _state_digest(self) -> bytes:
-        h = hashlib.sha256(self.memory.data)
+        h = hashlib.sha256(self._chunk_hash.data)
         h.update(self.config)
         return h.digest()
 

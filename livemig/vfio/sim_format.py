@@ -14,9 +14,13 @@ sequence of records, each a 24-byte big-endian header and a payload::
 
     HEADER payload  u32 format version (1), u32 chunk size
     CHUNK payload   device memory at ``arg`` (at most one chunk, within the memory)
-    END payload     32-byte SHA-256 of the device memory, 32-byte SHA-256 of the
-                    memory followed by the config state (the device is stopped,
-                    so both are final)
+    END payload     32-byte memory digest: SHA-256 over the CRCs of the CHUNK
+                    records that would carry the memory now (one be32 per chunk:
+                    what a destination checks while the machine is stopped, from
+                    the CRCs it verified anyway); 32-byte state digest: SHA-256
+                    over the chunks' SHA-256, then the config state (the full
+                    check, done after the migration). The device is stopped, so
+                    both are final.
 
 A stream is HEADER, any number of CHUNKs (a chunk may repeat: later wins, as
 precopy re-sends dirtied chunks), END, and nothing after. Precopy data and
@@ -47,6 +51,7 @@ __all__ = [
     "SimHeader",
     "SimRecordType",
     "SimStreamDecoder",
+    "chunk_crc",
     "encode_chunk",
     "encode_end",
     "encode_header",
@@ -82,15 +87,19 @@ class SimHeader:
 
 @dataclass(frozen=True, slots=True)
 class SimChunk:
-    """``data`` belongs at byte ``address`` of device memory (a view; copy it out)."""
+    """``data`` belongs at byte ``address`` of device memory (a view; copy it out);
+    ``crc`` is the record's (checked) CRC."""
 
     address: int
     data: memoryview
     offset: int = 0
+    crc: int = 0
 
 
 @dataclass(frozen=True, slots=True)
 class SimEnd:
+    """The two digests of the END payload (see the module doc)."""
+
     chunks: int
     memory_digest: bytes
     state_digest: bytes
@@ -116,6 +125,12 @@ def encode_header(mem_size: int, chunk_size: int) -> bytes:
 def encode_chunk(address: int, data: bytes | memoryview) -> list[bytes | memoryview]:
     """The record for one chunk: [header, data] (the data is not copied)."""
     return _record(SimRecordType.CHUNK, address, data)
+
+
+def chunk_crc(address: int, data: bytes | memoryview) -> int:
+    """The CRC the CHUNK record for ``data`` at ``address`` carries."""
+    return zlib.crc32(data, zlib.crc32(_REC.pack(MAGIC, SimRecordType.CHUNK, 0, address,
+                                                 len(data))))
 
 
 def encode_end(chunks: int, memory_digest: bytes, state_digest: bytes) -> bytes:
@@ -180,7 +195,7 @@ class SimStreamDecoder:
                 if zlib.crc32(payload, zlib.crc32(view[pos:pos + 20])) != crc:
                     raise self._fail(f"{SimRecordType(kind).name} record fails its CRC", at,
                                      view, pos)
-                out.append(self._check(SimRecordType(kind), arg, payload, at, view, pos))
+                out.append(self._check(SimRecordType(kind), arg, payload, at, view, pos, crc))
                 pos += RECORD_HEADER_SIZE + length
         except StreamFormatError as e:
             self._error = e
@@ -188,7 +203,7 @@ class SimStreamDecoder:
         return out, pos
 
     def _check(self, kind: SimRecordType, arg: int, payload: memoryview, at: int,
-               view: memoryview, pos: int) -> SimRecord:
+               view: memoryview, pos: int, crc: int) -> SimRecord:
         if kind == SimRecordType.HEADER:
             if self.header is not None:
                 raise self._fail("second HEADER record", at, view, pos)
@@ -210,7 +225,7 @@ class SimStreamDecoder:
                                  f"device's {self.mem_size:#x} bytes of "
                                  f"{self.chunk_size:#x}-byte chunks", at, view, pos)
             self.chunks += 1
-            return SimChunk(arg, payload, at)
+            return SimChunk(arg, payload, at, crc)
         if arg != self.chunks:
             raise self._fail(f"END counts {arg} chunks, the stream had {self.chunks}", at,
                              view, pos)
