@@ -23,11 +23,16 @@ import sys
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-def demo(devices: int, size: str, path: str, channels: int, memory: str) -> dict:
+def demo(devices: int, size: str, path: str, channels: int, memory: str,
+         precopy: str) -> dict:
     env = dict(os.environ, PYTHONPATH=ROOT)
+    # without PRE_COPY all device state moves at switchover: allow the downtime that
+    # takes, so that the switchover comes after the first RAM pass
+    limit = "300" if precopy == "on" else "600000"
     r = subprocess.run([sys.executable, "-m", "livemig.cli.main", "demo", "--json",
                         "--memory", memory, "--multifd-channels", str(channels),
                         "--vfio-devices", str(devices), "--vfio-state-size", size,
+                        "--vfio-precopy", precopy, "--downtime-limit", limit,
                         "--device-state-transfer", path], env=env, capture_output=True,
                        timeout=900, check=False)
     out = json.loads(r.stdout.decode().strip().splitlines()[-1])
@@ -43,6 +48,9 @@ def main() -> int:
     ap.add_argument("--channels", type=int, default=4)
     ap.add_argument("--memory", default="256M", help="guest RAM")
     ap.add_argument("--repeat", type=int, default=3)
+    ap.add_argument("--precopy", choices=["on", "off"], default="off",
+                    help="vfio-sim PRE_COPY (default off: all 128M per device moves at "
+                         "switchover, the case multifd device state is for)")
     ap.add_argument("--json-out", metavar="FILE")
     args = ap.parse_args()
     rows = []
@@ -52,11 +60,12 @@ def main() -> int:
         for _ in range(args.repeat):
             for path in ("main", "multifd"):
                 times[path].append(demo(n, args.size, path, args.channels,
-                                        args.memory)["downtime_ms"])
+                                        args.memory, args.precopy)["downtime_ms"])
         main_ms = statistics.median(times["main"])
         mfd_ms = statistics.median(times["multifd"])
         ratio = mfd_ms / main_ms if main_ms else float("nan")
-        rows.append({"devices": n, "size": args.size, "main_ms": times["main"],
+        rows.append({"devices": n, "size": args.size, "precopy": args.precopy,
+                     "main_ms": times["main"],
                      "multifd_ms": times["multifd"], "ratio": ratio})
         print(f"{n:>7} {main_ms:>9.0f} {mfd_ms:>11.0f} {ratio:>6.2f}", flush=True)
     if args.json_out:

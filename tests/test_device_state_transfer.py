@@ -368,3 +368,33 @@ def test_fd_load_target_into_a_pipe() -> None:
         reader.join(10)
         os.close(r)
     assert bytes(got) == data and configs == [b"cfg"]
+
+
+def test_packets_a_device_needs_behind_a_held_one() -> None:
+    """The device's next packet is queued behind a held one on the same channel: the
+    held packet is taken past the bound (up to twice it) and everything loads."""
+    target = Target()
+    rs = DeviceStateReassembler({DEV: target}, max_buffered=50, stall_timeout=5)
+    rs.main_stream_complete()
+    data = [bytes([i]) * 40 for i in range(3)]
+    lanes = [[pkt(2, data[2]), pkt(0, data[0])],
+             [pkt(3, b"cfg", config=True), pkt(1, data[1])]]
+    errors: list[BaseException] = []
+
+    def channel(ch: int) -> None:
+        try:
+            for payload in lanes[ch]:
+                rs.on_packet(*DEV, payload, ch)
+        except BaseException as e:  # noqa: BLE001 - checked below
+            errors.append(e)
+
+    # channel 1 first: its config packet fits, its next one is held behind nothing
+    threads = [threading.Thread(target=channel, args=(c,)) for c in (0, 1)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(10)
+    assert errors == []
+    rs.no_more_packets()
+    rs.finish(10)
+    assert bytes(target.data) == b"".join(data) and target.config == b"cfg"

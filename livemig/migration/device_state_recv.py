@@ -80,6 +80,10 @@ __all__ = [
 #: hostile source cannot make the destination hold more.
 DEFAULT_MAX_BUFFERED = 512 << 20
 
+#: Seconds in which no device has its next packet before a held channel's packet is
+#: taken past the bound (a packet a device needs may be queued behind it).
+STUCK_GRACE = 0.05
+
 #: A channel held back because the buffer is full fails after this many seconds in
 #: which no device took any buffered data.
 DEFAULT_STALL_TIMEOUT = 10.0
@@ -153,6 +157,7 @@ class _Device:
         self.config_idx: int | None = None
         self.max_data_idx = -1
         self.done = False
+        self.loading = False  # the load thread is writing a packet to the device
         self.ready = threading.Condition(lock)
         self.thread: threading.Thread | None = None
         self.stats = DeviceLoadStats()
@@ -172,6 +177,9 @@ class DeviceStateReassembler:
         self._lock = threading.Lock()
         self._devices = {k: _Device(k, t, self._lock) for k, t in devices.items()}
         self.max_buffered = max_buffered
+        #: Past the bound, packets are still taken while every channel waits on the
+        #: devices and none can move; this is where even that stops.
+        self.hard_limit = 2 * max_buffered
         self.stall_timeout = stall_timeout
         self._buffered = 0
         self._started = False
@@ -344,28 +352,45 @@ class DeviceStateReassembler:
 
         Back-pressure, not a failure: devices that load slower than the network
         delivers would otherwise need the whole stop-copy state in memory. A
-        device's next packet never waits (its load thread needs it to make room),
-        so waiting only fails when nothing is taken for :attr:`stall_timeout`
-        seconds -- the packets the devices need are stuck behind held ones, or no
-        load thread runs.
+        device's next packet never waits (its load thread needs it to make room).
+        When no device has its next packet for :data:`STUCK_GRACE` seconds, the
+        packets they need are queued behind held ones (or not sent yet): then the
+        held packet is taken anyway, up to twice the bound (:attr:`hard_limit`).
+        Past that, or when nothing is taken for :attr:`stall_timeout` seconds
+        (no load thread runs), the migration fails.
         """
         last = self._buffered
         since = time.monotonic()
+        stuck_since: float | None = None
         while self._buffered + size > self.max_buffered and idx != dev.next_idx:
             if self._error is not None:
                 raise self._error
             if self._stopping:
                 raise MigrationError("device-state loading was aborted")
-            self._changed.wait(min(0.5, self.stall_timeout))
+            now = time.monotonic()
+            if self._started and not any(d.loading or d.next_idx in d.bufs
+                                         for d in self._devices.values() if not d.done):
+                stuck_since = now if stuck_since is None else stuck_since
+                if now - stuck_since >= STUCK_GRACE:
+                    if self._buffered + size <= self.hard_limit:
+                        return  # the packets the devices need are behind this one
+                    raise self._fail(LimitExceeded(
+                        f"{size} more bytes would make {self._buffered + size} bytes of "
+                        f"device state waiting to be loaded, above the limit "
+                        f"{self.hard_limit}, and no device has the packet it needs next",
+                        where=_where(channel, dev, idx)))
+            else:
+                stuck_since = None
+            self._changed.wait(min(STUCK_GRACE, self.stall_timeout))
             now = time.monotonic()
             if self._buffered != last:  # (a device that moves on takes some)
                 last, since = self._buffered, now
             elif now - since >= self.stall_timeout:
                 raise self._fail(LimitExceeded(
-                    f"{size} more bytes would make {self._buffered + size} bytes of device "
-                    f"state waiting to be loaded, above the limit {self.max_buffered}, and "
-                    f"the devices took none of it for {self.stall_timeout:g} s",
-                    where=_where(channel, dev, idx)))
+                    f"{size} more bytes would make {self._buffered + size} bytes of "
+                    f"device state waiting to be loaded, above the limit "
+                    f"{self.max_buffered}, and the devices took none of it for "
+                    f"{self.stall_timeout:g} s", where=_where(channel, dev, idx)))
         if self._error is not None:
             raise self._error
 
@@ -421,6 +446,7 @@ class DeviceStateReassembler:
                     data = memoryview(dev.bufs.pop(idx))
                     is_config = idx == dev.config_idx
                     dev.next_idx += 1
+                    dev.loading = True
                 try:
                     if is_config:
                         dev.target.load_config(decode_config_blob(
@@ -429,6 +455,7 @@ class DeviceStateReassembler:
                         dev.target.write_data(data)
                 finally:
                     with self._lock:
+                        dev.loading = False
                         self._buffered -= len(data)
                         self._changed.notify_all()  # channels held for room go on
                 if is_config:
