@@ -177,19 +177,26 @@ def test_capture_lists_device_state(pairs: list[Pair], workdir: Path, receive_in
     assert report["ram_blocks"][0]["pages_present"] == 16 * MIB // 4096
 
 
-def test_capture_with_main_path_restores_into_a_machine(pairs: list[Pair], workdir: Path,
-                                                         receive_in_thread: Any) -> None:
-    """The VFIO sections a snapshot keeps go back into a machine whose devices verify them."""
+@pytest.mark.parametrize("transfer,channels", [("main", 0), ("multifd", 2)])
+def test_capture_restores_into_a_machine(pairs: list[Pair], workdir: Path,
+                                         receive_in_thread: Any, transfer: str,
+                                         channels: int) -> None:
+    """What a snapshot keeps of VFIO devices -- their sections, and the device-state
+    packets of its trailer -- goes back into a machine whose devices verify it."""
+    from livemig.errors import ConfigError
     from livemig.migration.send import send
 
     p = make_pair(pairs, workdir, 16 * MIB, rate=8 * MIB)
-    add_devices(p, 4 * MIB, "main")
-    p.configure(0, **{"max-bandwidth": 0})
+    add_devices(p, 4 * MIB, transfer)
+    p.configure(channels, **{"max-bandwidth": 0})
     wait_passes(p.src_w, 1)
-    snap = _capture(p, workdir, receive_in_thread, 0)
+    snap = _capture(p, workdir, receive_in_thread, channels)
     back = f"unix:{workdir}/back.sock"
+    if channels:
+        with pytest.raises(ConfigError, match="device state that travels over multifd"):
+            send(str(snap), back)
     p.dst.migrate_incoming(back)
-    send(str(snap), back)
+    send(str(snap), back, multifd_channels=channels)
     assert p.dst.wait_migration(60) == "completed", p.dst.query_migrate()
     assert p.dst_w.verified is True
     for d in p.dst_m.devices:

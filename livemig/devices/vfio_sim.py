@@ -270,10 +270,14 @@ class VfioSimHandler(DeviceHandler):
         return _CountingTarget(self, self.dev.load_target(self.fd))
 
     def load_state(self, body: memoryview, version_id: int, kind: str) -> None:
-        assert self.fd is not None
         events, _ = self._decoder().parse(body, 0, len(body), final=True)
         for ev in events:
             if isinstance(ev, VfioData):
+                if self.fd is None:
+                    # the multifd config packet, loaded by now, ended RESUMING (END and
+                    # FULL sections arrive while the device state is still loading)
+                    raise StreamFormatError(f"device {self.idstr}: device data in a {kind} "
+                                            "section after the device left RESUMING")
                 view = ev.data
                 while view:
                     view = view[os.write(self.fd, view):]

@@ -202,7 +202,7 @@ class IncomingMachineMigration(MigrationRun):
             inc.refuse()  # first: the latch shuts the main channel down
             self.latch.fail(e)
             first = self.latch.error
-            self.error_desc = str(first)
+            self.error_desc = str(first) or repr(first)  # a bug's bare exception too
             inc.abort()
             if reassembler is not None:
                 reassembler.abort()

@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import os
 import struct
 import threading
 import time
@@ -62,6 +63,13 @@ from livemig.wire.stream import (
     encode_section_header,
     encode_vmdescription,
 )
+
+#: Device save threads reading their data fds at the same time. Each device's
+#: packets already spread over every multifd channel; more Python threads
+#: reading at once only contend for the GIL (4 vfio-sim devices x 128 MiB on
+#: 2 CPUs: downtime 1.45 s with one at a time, 1.73 s with all four at once).
+DEVICE_STATE_SAVERS_AT_ONCE = max(1, (os.cpu_count() or 2) // 2)
+
 
 #: Seconds the source waits for the destination's verdict after the last byte.
 VERDICT_TIMEOUT = 120.0
@@ -135,7 +143,7 @@ class OutgoingMigration(MigrationRun):
                 first = PeerError(f"the destination failed to load the migration (status "
                                   f"{rp.shut})")
             if not cancelled:
-                self.error_desc = str(first)
+                self.error_desc = str(first) or repr(first)  # a bug's bare exception too
             self._resume_source()
             with self._lock:
                 if cancelled or self.status == "cancelling":
@@ -410,6 +418,7 @@ class OutgoingMigration(MigrationRun):
         # QEMU 10: all main-channel precopy data is out; the destination may start
         # loading device state that comes over multifd from here on
         out.put(encode_command(Command.SWITCHOVER_START))
+        out.flush()  # now: the destination's devices load while their state arrives
         savers = self._start_device_state_savers(sender)
         out.put(encode_section_header(SectionType.SECTION_END, sid))
         self._send_pages(out, sender, dirty)
@@ -468,8 +477,10 @@ class OutgoingMigration(MigrationRun):
                                    ) -> list[threading.Thread]:
         """One thread per device whose state goes as multifd device-state packets
         (QEMU 10's per-device save threads); they run while the main channel
-        carries the END and FULL sections."""
+        carries the END and FULL sections, :data:`DEVICE_STATE_SAVERS_AT_ONCE` at
+        a time (each one's packets go over all channels)."""
         threads = []
+        gate = threading.BoundedSemaphore(DEVICE_STATE_SAVERS_AT_ONCE)
         for d in self.machine.devices:
             packets = d.device_state_packets()
             if packets is None:
@@ -479,9 +490,10 @@ class OutgoingMigration(MigrationRun):
 
             def run(packets: Any = packets, d: DeviceHandler = d) -> None:
                 try:
-                    for pkt in packets:
-                        self.latch.raise_if_failed()
-                        sender.queue_pages(pkt)  # type: ignore[union-attr, arg-type]
+                    with gate:
+                        for pkt in packets:
+                            self.latch.raise_if_failed()
+                            sender.queue_pages(pkt)  # type: ignore[union-attr]
                 except BaseException as e:  # noqa: BLE001 - the latch reports it
                     self.latch.fail(e)
 

@@ -19,7 +19,6 @@ import numpy as np
 
 from livemig import limits
 from livemig.io.guest_ram import PAGE_SIZE, RamBlock
-from livemig.migration.device_state_send import OutgoingDeviceStatePacket
 from livemig.migration.failure import FailureLatch
 from livemig.migration.multifd_send import MultifdSender, sendmsg_all
 from livemig.migration.stats import TransferStats
@@ -50,9 +49,6 @@ class RamMultifdSender(MultifdSender):
     def _send_job(self, ch: int, sock: socket.socket, job: RamJob,  # type: ignore[override]
                   comp: ChannelCompressor | None, flag: int, bview: memoryview,
                   where: str) -> int:
-        if isinstance(job, OutgoingDeviceStatePacket):
-            sendmsg_all(sock, list(job.buffers))
-            return job.size
         blk = job.block
         data = blk.nonzero(job.pages)
         normal = job.pages[data].astype(np.uint64) * _PS64

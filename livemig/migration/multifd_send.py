@@ -21,6 +21,7 @@ import numpy as np
 
 from livemig import limits
 from livemig.errors import ChannelError, MigrationError
+from livemig.migration.device_state_send import OutgoingDeviceStatePacket
 from livemig.migration.failure import FailureLatch
 from livemig.migration.stats import TransferStats
 from livemig.wire.constants import MultifdCompression
@@ -116,7 +117,8 @@ class MultifdSender:
             except queue.Full:
                 continue
 
-    def queue_pages(self, job: PageJob) -> None:
+    def queue_pages(self, job: PageJob | OutgoingDeviceStatePacket) -> None:
+        """Queue one packet's pages (or one device-state packet) on the next channel."""
         i = self._next
         self._next = (i + 1) % self.n
         self._put(i, job)
@@ -186,7 +188,11 @@ class MultifdSender:
                 self.stats.multifd_bytes[ch] = sent
                 self.synced.release()
                 continue
-            sent += self._send_job(ch, sock, item, comp, flag, bview, where)
+            if isinstance(item, OutgoingDeviceStatePacket):
+                sendmsg_all(sock, list(item.buffers))
+                sent += item.size
+            else:
+                sent += self._send_job(ch, sock, item, comp, flag, bview, where)
             self.stats.multifd_bytes[ch] = sent
 
     def _send_job(self, ch: int, sock: socket.socket, job: PageJob,

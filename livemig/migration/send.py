@@ -31,6 +31,7 @@ import numpy as np
 from livemig import limits
 from livemig.errors import ConfigError, MigrationError, PeerError, StreamFormatError, TransportError
 from livemig.io.uri import ExecUri, TcpUri, UnixUri, Uri, parse_uri
+from livemig.migration.device_state_send import OutgoingDeviceStatePacket
 from livemig.migration.failure import FailureLatch
 from livemig.migration.inspect import _DATA, load_file
 from livemig.migration.multifd_send import MultifdSender, PageJob
@@ -47,7 +48,8 @@ from livemig.wire.constants import (
     RamFlag,
     SectionType,
 )
-from livemig.wire.multifd import page_runs
+from livemig.wire.device_state_trailer import FOOTER_SIZE, TrailerPacket, scan_trailer
+from livemig.wire.multifd import DEVICE_STATE_HEADER_SIZE, page_runs
 from livemig.wire.ram import (
     encode_block_list,
     encode_eos,
@@ -112,6 +114,11 @@ def send(snapshot: str, uri: str | Uri, *, multifd_channels: int = 0,
     load, sink = load_file(snapshot)
     if not any(b.mapped_ram for b in load.blocks):
         raise ConfigError(f"{snapshot} is not a livemig/QEMU mapped-ram snapshot")
+    device_state = _trailer_packets(snapshot, load.trailer_offset)
+    if device_state and not multifd_channels:
+        names = sorted({p.idstr for p in device_state})
+        raise ConfigError(f"{snapshot} holds device state that travels over multifd "
+                          f"({', '.join(names)}): use --multifd-channels")
     cfg = load.configuration
     assert cfg is not None
     mode = sync_mode or sync_mode_for_machine(cfg.machine)
@@ -178,15 +185,28 @@ def send(snapshot: str, uri: str | Uri, *, multifd_channels: int = 0,
             if mode == "per-round":
                 out.put(encode_multifd_flush())
         out.put(encode_eos() + encode_footer(sid))
+        # device sections keep their place around SWITCHOVER_START: what came
+        # before it (a VFIO device's precopy data) reaches the device first
+        at = len(load.device_sections) if load.switchover_at is None else load.switchover_at
+        for sec in load.device_sections[:at]:
+            out.put(sec.raw)
         out.flush()
         if load.switchover_start:
             out.put(encode_command(Command.SWITCHOVER_START))
+        if device_state:
+            out.flush()
+            assert sender is not None
+            _queue_device_state(snapshot, device_state, sender)
         out.put(encode_section_header(SectionType.SECTION_END, sid))
-        if sender is not None and mode == "per-section":
+        if sender is not None and (mode == "per-section" or device_state):
+            # (after device state: no packet is in flight once the destination's
+            # main stream is past this sync)
             out.flush()
             sender.sync()
+            if mode == "per-round":
+                out.put(encode_multifd_flush())
         out.put(encode_eos() + encode_footer(sid))
-        for sec in load.device_sections:
+        for sec in load.device_sections[at:]:
             out.put(sec.raw)
         out.put(bytes([SectionType.EOF]))
         if load.vmdesc_json is not None:
@@ -254,6 +274,34 @@ def send(snapshot: str, uri: str | Uri, *, multifd_channels: int = 0,
         os.close(fd)
         if qmp is not None:
             qmp.close()
+
+
+def _trailer_packets(snapshot: str, trailer: int | None) -> list[TrailerPacket]:
+    if trailer is None:
+        return []
+    fd = os.open(snapshot, os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        return scan_trailer(lambda off, n: os.pread(fd, n, off), trailer,
+                            os.fstat(fd).st_size - FOOTER_SIZE)
+    finally:
+        os.close(fd)
+
+
+def _queue_device_state(snapshot: str, packets: list[TrailerPacket],
+                        sender: MultifdSender) -> None:
+    """The snapshot's device-state packets, as they arrived, onto the channels."""
+    fd = os.open(snapshot, os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        for p in packets:
+            n = DEVICE_STATE_HEADER_SIZE + p.payload_size
+            raw = os.pread(fd, n, p.offset)
+            if len(raw) != n:
+                raise StreamFormatError(f"device-state packet of {p.idstr} cut off by the "
+                                        "end of the snapshot", offset=p.offset)
+            sender.queue_pages(OutgoingDeviceStatePacket(
+                p.idstr, p.instance_id, p.vfio.idx, p.vfio.is_config, (raw,)))
+    finally:
+        os.close(fd)
 
 
 def _qmp_reason(qmp: object) -> str:
