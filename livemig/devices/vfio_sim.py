@@ -239,10 +239,18 @@ class VfioSimHandler(DeviceHandler):
             self._enter_stop_copy()
         assert self.fd is not None
 
-        def counted(n: int) -> bytes:
-            data = os.read(self.fd, n)  # type: ignore[arg-type]
-            self.state_bytes += len(data)
-            return data
+        def counted(n: int) -> memoryview:
+            # fill the packet: the sim's pipe hands out about one 64 KiB record per
+            # read, and a packet per record would be 16 times the packets
+            buf = memoryview(bytearray(n))
+            got = 0
+            while got < n:
+                k = os.readv(self.fd, [buf[got:]])  # type: ignore[arg-type]
+                if not k:
+                    break
+                got += k
+            self.state_bytes += got
+            return buf[:got]
 
         return device_state_packets(self.idstr, self.instance_id, counted, self.dev.save_config)
 

@@ -79,7 +79,7 @@ def _read(fd: int, n: int, what: str) -> bytes:
             raise TransportError(f"{what}: reading the device's data fd failed: {e}") from e
 
 
-def device_state_packets(idstr: str, instance_id: int, data_fd: int | Callable[[int], bytes],
+def device_state_packets(idstr: str, instance_id: int, data_fd: int | Callable[[int], Buffer],
                          config: Buffer | Callable[[], Buffer], *,
                          max_data: int = VFIO_MIG_DEFAULT_DATA_BUFFER_SIZE,
                          ) -> Iterator[OutgoingDeviceStatePacket]:
