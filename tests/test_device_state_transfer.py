@@ -250,8 +250,10 @@ def test_slow_devices_hold_channels_back_within_the_bound() -> None:
     rs.no_more_packets()
     rs.finish(30)
     assert bytes(target.data) == data and target.config == b"cfg"
-    # at most the bound plus the next packet of the device (one packet of data)
-    assert peak[0] <= 10_000 + 1000
+    # at most the hard limit (twice the bound: a held packet is taken when no device
+    # can move for 50 ms, which a starved channel thread can look like on a busy
+    # machine) plus the device's next packet
+    assert peak[0] <= rs.hard_limit + 1000
 
 
 def test_held_channel_is_released_by_abort() -> None:

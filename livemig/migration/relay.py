@@ -37,10 +37,11 @@ from dataclasses import dataclass
 import numpy as np
 
 from livemig import limits
-from livemig.errors import ChannelError, ConfigError, PeerError, TransportError
+from livemig.errors import ChannelError, ConfigError, PeerError, StreamFormatError, TransportError
 from livemig.io.channels import DEFAULT_ACCEPT_TIMEOUT
 from livemig.io.snapshot import SnapshotWriter
 from livemig.io.uri import TcpUri, UnixUri, Uri, parse_uri
+from livemig.migration.device_state_record import DeviceStateRecorder
 from livemig.migration.failure import FailureLatch
 from livemig.migration.incoming import IncomingMigration, multifd_settings
 from livemig.migration.loader import LoadResult
@@ -66,7 +67,13 @@ from livemig.wire.events import (
     SectionHeader,
     VmDescriptionRecord,
 )
-from livemig.wire.multifd import InitPacket, encode_ram_packet, encode_sync_packet, make_compressor
+from livemig.wire.multifd import (
+    InitPacket,
+    encode_device_state_header,
+    encode_ram_packet,
+    encode_sync_packet,
+    make_compressor,
+)
 from livemig.wire.ram import (
     encode_block_list,
     encode_eos,
@@ -186,6 +193,7 @@ class _OutChannels:
         self.flag = int(compression.flag)
         self.stats = stats
         self._num = 0
+        self._rr = 0
         self._num_lock = threading.Lock()
         self.sent = [0] * self.n
         for i, s in enumerate(socks):
@@ -225,6 +233,14 @@ class _OutChannels:
                                         zero_offsets=None, packet_num=self._next_num(),
                                         payload_size=len(payload))
                 self._send(ch, [hdr, payload])
+
+    def send_device_state(self, idstr: str, instance_id: int, payload: memoryview) -> None:
+        with self._num_lock:
+            ch = self._rr
+            self._rr = (ch + 1) % self.n
+        hdr = encode_device_state_header(idstr, instance_id, len(payload))
+        with self.locks[ch]:
+            self._send(ch, [hdr, payload])
 
     def sync(self) -> None:
         for ch in range(self.n):
@@ -308,6 +324,9 @@ class _Forwarder:
         self.chan_socks: list[socket.socket] = []
         self.device_sections: list[bytes] = []
         self.switchover_start = False
+        self.switchover_at: int | None = None
+        #: Checks and records multifd device state when recording (else None).
+        self.recorder: DeviceStateRecorder | None = None
         self.pending_eof = False
         self.uuid_source: object = None  # callable giving the incoming channels' uuid
 
@@ -341,7 +360,15 @@ class _Forwarder:
                                                   uuid, self.stats)
         elif t is CommandRecord:
             if ev.cmd == Command.SWITCHOVER_START:  # type: ignore[attr-defined]
-                self._main.put(encode_command(Command.SWITCHOVER_START))
+                main = self._main
+                with main.lock:
+                    if main.body_open:  # a PART the relay opened for late pages
+                        self._sync_point(mid_section=False)
+                    main.put(encode_command(Command.SWITCHOVER_START))
+                    # at once: the destination's devices load their multifd state
+                    # from here on, and may hold their channels until then
+                    main.flush()
+                self.switchover_at = len(self.device_sections)
         elif t is SectionHeader:
             if self.rp is None:
                 raise ConfigError("the source sent no configuration section; livemig relay "
@@ -372,6 +399,19 @@ class _Forwarder:
             self.pending_eof = True
         elif t is VmDescriptionRecord:
             self._release_eof(ev.raw_json)  # type: ignore[attr-defined]
+
+    def device_state(self, idstr: str, instance_id: int, payload: memoryview,
+                     channel: int) -> None:
+        """A multifd device-state packet from the source, passed on as it came."""
+        if self.recorder is not None:
+            self.recorder.on_packet(idstr, instance_id, payload, channel)
+        chans = self.sink.channels
+        if chans is None:
+            raise StreamFormatError(f"device-state packet for {idstr} instance {instance_id}: "
+                                    "the outgoing hop has no multifd channels to carry it "
+                                    "(use --out-multifd-channels)",
+                                    where=f"multifd channel {channel}")
+        chans.send_device_state(idstr, instance_id, payload)
 
     @property
     def _main(self) -> _OutMain:
@@ -409,8 +449,11 @@ class _Forwarder:
             return
         writer = self.sink.record
         if writer is not None:
+            if self.recorder is not None:
+                self.recorder.finish()
             writer.commit(device_sections=self.device_sections, vmdesc_json=raw_json,
-                          switchover_start=self.switchover_start)
+                          switchover_start=self.switchover_start,
+                          switchover_at=self.switchover_at)
         self._main.put(bytes([SectionType.EOF]))
         if raw_json is not None:
             self._main.put(encode_vmdescription(raw_json))
@@ -469,6 +512,9 @@ def relay(listen: str | Uri, dest: str | Uri, *, in_multifd_channels: int = 0,
         incoming.connect(accept_timeout=accept_timeout, on_listening=on_listening)
         if incoming.multifd is not None:
             fwd.uuid_source = incoming.multifd.source_uuid
+            incoming.multifd.on_device_state = fwd.device_state
+            if writer is not None:
+                fwd.recorder = DeviceStateRecorder(writer.store_device_state)
         stats.phase = "relaying"
         result = incoming.load(observer=fwd)
         stats.phase = "waiting for the destination"
