@@ -17,6 +17,9 @@ message therefore has to say what was wrong and where on its own.
 from __future__ import annotations
 
 
+_CONTROL_ESCAPES = {c: f"\\x{c:02x}" for c in (*range(32), 127)}
+
+
 class MigrationError(Exception):
     """Root of every error livemig raises on purpose."""
 
@@ -64,7 +67,10 @@ class StreamFormatError(MigrationError):
         if self.offset is not None:
             parts.append(f"offset {self.offset:#x}")
         prefix = ", ".join(parts)
-        return f"{prefix}: {self.message}" if prefix else self.message
+        text = f"{prefix}: {self.message}" if prefix else self.message
+        # names from the stream (RAM block names, idstrs) may hold any byte: the
+        # error stays one line, with control characters escaped
+        return text.translate(_CONTROL_ESCAPES)
 
 
 class TruncatedStream(StreamFormatError):

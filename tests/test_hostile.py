@@ -877,3 +877,16 @@ def test_errors_are_migration_errors() -> None:
                     break
         except Exception as e:  # noqa: BLE001
             assert isinstance(e, MigrationError), (c.id, e)
+
+
+def test_stream_bytes_in_an_error_stay_on_one_line() -> None:
+    """Names taken from a hostile stream (a RAM block name with a newline, found by the
+    fuzz test) are escaped: the error is still one line."""
+    from livemig.errors import StreamFormatError
+
+    e = StreamFormatError("RAM block \n/rom@etc\r\x7f length 0x3 is not a multiple",
+                          offset=0x42, where="m.stream\x1b[2J")
+    text = str(e)
+    assert "\n" not in text and "\r" not in text and "\x1b" not in text
+    assert text == ("m.stream\\x1b[2J, offset 0x42: RAM block \\x0a/rom@etc\\x0d\\x7f length "
+                    "0x3 is not a multiple")
