@@ -16,7 +16,6 @@ message therefore has to say what was wrong and where on its own.
 
 from __future__ import annotations
 
-
 _CONTROL_ESCAPES = {c: f"\\x{c:02x}" for c in (*range(32), 127)}
 
 
