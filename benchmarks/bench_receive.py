@@ -503,6 +503,15 @@ def parse_pair_args(argv: list[str] | None, doc: str, variants: tuple[str, ...],
     return a
 
 
+def print_ratios(ratios: dict[str, float], target: float,
+                 is_target: Callable[[str], bool]) -> None:
+    """One line per ratio; the ratios the issue sets a floor for say whether it is met."""
+    for k, r in ratios.items():
+        verdict = (f" (target <= {target}x: {'OK' if r <= target else 'MISSED'})"
+                   if is_target(k) else "")
+        print(f"  {k} = {r:.2f}x{verdict}")
+
+
 def qemu10_version() -> str | None:
     """QEMU 10's full version, or None (said on stderr) if it is missing."""
     found = qemu_version(QEMU_BINARIES[QEMU])

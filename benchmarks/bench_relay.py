@@ -216,11 +216,8 @@ def print_summary(s: dict[str, Any], args: argparse.Namespace) -> None:
               f"({lm['relay_cpu_per_gib']:.2f} s/GiB), {lm['relay_startup_cpu_s']:.2f} s "
               f"before it (start-up); whole process {lm['cpu_user_s']:.2f} user + "
               f"{lm['cpu_sys_s']:.2f} sys")
-    for k, r in s["ratios"].items():
-        verdict = ""
-        if k.endswith("done_s") and not k.endswith("src_done_s"):
-            verdict = f" (target <= 1.15x: {'OK' if r <= 1.15 else 'MISSED'})"
-        print(f"  {k} = {r:.2f}x{verdict}")
+    br.print_ratios(s["ratios"], 1.15,
+                    lambda k: k.endswith("done_s") and not k.endswith("src_done_s"))
     print("  done / src done: destination / source 'completed'; CPU s/GiB: during the "
           "migration, per GiB\n  the source transferred; noise: CPUs other processes "
           "used during the run.")

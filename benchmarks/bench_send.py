@@ -261,11 +261,7 @@ def print_summary(s: dict[str, Any], args: argparse.Namespace, imports: dict[str
     dst = ", ".join(f"{v} {m['dst_cpu_s']:.2f}" for v, m in s["variants"].items()
                     if m.get("dst_cpu_s") is not None)
     print(f"  destination QEMU CPU s: {dst}")
-    for k, r in s["ratios"].items():
-        verdict = ""
-        if k == "livemig/qemu-file":
-            verdict = f" (target <= 1.0x: {'OK' if r <= 1.0 else 'MISSED'})"
-        print(f"  {k} = {r:.2f}x{verdict}")
+    br.print_ratios(s["ratios"], 1.0, lambda k: k == "livemig/qemu-file")
     print("  done: destination 'completed'; active: destination 'active' (all channels "
           "connected);\n  CPU u+s: livemig's whole process / QEMU source's during the "
           "migration;\n  noise: CPUs other processes used during the run.")

@@ -23,6 +23,7 @@ import tempfile
 import time
 from typing import Any
 
+from livemig.cli.run import add_vfio_options, vfio_arguments
 from livemig.errors import MigrationError, PeerError, TransportError
 from livemig.io.qmp_peer import QmpPeer
 from livemig.io.uri import parse_size
@@ -60,17 +61,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-ar
                         "machine N vhost-user devices; their back-end state migrates too")
     d.add_argument("--vhost-user-state-size", default="256K", metavar="SIZE",
                    help="state size of each source back-end (default 256K)")
-    d.add_argument("--vfio-devices", type=int, default=0, metavar="N",
-                   help="give each machine N vfio-sim devices (simulated VFIO devices)")
-    d.add_argument("--vfio-state-size", default="64M", metavar="SIZE",
-                   help="device memory of each vfio-sim device (default 64M)")
-    d.add_argument("--vfio-precopy", choices=["on", "off"], default="on",
-                   help="vfio-sim devices support PRE_COPY (default on: most state moves while "
-                        "the machine runs); off: all of it moves at switchover")
-    d.add_argument("--device-state-transfer", choices=["main", "multifd", "auto"],
-                   default="auto",
-                   help="vfio-sim state at switchover: main channel or multifd device-state "
-                        "packets (default auto: multifd when multifd is on)")
+    add_vfio_options(d, "give each machine N vfio-sim devices (simulated VFIO devices)")
     d.add_argument("--json", action="store_true",
                    help="print the summary as one JSON object (the last line of stdout)")
     d.add_argument("-q", "--quiet", action="store_true", help="no progress display")
@@ -195,10 +186,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
     try:
         common = ["--memory", str(memory), "--workload", "dirty-pages",
                   "--dirty-tracking", args.dirty_tracking]
-        if args.vfio_devices:
-            common += ["--vfio-devices", str(args.vfio_devices), "--vfio-state-size",
-                       args.vfio_state_size, "--device-state-transfer",
-                       args.device_state_transfer, "--vfio-precopy", args.vfio_precopy]
+        common += vfio_arguments(args)
         vu_size = parse_size(args.vhost_user_state_size)
         src_vu, dst_vu = [], []
         for i in range(args.vhost_user_backends):

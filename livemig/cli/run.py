@@ -53,21 +53,34 @@ def add_parser(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-ar
     r.add_argument("--vhost-user", action="append", default=[], metavar="SOCKET",
                    help="add a vhost-user device whose back-end listens on SOCKET (its state "
                         "migrates with the machine); may be repeated")
-    r.add_argument("--vfio-devices", type=int, default=0, metavar="N",
-                   help="add N vfio-sim devices (simulated VFIO devices with device memory "
+    add_vfio_options(r, "add N vfio-sim devices (simulated VFIO devices with device memory "
                         "that changes while the machine runs)")
-    r.add_argument("--vfio-state-size", default="64M", metavar="SIZE",
+    r.add_argument("--print-ready", action="store_true",
+                   help="print one JSON line on stdout once the QMP socket listens")
+
+
+def add_vfio_options(p: argparse.ArgumentParser, devices_help: str) -> None:
+    """The vfio-sim options ``run`` and ``demo`` share (``demo`` passes them on)."""
+    p.add_argument("--vfio-devices", type=int, default=0, metavar="N", help=devices_help)
+    p.add_argument("--vfio-state-size", default="64M", metavar="SIZE",
                    help="device memory of each vfio-sim device (default 64M)")
-    r.add_argument("--vfio-precopy", choices=["on", "off"], default="on",
+    p.add_argument("--vfio-precopy", choices=["on", "off"], default="on",
                    help="vfio-sim devices support PRE_COPY (default on: most state moves while "
                         "the machine runs); off: all of it moves at switchover")
-    r.add_argument("--device-state-transfer", choices=["main", "multifd", "auto"],
+    p.add_argument("--device-state-transfer", choices=["main", "multifd", "auto"],
                    default="auto",
                    help="how vfio-sim state moves at switchover: on the main channel, or as "
                         "multifd device-state packets (QEMU's x-migration-multifd-transfer; "
                         "auto = multifd when multifd is on)")
-    r.add_argument("--print-ready", action="store_true",
-                   help="print one JSON line on stdout once the QMP socket listens")
+
+
+def vfio_arguments(args: argparse.Namespace) -> list[str]:
+    """Those options as ``livemig run`` arguments (none without devices)."""
+    if not args.vfio_devices:
+        return []
+    return ["--vfio-devices", str(args.vfio_devices), "--vfio-state-size", args.vfio_state_size,
+            "--vfio-precopy", args.vfio_precopy,
+            "--device-state-transfer", args.device_state_transfer]
 
 
 def cmd_run(args: argparse.Namespace) -> int:

@@ -27,13 +27,16 @@ from livemig import limits
 from livemig.errors import ConfigError, MigrationError, StreamFormatError, TransportError
 from livemig.wire.constants import Command, RamFlag, SectionType
 from livemig.wire.device_state_trailer import (
+    FOOTER_SIZE,
     TRAILER_HEADER_SIZE,
+    TrailerPacket,
     encode_trailer_footer,
     encode_trailer_header,
+    scan_trailer,
 )
 from livemig.wire.events import Configuration, RamBlockInfo
 from livemig.wire.mapped_ram import bitmap_runs, layout_ram_start, pack_bitmap, unpack_bitmap
-from livemig.wire.multifd import page_runs
+from livemig.wire.multifd import DEVICE_STATE_HEADER_SIZE, page_runs
 from livemig.wire.stream import (
     encode_command,
     encode_configuration,
@@ -349,6 +352,23 @@ def _anonymous_file(folder: str) -> int:
     return fd
 
 
+def trailer_packets(fd: int, trailer: int) -> list[TrailerPacket]:
+    """The packets of the device-state trailer at ``trailer`` of the open snapshot ``fd``."""
+    return scan_trailer(lambda off, n: os.pread(fd, n, off), trailer,
+                        os.fstat(fd).st_size - FOOTER_SIZE)
+
+
+def trailer_payload(fd: int, packet: TrailerPacket, *, with_header: bool = False) -> bytes:
+    """One stored packet's payload (with its multifd header if asked)."""
+    start = packet.offset if with_header else packet.offset + DEVICE_STATE_HEADER_SIZE
+    n = packet.offset + DEVICE_STATE_HEADER_SIZE + packet.payload_size - start
+    raw = os.pread(fd, n, start)
+    if len(raw) != n:
+        raise StreamFormatError(f"device-state packet of {packet.idstr} is cut off by the "
+                                "end of the snapshot", offset=packet.offset)
+    return raw
+
+
 def read_bitmap(fd: int, info: RamBlockInfo) -> np.ndarray:
     hdr = info.mapped_ram
     assert hdr is not None
@@ -419,4 +439,5 @@ def extract_block(src_path: str, blocks: dict[str, RamBlockInfo], name: str,
     return info.length
 
 
-__all__ = ["MigrationError", "SnapshotWriter", "extract_block", "read_bitmap"]
+__all__ = ["MigrationError", "SnapshotWriter", "extract_block", "read_bitmap",
+           "trailer_packets", "trailer_payload"]

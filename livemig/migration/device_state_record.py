@@ -23,6 +23,7 @@ from livemig.wire.events import DeviceSection
 from livemig.wire.multifd import encode_device_state_header
 from livemig.wire.vfio_packet import (
     VFIO_DEVICE_STATE_PACKET_HEADER_SIZE,
+    VfioPacketHeader,
     decode_vfio_packet_header,
     idx_ranges,
     placement_error,
@@ -98,12 +99,24 @@ class DeviceStateRecorder:
             hdr = decode_vfio_packet_header(view)
         except StreamFormatError as e:
             raise StreamFormatError(e.message, where=where, raw=e.raw) from None
+        data = view[VFIO_DEVICE_STATE_PACKET_HEADER_SIZE:]
+        self._admit(idstr, instance_id, hdr, len(view), data if hdr.is_config else None,
+                    where, keep=view)
+
+    def check(self, idstr: str, instance_id: int, hdr: VfioPacketHeader, payload_size: int,
+              config: memoryview | None) -> None:
+        """The same checks for a packet already stored (its VFIO header decoded; the
+        config packet's data, else None), without keeping it: a reader of a trailer."""
+        self._admit(idstr, instance_id, hdr, payload_size, config,
+                    f"device {idstr} instance {instance_id}", keep=None)
+
+    def _admit(self, idstr: str, instance_id: int, hdr: VfioPacketHeader, size: int,
+               config: memoryview | None, where: str, keep: memoryview | None) -> None:
         idx = hdr.idx
         where += f", VFIO packet idx {idx}"
-        data = view[VFIO_DEVICE_STATE_PACKET_HEADER_SIZE:]
-        if hdr.is_config:
+        if config is not None:
             try:
-                decode_config_blob(data, where="config packet")
+                decode_config_blob(config, where="config packet")
             except StreamFormatError as e:
                 raise StreamFormatError(f"config packet: {e.message}", where=where,
                                         raw=e.raw) from None
@@ -114,19 +127,22 @@ class DeviceStateRecorder:
             why = f"duplicate idx {idx}" if idx in dev.idx else placement_error(
                 idx, hdr.is_config, config_idx=dev.config_idx, max_data_idx=dev.max_data_idx)
             if why is not None:
-                raise StreamFormatError(why, where=where, raw=bytes(view[:16]))
-            if self.bytes + len(view) > self.max_bytes:
+                raise StreamFormatError(why, where=where,
+                                        raw=None if keep is None else bytes(keep[:16]))
+            if self.bytes + size > self.max_bytes:
                 raise LimitExceeded(f"more than {self.max_bytes} bytes of device state over "
                                     "multifd", where=where)
-            self._store(encode_device_state_header(idstr, instance_id, len(view)), view)
+            if keep is not None:
+                self._store(encode_device_state_header(idstr, instance_id, size), keep)
             dev.idx.add(idx)
+            data_size = size - VFIO_DEVICE_STATE_PACKET_HEADER_SIZE
             if hdr.is_config:
                 dev.config_idx = idx
-                dev.config_bytes = len(data)
+                dev.config_bytes = data_size
             else:
                 dev.max_data_idx = max(dev.max_data_idx, idx)
-                dev.data_bytes += len(data)
-            self.bytes += len(view)
+                dev.data_bytes += data_size
+            self.bytes += size
             self.packets += 1
             self._changed.notify_all()
 

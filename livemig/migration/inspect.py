@@ -18,15 +18,14 @@ import numpy as np
 from livemig import limits
 from livemig.errors import ConfigError, StreamFormatError
 from livemig.io.channels import FileSource
-from livemig.io.snapshot import extract_block, read_bitmap
+from livemig.io.snapshot import extract_block, read_bitmap, trailer_packets
 from livemig.migration.device_state_record import DeviceStateRecorder
 from livemig.migration.failure import FailureLatch
 from livemig.migration.loader import LoadResult, MainChannelLoader
 from livemig.migration.stats import TransferStats
 from livemig.wire.constants import SectionType
-from livemig.wire.device_state_trailer import FOOTER_SIZE, TrailerPacket, scan_trailer
+from livemig.wire.device_state_trailer import TrailerPacket
 from livemig.wire.events import Configuration, RamBlockInfo
-from livemig.wire.multifd import DEVICE_STATE_HEADER_SIZE
 
 PS = limits.TARGET_PAGE_SIZE
 _NEVER, _DATA, _ZERO = 0, 1, 2
@@ -110,18 +109,15 @@ def device_state_report(path: str, trailer: int) -> list[dict[str, Any]]:
     """
     fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
     try:
-        size = os.fstat(fd).st_size
-
-        def read_at(off: int, n: int) -> bytes:
-            return os.pread(fd, n, off)
-
-        packets = scan_trailer(read_at, trailer, size - FOOTER_SIZE)
+        packets = trailer_packets(fd, trailer)
         check = DeviceStateRecorder(lambda header, payload: None)
         by_device: dict[tuple[str, int], list[TrailerPacket]] = {}
         for i, p in enumerate(packets):
-            payload = memoryview(read_at(p.offset + DEVICE_STATE_HEADER_SIZE, p.payload_size))
+            # the headers carry what the checks need; only a config packet is read here
+            config = memoryview(os.pread(fd, p.data_size, p.data_offset)) \
+                if p.vfio.is_config else None
             try:
-                check.on_packet(p.idstr, p.instance_id, payload)
+                check.check(p.idstr, p.instance_id, p.vfio, p.payload_size, config)
             except StreamFormatError as e:
                 raise StreamFormatError(f"device-state trailer packet {i}: {e.message}",
                                         where=e.where, offset=p.offset) from None
@@ -132,7 +128,7 @@ def device_state_report(path: str, trailer: int) -> list[dict[str, Any]]:
             data_hash, config_hash = hashlib.sha256(), hashlib.sha256()
             for p in sorted(plist, key=lambda q: q.vfio.idx):
                 (config_hash if p.vfio.is_config else data_hash).update(
-                    read_at(p.data_offset, p.data_size))
+                    os.pread(fd, p.data_size, p.data_offset))
             missing = dev.missing()
             out.append({
                 "idstr": key[0],

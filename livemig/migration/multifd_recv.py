@@ -75,10 +75,12 @@ class SyncBarrier:
                 self.cond.wait()
         self.latch.raise_if_failed()
 
-    def channel_ended(self, channel: int) -> None:
+    def channel_ended(self, channel: int) -> bool:
+        """Record that ``channel`` ended; True for the last one to end."""
         with self.cond:
             self.ended.add(channel)
             self.cond.notify_all()
+            return len(self.ended) == self.n
 
     def main_sync(self, where: str, main_alive: Callable[[], bool] | None = None) -> None:
         """Wait until every channel reached its SYNC, then release them all.
@@ -178,7 +180,6 @@ class MultifdReceiver:
         self.on_device_state: Callable[[str, int, memoryview, int], None] | None = None
         #: Called once, from the last channel thread to end: no more packets will come.
         self.on_channels_ended: Callable[[], None] | None = None
-        self._running = len(sockets)
         self.finishing = False
         self._ids: dict[int, int] = {}
         self._uuid: bytes | None = None
@@ -232,10 +233,7 @@ class MultifdReceiver:
         except Exception as e:  # a bug must still end the migration, with its cause
             self.latch.fail(e)
         finally:
-            self.barrier.channel_ended(conn_index)
-            with self._ids_lock:
-                self._running -= 1
-                last = self._running == 0
+            last = self.barrier.channel_ended(conn_index)
             if last and self.on_channels_ended is not None:
                 self.on_channels_ended()
 

@@ -2,12 +2,11 @@
 
 from __future__ import annotations
 
-import os
 from collections.abc import Callable
 from dataclasses import dataclass
 
 from livemig.io.channels import DEFAULT_ACCEPT_TIMEOUT, FileSource
-from livemig.io.snapshot import SnapshotWriter
+from livemig.io.snapshot import SnapshotWriter, trailer_packets, trailer_payload
 from livemig.io.uri import Uri, parse_uri
 from livemig.migration.device_state_record import (
     DEVICE_STATE_DRAIN,
@@ -19,8 +18,6 @@ from livemig.migration.incoming import IncomingMigration, multifd_settings
 from livemig.migration.loader import LoadResult
 from livemig.migration.stats import TransferStats
 from livemig.wire.constants import MultifdCompression
-from livemig.wire.device_state_trailer import FOOTER_SIZE, scan_trailer
-from livemig.wire.multifd import DEVICE_STATE_HEADER_SIZE
 
 
 @dataclass
@@ -91,11 +88,8 @@ def _copy_trailer(source: object, devices: DeviceStateRecorder) -> None:
     """A snapshot read with file: keeps its multifd device state in the new one."""
     if not isinstance(source, FileSource) or source.trailer is None:
         return
-    fd = source.fd
-    for p in scan_trailer(lambda off, n: os.pread(fd, n, off), source.trailer,
-                          source.size - FOOTER_SIZE):
-        payload = os.pread(fd, p.payload_size, p.offset + DEVICE_STATE_HEADER_SIZE)
-        devices.on_packet(p.idstr, p.instance_id, memoryview(payload))
+    for p in trailer_packets(source.fd, source.trailer):
+        devices.on_packet(p.idstr, p.instance_id, memoryview(trailer_payload(source.fd, p)))
 
 
 __all__ = ["ReceiveResult", "receive"]

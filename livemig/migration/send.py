@@ -30,6 +30,7 @@ import numpy as np
 
 from livemig import limits
 from livemig.errors import ConfigError, MigrationError, PeerError, StreamFormatError, TransportError
+from livemig.io.snapshot import trailer_packets, trailer_payload
 from livemig.io.uri import ExecUri, TcpUri, UnixUri, Uri, parse_uri
 from livemig.migration.device_state_send import OutgoingDeviceStatePacket
 from livemig.migration.failure import FailureLatch
@@ -48,8 +49,8 @@ from livemig.wire.constants import (
     RamFlag,
     SectionType,
 )
-from livemig.wire.device_state_trailer import FOOTER_SIZE, TrailerPacket, scan_trailer
-from livemig.wire.multifd import DEVICE_STATE_HEADER_SIZE, page_runs
+from livemig.wire.device_state_trailer import TrailerPacket
+from livemig.wire.multifd import page_runs
 from livemig.wire.ram import (
     encode_block_list,
     encode_eos,
@@ -281,8 +282,7 @@ def _trailer_packets(snapshot: str, trailer: int | None) -> list[TrailerPacket]:
         return []
     fd = os.open(snapshot, os.O_RDONLY | os.O_CLOEXEC)
     try:
-        return scan_trailer(lambda off, n: os.pread(fd, n, off), trailer,
-                            os.fstat(fd).st_size - FOOTER_SIZE)
+        return trailer_packets(fd, trailer)
     finally:
         os.close(fd)
 
@@ -293,11 +293,7 @@ def _queue_device_state(snapshot: str, packets: list[TrailerPacket],
     fd = os.open(snapshot, os.O_RDONLY | os.O_CLOEXEC)
     try:
         for p in packets:
-            n = DEVICE_STATE_HEADER_SIZE + p.payload_size
-            raw = os.pread(fd, n, p.offset)
-            if len(raw) != n:
-                raise StreamFormatError(f"device-state packet of {p.idstr} cut off by the "
-                                        "end of the snapshot", offset=p.offset)
+            raw = trailer_payload(fd, p, with_header=True)
             sender.queue_pages(OutgoingDeviceStatePacket(
                 p.idstr, p.instance_id, p.vfio.idx, p.vfio.is_config, (raw,)))
     finally:
