@@ -175,6 +175,16 @@ def test_capture_lists_device_state(pairs: list[Pair], workdir: Path, receive_in
         assert 0 < d["data_bytes"] <= sent[name]
     # the trailer does not disturb anything before it
     assert report["ram_blocks"][0]["pages_present"] == 16 * MIB // 4096
+    # a trailer edited since: the packet's idx made a duplicate of the first one's
+    raw = bytearray(snap.read_bytes())
+    first = min(states.values(), key=lambda d: d["packets"][0]["offset"])["packets"]
+    a, b = first[0]["offset"], first[1]["offset"]
+    raw[b + 280:b + 284] = raw[a + 280:a + 284]  # multifd header (276) + VFIO version (4)
+    bad = workdir / "edited.snap"
+    bad.write_bytes(bytes(raw))
+    with pytest.raises(MigrationError, match="duplicate idx") as e:
+        inspect_file(str(bad))
+    assert str(bad) in str(e.value) and "\n" not in str(e.value)
 
 
 @pytest.mark.parametrize("transfer,channels", [("main", 0), ("multifd", 2)])

@@ -109,7 +109,10 @@ def device_state_report(path: str, trailer: int) -> list[dict[str, Any]]:
     """
     fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
     try:
-        packets = trailer_packets(fd, trailer)
+        try:
+            packets = trailer_packets(fd, trailer)
+        except StreamFormatError as e:
+            raise e.locate(path) from None
         check = DeviceStateRecorder(lambda header, payload: None)
         by_device: dict[tuple[str, int], list[TrailerPacket]] = {}
         for i, p in enumerate(packets):
@@ -120,7 +123,7 @@ def device_state_report(path: str, trailer: int) -> list[dict[str, Any]]:
                 check.check(p.idstr, p.instance_id, p.vfio, p.payload_size, config)
             except StreamFormatError as e:
                 raise StreamFormatError(f"device-state trailer packet {i}: {e.message}",
-                                        where=e.where, offset=p.offset) from None
+                                        where=f"{path}, {e.where}", offset=p.offset) from None
             by_device.setdefault((p.idstr, p.instance_id), []).append(p)
         out = []
         for key, plist in sorted(by_device.items()):
