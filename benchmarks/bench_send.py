@@ -93,7 +93,7 @@ class Bench:
         out = self.workdir / "import.time"
         subprocess.run([GNU_TIME or "/usr/bin/time", "-f", "%e %U %S", "-o", str(out),
                         sys.executable, "-c",
-                        "import livemig.cli.main, livemig.migration.send"],
+                        "import livemig.cli.main, livemig.commands.send"],
                        env=br.livemig_env(self.workdir), check=True)
         wall, user, sys_ = (float(x) for x in out.read_text().split()[-3:])
         return {"wall_s": wall, "user_s": user, "sys_s": sys_}

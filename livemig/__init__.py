@@ -20,36 +20,36 @@ __version__ = "0.1.0"
 
 
 def receive(*args, **kwargs):  # type: ignore[no-untyped-def]
-    """Receive a migration into a snapshot; see :func:`livemig.migration.receive.receive`."""
-    from livemig.migration.receive import receive as _receive
+    """Receive a migration into a snapshot; see :func:`livemig.commands.receive.receive`."""
+    from livemig.commands.receive import receive as _receive
 
     return _receive(*args, **kwargs)
 
 
 def send(*args, **kwargs):  # type: ignore[no-untyped-def]
-    """Migrate a snapshot into a QEMU destination; see :func:`livemig.migration.send.send`."""
-    from livemig.migration.send import send as _send
+    """Migrate a snapshot into a QEMU destination; see :func:`livemig.commands.send.send`."""
+    from livemig.commands.send import send as _send
 
     return _send(*args, **kwargs)
 
 
 def relay(*args, **kwargs):  # type: ignore[no-untyped-def]
-    """Relay a live migration between two QEMUs; see :func:`livemig.migration.relay.relay`."""
-    from livemig.migration.relay import relay as _relay
+    """Relay a live migration between two QEMUs; see :func:`livemig.commands.relay.relay`."""
+    from livemig.commands.relay import relay as _relay
 
     return _relay(*args, **kwargs)
 
 
 def inspect(path: str, *, fields: bool = False) -> dict:  # type: ignore[type-arg]
-    """Describe a snapshot or stream file; see :func:`livemig.migration.inspect.inspect_file`."""
-    from livemig.migration.inspect import inspect_file
+    """Describe a snapshot or stream file; see :func:`livemig.commands.inspect.inspect_file`."""
+    from livemig.commands.inspect import inspect_file
 
     return inspect_file(path, fields=fields)
 
 
 def extract(snapshot: str, block: str, output: str) -> int:
     """Write one RAM block of a snapshot as a raw image."""
-    from livemig.migration.inspect import extract as _extract
+    from livemig.commands.inspect import extract as _extract
 
     return _extract(snapshot, block, output)
 

@@ -19,8 +19,8 @@ from hypothesis import strategies as st
 
 from livemig.errors import LimitExceeded, StreamFormatError, TruncatedStream
 from livemig.io.channels import FileSource
-from livemig.migration.device_state_record import DeviceStateRecorder
-from livemig.migration.device_state_send import device_state_packets
+from livemig.migration.destination.device_state_capture import DeviceStateRecorder
+from livemig.migration.source.device_state_packets import device_state_packets
 from livemig.wire.constants import SectionType
 from livemig.wire.cursor import Incomplete
 from livemig.wire.device_state_trailer import (

@@ -13,8 +13,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from livemig.errors import LimitExceeded, MigrationError, StreamFormatError, TransportError
-from livemig.migration.device_state_recv import DeviceStateReassembler, FdLoadTarget
-from livemig.migration.device_state_send import device_state_packets
+from livemig.migration.destination.device_state_reassembly import DeviceStateReassembler, FdLoadTarget
+from livemig.migration.source.device_state_packets import device_state_packets
 from livemig.wire.multifd import DEVICE_STATE_HEADER_SIZE, decode_device_state_header
 from livemig.wire.vfio_packet import encode_vfio_packet_header
 from livemig.wire.vfio_section import encode_config_blob

@@ -261,8 +261,8 @@ def test_mutated_capture_through_the_loader(tmp_path: Path, data: st.DataObject)
     """The loader over a mutated file, both ways the command line uses it: ``inspect
     --fields`` (counting sink, vmstate field decoding) and ``receive file:`` (the snapshot
     writer). Its result or livemig's error, and a failed receive leaves no file behind."""
-    from livemig.migration.inspect import inspect_file
-    from livemig.migration.receive import receive
+    from livemig.commands.inspect import inspect_file
+    from livemig.commands.receive import receive
 
     name = data.draw(st.sampled_from(["qemu7.2-precopy.stream", "qemu10.0-precopy.stream",
                                       "qemu10.0-mapped-ram.bin"]))

@@ -637,7 +637,7 @@ REFUSAL_MESSAGE_BUG = (
     "path and closes; livemig's return-path thread does receive that SHUT(1), but the main "
     "writer's EPIPE is raised first and reported as 'main channel: send failed: Broken pipe "
     "(did the destination close the connection?)'; the except path of send() "
-    "(livemig/migration/send.py:309-318) never looks at "
+    "(livemig/commands/send.py:309-318) never looks at "
     "rp.shut, so the destination's verdict is lost whenever the snapshot is larger than what "
     "fits in the socket buffers (always for this 256 MiB one, by chance for small ones)")
 
@@ -711,7 +711,7 @@ def test_dest_qmp_device_mismatch_reports_qemu_error(workdir: Path, rng_snapshot
 
 DEST_QMP_EXIT_BUG = (
     "livemig bug: with --dest-qmp, livemig starts the destination's migrate-incoming itself "
-    "(livemig/migration/dest_check.py:48, end of preflight) without exit-on-error=false, so a "
+    "(livemig/commands/dest_check.py:48, end of preflight) without exit-on-error=false, so a "
     "QEMU >= 9.1 destination exits as soon as the load fails and livemig cannot read "
     "query-migrate's error-desc: the message is only 'the destination QEMU failed to load "
     "the migration (status 1)', without QEMU's text")

@@ -13,10 +13,10 @@ from typing import Any
 import pytest
 from test_engine import MIB, Pair, make_pair, pairs, wait_passes  # noqa: F401 - fixture
 
-from livemig.devices.vfio_sim import VfioSimHandler
+from livemig.devices.vfio import VfioSimHandler
 from livemig.errors import MigrationError
-from livemig.migration.device_state_send import OutgoingDeviceStatePacket
-from livemig.migration.inspect import inspect_file
+from livemig.migration.source.device_state_packets import OutgoingDeviceStatePacket
+from livemig.commands.inspect import inspect_file
 from livemig.wire.multifd import encode_device_state_header
 
 DEVICES = 4
@@ -194,7 +194,7 @@ def test_capture_restores_into_a_machine(pairs: list[Pair], workdir: Path,
     """What a snapshot keeps of VFIO devices -- their sections, and the device-state
     packets of its trailer -- goes back into a machine whose devices verify it."""
     from livemig.errors import ConfigError
-    from livemig.migration.send import send
+    from livemig.commands.send import send
 
     p = make_pair(pairs, workdir, 16 * MIB, rate=8 * MIB)
     add_devices(p, 4 * MIB, transfer)
@@ -240,7 +240,7 @@ def test_relay_forwards_device_state(pairs: list[Pair], workdir: Path, record: b
     destination's devices verify it, and a recording keeps it in its trailer."""
     import threading
 
-    from livemig.migration.relay import relay
+    from livemig.commands.relay import relay
 
     p = make_pair(pairs, workdir, 16 * MIB, rate=8 * MIB)
     add_devices(p, 4 * MIB, "multifd")

@@ -1,4 +1,4 @@
-"""Tests for livemig.vfio.sim (vfio-sim) and livemig.vfio.sim_format, and both transfer paths."""
+"""Tests for livemig.vfio.sim_device (vfio-sim) and livemig.vfio.sim_format, and both transfer paths."""
 
 from __future__ import annotations
 
@@ -14,10 +14,10 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from livemig.errors import MigrationError, StateError, StreamFormatError
-from livemig.migration.device_state_recv import DeviceStateReassembler
-from livemig.migration.device_state_send import device_state_packets
+from livemig.migration.destination.device_state_reassembly import DeviceStateReassembler
+from livemig.migration.source.device_state_packets import device_state_packets
 from livemig.vfio import sim_format as fmt
-from livemig.vfio.sim import VfioSimDevice, read_data
+from livemig.vfio.sim_device import VfioSimDevice, read_data
 from livemig.vfio.state_machine import DeviceState, IllegalTransition, MigrationFlag
 from livemig.wire.vfio_section import (
     VfioData,

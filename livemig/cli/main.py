@@ -149,8 +149,8 @@ def _fmt_size(n: int) -> str:
 
 def _cmd_receive(args: argparse.Namespace) -> int:
     from livemig.cli.progress import ProgressDisplay
-    from livemig.migration.receive import receive
-    from livemig.migration.stats import TransferStats
+    from livemig.commands.receive import receive
+    from livemig.migration.common.stats import TransferStats
 
     stats = TransferStats()
 
@@ -186,8 +186,8 @@ def _cmd_receive(args: argparse.Namespace) -> int:
 
 def _cmd_send(args: argparse.Namespace) -> int:
     from livemig.cli.progress import ProgressDisplay
-    from livemig.migration.send import send
-    from livemig.migration.stats import TransferStats
+    from livemig.commands.send import send
+    from livemig.migration.common.stats import TransferStats
 
     if not os.path.exists(args.snapshot):
         raise _UsageError(f"{args.snapshot}: no such file")
@@ -212,8 +212,8 @@ def _cmd_send(args: argparse.Namespace) -> int:
 
 def _cmd_relay(args: argparse.Namespace) -> int:
     from livemig.cli.progress import ProgressDisplay
-    from livemig.migration.relay import relay
-    from livemig.migration.stats import TransferStats
+    from livemig.commands.relay import relay
+    from livemig.migration.common.stats import TransferStats
 
     stats = TransferStats()
 
@@ -276,7 +276,7 @@ def _print_inspection(r: dict[str, Any]) -> None:
 
 
 def _cmd_inspect(args: argparse.Namespace) -> int:
-    from livemig.migration.inspect import inspect_file
+    from livemig.commands.inspect import inspect_file
 
     if not os.path.exists(args.path):
         raise _UsageError(f"{args.path}: no such file")
@@ -289,7 +289,7 @@ def _cmd_inspect(args: argparse.Namespace) -> int:
 
 
 def _cmd_extract(args: argparse.Namespace) -> int:
-    from livemig.migration.inspect import extract
+    from livemig.commands.inspect import extract
 
     if not os.path.exists(args.snapshot):
         raise _UsageError(f"{args.snapshot}: no such file")

@@ -5,7 +5,7 @@ from __future__ import annotations
 import sys
 import threading
 
-from livemig.migration.stats import TransferStats
+from livemig.migration.common.stats import TransferStats
 
 
 def _fmt_bytes(n: float) -> str:

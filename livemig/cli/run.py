@@ -106,7 +106,7 @@ def cmd_run(args: argparse.Namespace) -> int:
             from livemig.devices.vhost_user import VhostUserDevice
             machine.add_device(VhostUserDevice(path, i))
         if args.vfio_devices:
-            from livemig.devices.vfio_sim import VfioSimHandler
+            from livemig.devices.vfio import VfioSimHandler
             size = parse_size(args.vfio_state_size)
             for i in range(args.vfio_devices):
                 machine.add_device(VfioSimHandler(machine, i, state_size=size,

@@ -13,10 +13,10 @@ import threading
 import time
 from typing import Any
 
-from livemig.engine.incoming import IncomingMachineMigration
+from livemig.engine.incoming_migration import IncomingMachineMigration
 from livemig.engine.machine import Machine
 from livemig.engine.migration_run import EventSink
-from livemig.engine.outgoing import OutgoingMigration
+from livemig.engine.outgoing_migration import OutgoingMigration
 from livemig.engine.params import PARAMETERS, MigrationSettings
 from livemig.engine.workload import DirtyPagesWorkload
 from livemig.errors import ConfigError, MigrationError

@@ -3,7 +3,7 @@
 Both run in a thread of their own, keep QEMU's MigrationStatus (moved only
 along :data:`~livemig.engine.params.STATUS_ARCS`, with a MIGRATION event per
 change when the ``events`` capability is on), count what moved, and end
-through a :class:`~livemig.migration.failure.FailureLatch`.
+through a :class:`~livemig.migration.common.failure.FailureLatch`.
 """
 
 from __future__ import annotations
@@ -17,8 +17,8 @@ from livemig.engine.machine import Machine
 from livemig.engine.params import FINISHED, MigrationSettings, next_status
 from livemig.errors import ConfigError
 from livemig.io.uri import TcpUri, UnixUri, Uri, parse_uri
-from livemig.migration.failure import FailureLatch
-from livemig.migration.stats import TransferStats
+from livemig.migration.common.failure import FailureLatch
+from livemig.migration.common.stats import TransferStats
 from livemig.wire.constants import MultifdCompression
 
 EventSink = Callable[[str, "dict[str, Any] | None"], None]

@@ -19,9 +19,9 @@ import numpy as np
 
 from livemig import limits
 from livemig.io.guest_ram import PAGE_SIZE, RamBlock
-from livemig.migration.failure import FailureLatch
-from livemig.migration.multifd_send import MultifdSender, sendmsg_all
-from livemig.migration.stats import TransferStats
+from livemig.migration.common.failure import FailureLatch
+from livemig.migration.source.multifd_sender import MultifdSender, sendmsg_all
+from livemig.migration.common.stats import TransferStats
 from livemig.wire.constants import MultifdCompression, RamFlag
 from livemig.wire.multifd import ChannelCompressor, encode_ram_packet, page_runs
 from livemig.wire.ram import encode_named_record, encode_zero_records, page_record_headers

@@ -30,7 +30,7 @@ calling the device's action for each arc. If an action fails, the device is in
 ERROR (the header allows any state along the path or ERROR; ERROR is the honest
 answer for a simulated device) and the action's exception propagates.
 
-No I/O here: the data fd semantics live with the device (:mod:`livemig.vfio.sim`).
+No I/O here: the data fd semantics live with the device (:mod:`livemig.vfio.sim_device`).
 """
 
 from __future__ import annotations

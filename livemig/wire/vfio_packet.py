@@ -13,7 +13,7 @@ big-endian header and the data::
 
 The source sends the data chunks with idx 0..n-1 and then the config packet with
 idx n; the destination loads them in idx order whatever the arrival order
-(:mod:`livemig.migration.device_state_recv`). Unknown flag bits are refused here
+(:mod:`livemig.migration.destination.device_state_reassembly`). Unknown flag bits are refused here
 (QEMU ignores them; no QEMU writes one).
 
 Pure code: errors are :class:`~livemig.errors.StreamFormatError` with offset 0

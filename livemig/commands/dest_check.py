@@ -9,7 +9,7 @@ from __future__ import annotations
 from livemig.errors import ConfigError, PeerError
 from livemig.io.qmp_peer import QmpPeer
 from livemig.io.uri import Uri
-from livemig.migration.loader import LoadResult
+from livemig.migration.destination.loader import LoadResult
 from livemig.wire.constants import MultifdCompression
 
 

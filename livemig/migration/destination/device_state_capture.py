@@ -1,7 +1,7 @@
 """``livemig receive``: keep multifd device-state packets for the snapshot, checked.
 
 A capture has no device to load VFIO state into, so instead of reassembling
-(:mod:`livemig.migration.device_state_recv`) it checks each packet against the
+(:mod:`livemig.migration.destination.device_state_reassembly`) it checks each packet against the
 same numbering rules as it arrives -- one config packet, numbered last, no
 duplicate idx -- and hands it to a store (the snapshot's trailer, written to
 disk, so memory stays bounded whatever the device size). At the end every

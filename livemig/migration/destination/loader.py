@@ -26,9 +26,9 @@ import numpy as np
 from livemig import limits
 from livemig.errors import ConfigError, MigrationError, StreamFormatError, TruncatedStream
 from livemig.io.channels import ByteSource
-from livemig.migration.failure import FailureLatch
-from livemig.migration.multifd_recv import MultifdReceiver
-from livemig.migration.stats import TransferStats
+from livemig.migration.common.failure import FailureLatch
+from livemig.migration.destination.multifd_receiver import MultifdReceiver
+from livemig.migration.common.stats import TransferStats
 from livemig.wire.constants import Command, ReturnPathMessage, SectionType
 from livemig.wire.events import (
     CommandRecord,

@@ -1,6 +1,6 @@
 """``vfio-sim`` as a device of a livemig machine: VFIO migration, both transfer paths.
 
-The device core (:class:`~livemig.vfio.sim.VfioSimDevice`) behaves like a VFIO
+The device core (:class:`~livemig.vfio.sim_device.VfioSimDevice`) behaves like a VFIO
 device behind the kernel's uAPI v2; this handler drives it the way QEMU 10's
 ``hw/vfio/migration.c`` does:
 
@@ -38,8 +38,8 @@ from typing import Any
 from livemig.engine.handlers import DeviceHandler, SectionOut
 from livemig.engine.machine import Machine
 from livemig.errors import ConfigError, StreamFormatError
-from livemig.migration.device_state_send import OutgoingDeviceStatePacket, device_state_packets
-from livemig.vfio.sim import LoadTarget, VfioSimDevice, read_data
+from livemig.migration.source.device_state_packets import OutgoingDeviceStatePacket, device_state_packets
+from livemig.vfio.sim_device import LoadTarget, VfioSimDevice, read_data
 from livemig.vfio.state_machine import DeviceState as S
 from livemig.vfio.state_machine import MigrationFlag
 from livemig.wire.cursor import Incomplete

@@ -19,7 +19,7 @@ Phases, as QEMU names them in ``query-migrate``:
   the return path. ``downtime`` runs from the stop to that verdict.
 
 Any failure or ``migrate_cancel`` ends every thread through the
-:class:`~livemig.migration.failure.FailureLatch`; the machine runs again if
+:class:`~livemig.migration.common.failure.FailureLatch`; the machine runs again if
 it was running before, exactly as a QEMU source keeps the guest after a
 failed migration.
 """
@@ -51,7 +51,7 @@ from livemig.engine.ram_send import (
 from livemig.errors import ConfigError, MigrationError, PeerError, TransportError
 from livemig.io.guest_ram import PAGE_SIZE
 from livemig.io.uri import Uri
-from livemig.migration.source_channels import MainWriter, ReturnPath, connect_channel
+from livemig.migration.source.channels import MainWriter, ReturnPath, connect_channel
 from livemig.wire.constants import Command, SectionType
 from livemig.wire.events import RamBlockInfo
 from livemig.wire.ram import encode_block_list, encode_eos, encode_multifd_flush

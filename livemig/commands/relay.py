@@ -41,14 +41,14 @@ from livemig.errors import ChannelError, ConfigError, PeerError, StreamFormatErr
 from livemig.io.channels import DEFAULT_ACCEPT_TIMEOUT
 from livemig.io.snapshot import SnapshotWriter
 from livemig.io.uri import TcpUri, UnixUri, Uri, parse_uri
-from livemig.migration.device_state_record import DeviceStateRecorder
-from livemig.migration.failure import FailureLatch
-from livemig.migration.incoming import IncomingMigration, multifd_settings
-from livemig.migration.loader import LoadResult
-from livemig.migration.multifd_send import sendmsg_all
-from livemig.migration.send import VERDICT_TIMEOUT, sync_mode_for_machine
-from livemig.migration.source_channels import ReturnPath, connect_channel, let_main_channel_lead
-from livemig.migration.stats import TransferStats
+from livemig.migration.destination.device_state_capture import DeviceStateRecorder
+from livemig.migration.common.failure import FailureLatch
+from livemig.migration.destination.incoming_stream import IncomingMigration, multifd_settings
+from livemig.migration.destination.loader import LoadResult
+from livemig.migration.source.multifd_sender import sendmsg_all
+from livemig.commands.send import VERDICT_TIMEOUT, sync_mode_for_machine
+from livemig.migration.source.channels import ReturnPath, connect_channel, let_main_channel_lead
+from livemig.migration.common.stats import TransferStats
 from livemig.wire.constants import (
     Command,
     MultifdCompression,

@@ -21,9 +21,9 @@ import numpy as np
 
 from livemig import limits
 from livemig.errors import ChannelError, MigrationError
-from livemig.migration.device_state_send import OutgoingDeviceStatePacket
-from livemig.migration.failure import FailureLatch
-from livemig.migration.stats import TransferStats
+from livemig.migration.source.device_state_packets import OutgoingDeviceStatePacket
+from livemig.migration.common.failure import FailureLatch
+from livemig.migration.common.stats import TransferStats
 from livemig.wire.constants import MultifdCompression
 from livemig.wire.multifd import (
     ChannelCompressor,

@@ -19,10 +19,10 @@ from livemig import limits
 from livemig.errors import ConfigError, StreamFormatError
 from livemig.io.channels import FileSource
 from livemig.io.snapshot import extract_block, read_bitmap, trailer_packets
-from livemig.migration.device_state_record import DeviceStateRecorder
-from livemig.migration.failure import FailureLatch
-from livemig.migration.loader import LoadResult, MainChannelLoader
-from livemig.migration.stats import TransferStats
+from livemig.migration.destination.device_state_capture import DeviceStateRecorder
+from livemig.migration.common.failure import FailureLatch
+from livemig.migration.destination.loader import LoadResult, MainChannelLoader
+from livemig.migration.common.stats import TransferStats
 from livemig.wire.constants import SectionType
 from livemig.wire.device_state_trailer import TrailerPacket
 from livemig.wire.events import Configuration, RamBlockInfo

@@ -29,8 +29,8 @@ from livemig.engine.params import MigrationSettings
 from livemig.errors import ConfigError, MigrationError, StreamFormatError
 from livemig.io.guest_ram import PAGE_SIZE
 from livemig.io.uri import Uri
-from livemig.migration.device_state_recv import DeviceStateReassembler
-from livemig.migration.incoming import IncomingMigration
+from livemig.migration.destination.device_state_reassembly import DeviceStateReassembler
+from livemig.migration.destination.incoming_stream import IncomingMigration
 from livemig.wire.constants import Command
 from livemig.wire.events import CommandRecord, Configuration, DeviceSection, RamBlockInfo
 from livemig.wire.multifd import page_runs

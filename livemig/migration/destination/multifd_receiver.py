@@ -22,8 +22,8 @@ import numpy as np
 
 from livemig import limits
 from livemig.errors import ChannelError, MigrationError, StreamFormatError, TruncatedStream
-from livemig.migration.failure import FailureLatch
-from livemig.migration.stats import TransferStats
+from livemig.migration.common.failure import FailureLatch
+from livemig.migration.common.stats import TransferStats
 from livemig.wire.constants import MultifdCompression
 from livemig.wire.multifd import (
     COMMON_HEADER_SIZE,

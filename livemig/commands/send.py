@@ -32,17 +32,17 @@ from livemig import limits
 from livemig.errors import ConfigError, MigrationError, PeerError, StreamFormatError, TransportError
 from livemig.io.snapshot import trailer_packets, trailer_payload
 from livemig.io.uri import ExecUri, TcpUri, UnixUri, Uri, parse_uri
-from livemig.migration.device_state_send import OutgoingDeviceStatePacket
-from livemig.migration.failure import FailureLatch
-from livemig.migration.inspect import _DATA, load_file
-from livemig.migration.multifd_send import MultifdSender, PageJob
-from livemig.migration.source_channels import (
+from livemig.migration.source.device_state_packets import OutgoingDeviceStatePacket
+from livemig.migration.common.failure import FailureLatch
+from livemig.commands.inspect import _DATA, load_file
+from livemig.migration.source.multifd_sender import MultifdSender, PageJob
+from livemig.migration.source.channels import (
     MainWriter,
     ReturnPath,
     connect_channel,
     let_main_channel_lead,
 )
-from livemig.migration.stats import TransferStats
+from livemig.migration.common.stats import TransferStats
 from livemig.wire.constants import (
     Command,
     MultifdCompression,
@@ -128,7 +128,7 @@ def send(snapshot: str, uri: str | Uri, *, multifd_channels: int = 0,
     qmp = None
     if dest_qmp:
         from livemig.io.qmp_peer import QmpPeer
-        from livemig.migration.dest_check import preflight
+        from livemig.commands.dest_check import preflight
         qmp = QmpPeer(dest_qmp)
         preflight(qmp, load, u, multifd_channels, comp)
     latch = FailureLatch()

@@ -14,7 +14,7 @@ from collections.abc import Callable
 
 from livemig.errors import MigrationError, StreamFormatError, TransportError
 from livemig.io.uri import TcpUri, UnixUri, Uri
-from livemig.migration.failure import FailureLatch
+from livemig.migration.common.failure import FailureLatch
 from livemig.wire.constants import ReturnPathMessage
 
 #: Main-channel bytes gathered before one send.
