@@ -8,6 +8,8 @@ bitmaps.
 
 from __future__ import annotations
 
+import enum
+
 import hashlib
 import os
 from dataclasses import dataclass, field
@@ -28,7 +30,15 @@ from livemig.wire.device_state_trailer import TrailerPacket
 from livemig.wire.events import Configuration, RamBlockInfo
 
 PS = limits.TARGET_PAGE_SIZE
-_NEVER, _DATA, _ZERO = 0, 1, 2
+class PageState(enum.IntEnum):
+    """What a snapshot holds for one page (one byte per page in :class:`CountingSink`)."""
+
+    NEVER = 0  # never sent
+    DATA = 1
+    ZERO = 2
+
+
+_NEVER, _DATA, _ZERO = PageState.NEVER, PageState.DATA, PageState.ZERO
 
 
 @dataclass

@@ -437,3 +437,53 @@ def encode_zero_records(block: str, offsets: np.ndarray, *, name_first: bool) ->
 def page_record_headers(offsets: np.ndarray) -> np.ndarray:
     """be64 words ``offset | PAGE | CONTINUE`` for a run of pages."""
     return (offsets.astype(np.uint64) | np.uint64(RamFlag.PAGE | RamFlag.CONTINUE)).astype(">u8")
+
+
+class PageRecords:
+    """PAGE records for a run of pages of one block, laid out for one vectored write.
+
+    Every record is ``be64 offset|PAGE|CONTINUE`` + 4 KiB, except that the first
+    one names its block when ``name_first`` is set (the destination has not seen
+    this block since the last record or section start). The records share one
+    staging array of rows ``[8-byte word | page]``; the caller fills the page
+    columns (:attr:`pages`) from wherever its pages are (guest RAM, a snapshot
+    file, a received packet) and writes :meth:`buffers`. When the first record
+    names its block, its word is replaced by the longer named header: the
+    buffers start with that header and skip row 0's word.
+
+    This is the one encoder of main-channel PAGE records for every source
+    (``send``, ``relay``, the engine).
+    """
+
+    __slots__ = ("_prefix", "_staging", "block", "count")
+
+    def __init__(self, block: str, offsets: np.ndarray, *, name_first: bool) -> None:
+        k = len(offsets)
+        self.block = block
+        self.count = k
+        self._staging = np.empty((k, 8 + PS), dtype=np.uint8)
+        self._staging[:, :8] = page_record_headers(offsets).view(np.uint8).reshape(k, 8)
+        self._prefix = (encode_named_record(block, int(offsets[0]), RamFlag.PAGE)
+                        if name_first and k else b"")
+
+    @property
+    def pages(self) -> np.ndarray:
+        """The ``(count, 4096)`` page columns to fill (a strided view)."""
+        return self._staging[:, 8:]
+
+    def row(self, i: int) -> memoryview:
+        """Page ``i``'s 4 KiB, contiguous (for ``preadv`` straight into it)."""
+        return memoryview(self._staging[i, 8:])
+
+    def buffers(self) -> list[bytes | memoryview]:
+        """The records, in order, as buffers for one ``sendmsg``/``write``."""
+        if not self.count:
+            return []
+        body = memoryview(self._staging).cast("B")
+        if self._prefix:
+            return [self._prefix, body[8:]]
+        return [body]
+
+    @property
+    def size(self) -> int:
+        return len(self._prefix) + self.count * (8 + PS) - (8 if self._prefix else 0)

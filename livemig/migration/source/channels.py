@@ -1,7 +1,7 @@
 """The channels a migration source opens: the main channel and its return path.
 
-Shared by ``livemig send`` (snapshot -> QEMU) and the engine's outgoing
-migration (livemig machine -> livemig or QEMU-compatible destination).
+Only :class:`~livemig.migration.source.outgoing_stream.OutgoingStream` uses
+these; commands never open a source channel themselves.
 """
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ import threading
 import time
 from collections.abc import Callable
 
-from livemig.errors import MigrationError, StreamFormatError, TransportError
+from livemig.errors import ConfigError, StreamFormatError, TransportError
 from livemig.io.uri import TcpUri, UnixUri, Uri
 from livemig.migration.common.failure import FailureLatch
 from livemig.wire.constants import ReturnPathMessage
@@ -23,21 +23,49 @@ MAIN_FLUSH_BYTES = 1 << 20
 #: channels connect: QEMU 7.2 takes the first connection it accepts as the main one,
 #: and over TCP a later connection can reach its accept queue first.
 MAIN_FIRST_DELAY = 0.05
+#: Seconds a source keeps trying to connect while nothing listens yet (a
+#: destination started at the same moment); a refusal after that is final.
+CONNECT_RETRY_SECONDS = 10.0
+#: Pause between two connection attempts.
+CONNECT_RETRY_INTERVAL = 0.1
+#: The longest return-path message we accept (QEMU's are at most a few bytes,
+#: REQ_PAGES with a block name being the longest at ~270).
+MAX_RETURN_PATH_MESSAGE = 512
+
+Buffer = bytes | bytearray | memoryview
 
 
 class MainWriter:
-    def __init__(self, write: Callable[[bytes | bytearray], object], name: str) -> None:
+    """The main channel's send buffer.
+
+    Several threads may write (a relay's incoming channels write pages while
+    its loader writes sections): :attr:`lock` is re-entrant so that a caller
+    can hold it across a decision and the writes it makes.
+    """
+
+    def __init__(self, write: Callable[[Buffer], object], name: str) -> None:
         self._write = write
         self.name = name
+        self.lock = threading.RLock()
         self.buf = bytearray()
         self.sent = 0
 
-    def put(self, data: bytes | bytearray | memoryview) -> None:
-        self.buf += data
-        if len(self.buf) >= MAIN_FLUSH_BYTES:
-            self.flush()
+    def put(self, data: Buffer) -> None:
+        with self.lock:
+            self.buf += data
+            if len(self.buf) >= MAIN_FLUSH_BYTES:
+                self._flush()
 
     def flush(self) -> None:
+        with self.lock:
+            self._flush()
+
+    @property
+    def written(self) -> int:
+        """Bytes sent plus bytes buffered."""
+        return self.sent + len(self.buf)
+
+    def _flush(self) -> None:
         if self.buf:
             try:
                 self._write(self.buf)
@@ -48,16 +76,15 @@ class MainWriter:
             self.buf = bytearray()
 
 
-class ReturnPath(threading.Thread):
-    """Reads the destination's messages: PONG, SHUT, SWITCHOVER_ACK."""
+class ReturnPath:
+    """Reads the destination's messages (PONG, SWITCHOVER_ACK, SHUT) in a thread
+    of the stream's group; :attr:`done` is set when it ends, with :attr:`shut`
+    holding SHUT's status if one came."""
 
-    def __init__(self, sock: socket.socket, latch: FailureLatch) -> None:
-        super().__init__(name="return-path")
+    def __init__(self, sock: socket.socket) -> None:
         self.sock = sock
-        self.latch = latch
         self.shut: int | None = None
         self.done = threading.Event()
-        self.closed = False
 
     def _read(self, n: int) -> bytes | None:
         out = bytearray()
@@ -76,23 +103,21 @@ class ReturnPath(threading.Thread):
             while True:
                 hdr = self._read(4)
                 if hdr is None:
-                    self.closed = True
                     return
                 kind, n = struct.unpack(">HH", hdr)
-                if n > 512:
-                    raise StreamFormatError(f"return path message {kind} of {n} bytes")
+                if n > MAX_RETURN_PATH_MESSAGE:
+                    raise StreamFormatError(f"return path message {kind} of {n} bytes",
+                                            where="return path")
                 payload = self._read(n) if n else b""
                 if payload is None:
-                    self.closed = True
                     return
                 if kind == ReturnPathMessage.SHUT and n == 4:
                     self.shut = struct.unpack(">I", payload)[0]
                     return
                 if kind in (ReturnPathMessage.PONG, ReturnPathMessage.SWITCHOVER_ACK):
                     continue
-                raise StreamFormatError(f"unexpected return path message {kind} (length {n})")
-        except MigrationError as e:
-            self.latch.fail(e)
+                raise StreamFormatError(f"unexpected return path message {kind} (length {n})",
+                                        where="return path")
         finally:
             self.done.set()
 
@@ -105,11 +130,15 @@ def let_main_channel_lead(u: Uri) -> None:
         time.sleep(MAIN_FIRST_DELAY)
 
 
-def connect_channel(u: Uri, timeout: float = 10.0,
-                    latch: FailureLatch | None = None) -> socket.socket:
+def connect_channel(u: Uri, latch: FailureLatch, timeout: float = CONNECT_RETRY_SECONDS,
+                    ) -> socket.socket:
     """Connect, retrying for ``timeout`` seconds while the destination does not listen
     yet; a failure of ``latch`` (a cancel) ends the retries at once."""
+    if not isinstance(u, (TcpUri, UnixUri)):
+        raise ConfigError(f"a migration channel needs a tcp: or unix: URI, not {u}")
     deadline = time.monotonic() + timeout
+    wake = threading.Event()
+    latch.on_failure(wake.set)
     while True:
         s: socket.socket | None = None
         try:
@@ -117,7 +146,6 @@ def connect_channel(u: Uri, timeout: float = 10.0,
                 s = socket.create_connection((u.host, u.port), timeout=10)
                 s.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             else:
-                assert isinstance(u, UnixUri)
                 s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
                 s.settimeout(10)
                 s.connect(u.path)
@@ -130,11 +158,13 @@ def connect_channel(u: Uri, timeout: float = 10.0,
         except OSError as e:
             if s is not None:
                 s.close()  # the error's traceback would keep the descriptor open
-            if latch is not None:
-                latch.raise_if_failed()
+            latch.raise_if_failed()
             if time.monotonic() > deadline:
                 raise TransportError(f"cannot connect to the destination {u}: "
                                      f"{e.strerror or e}") from e
-            time.sleep(0.1)
+            wake.wait(CONNECT_RETRY_INTERVAL)
+            latch.raise_if_failed()
 
 
+__all__ = ["MAIN_FLUSH_BYTES", "MainWriter", "ReturnPath", "connect_channel",
+           "let_main_channel_lead"]

@@ -19,11 +19,15 @@ import os
 import select
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from livemig.errors import ConfigError, TransportError
 from livemig.wire.multifd import MAX_DEVICE_STATE_PACKET, encode_device_state_header
 from livemig.wire.vfio_packet import VFIO_DEVICE_STATE_PACKET_HEADER_SIZE, encode_vfio_packet_header
 from livemig.wire.vfio_section import encode_config_blob
+
+if TYPE_CHECKING:
+    from livemig.migration.source.multifd_sender import SendChannel
 
 __all__ = [
     "DATA_FD_STALL_TIMEOUT",
@@ -57,6 +61,10 @@ class OutgoingDeviceStatePacket:
     def size(self) -> int:
         """Bytes on the wire, multifd header included."""
         return sum(len(b) for b in self.buffers)
+
+    def send_on(self, ch: SendChannel) -> None:
+        """As a job of the multifd sender: the packet is already framed."""
+        ch.send_encoded(self.buffers)
 
 
 def _packet(idstr: str, instance_id: int, idx: int, data: Buffer,

@@ -1,32 +1,52 @@
-"""The source side of multifd: one thread per channel, fed with page jobs.
+"""The source side of multifd: N channels, one sender, payloads chosen per use.
 
-A job is at most one packet's worth of pages (128 x 4 KiB) of one block.
-The channel thread reads the pages from the snapshot with one ``preadv``,
-compresses them if asked, and sends header and payload with one
-``sendmsg``. ``sync()`` puts a SYNC packet on every channel and waits until
-each has been written, which is what QEMU's destination pairs with the
-main stream's sync marker.
+This is the one multifd sender of livemig, used by ``send``, ``relay`` and
+the engine, in the way QEMU's ``MultiFDMethods`` / ``MultiFDSendData`` let
+one set of channel threads carry RAM pages or device state. What a channel
+carries is a *job* (:class:`PacketJob`): pages of a snapshot file, pages of
+guest RAM, pages a relay has just received, or an already encoded packet
+(device state). A job knows where its bytes are; the channel knows how a
+packet is framed: the packet number, the compression stage (one compressor
+per channel, kept for the whole migration, as QEMU's zlib/zstd streams are),
+and the vectored write (``sendmsg`` of header and page views, or ``sendfile``
+from the page cache when nothing needs to be compressed).
+
+Two ways to drive the channels:
+
+* **queued** (``send``, the engine): one thread per channel in the caller's
+  :class:`~livemig.migration.common.thread_group.ThreadGroup`, fed through a
+  bounded queue; ``sync()`` puts a SYNC packet behind everything queued on
+  every channel and waits until each has been written.
+* **direct** (the relay): no threads of its own; whichever thread has a
+  packet writes it under the channel's lock (the relay's incoming channel
+  threads hand over pages whose buffer is reused as soon as they return).
+
+Channel states (a table, as for the other state machines of livemig)::
+
+    INIT --init packet--> PACKETS --SYNC--> PACKETS
+    PACKETS --stop--> ENDED;   any --failure--> ENDED
 """
 
 from __future__ import annotations
 
+import collections
+import enum
 import itertools
 import os
-import queue
 import socket
 import threading
-from dataclasses import dataclass
+from collections.abc import Sequence
+from typing import Protocol
 
 import numpy as np
 
 from livemig import limits
-from livemig.errors import ChannelError, MigrationError
-from livemig.migration.source.device_state_packets import OutgoingDeviceStatePacket
+from livemig.errors import ChannelError, MigrationError, StateError
 from livemig.migration.common.failure import FailureLatch
 from livemig.migration.common.stats import TransferStats
+from livemig.migration.common.thread_group import ThreadGroup
 from livemig.wire.constants import MultifdCompression
 from livemig.wire.multifd import (
-    ChannelCompressor,
     InitPacket,
     encode_ram_packet,
     encode_sync_packet,
@@ -36,25 +56,44 @@ from livemig.wire.multifd import (
 
 PS = limits.TARGET_PAGE_SIZE
 
-#: Jobs queued per channel: enough to keep the socket busy while the main
-#: thread prepares the next ones, small enough to bound memory (jobs hold no
-#: page data, only offsets).
+#: Jobs queued per channel: enough to keep the socket busy while the producer
+#: prepares the next ones, small enough to bound memory (page jobs hold
+#: offsets, not page data; a device-state job holds one packet of at most 1 MiB).
 CHANNEL_QUEUE_DEPTH = 8
 
-
-@dataclass
-class PageJob:
-    block: str
-    offsets: np.ndarray  # uint64 offsets in the block, ascending
-    file_offset: int  # where offset 0 of the block is in the snapshot
+Buffer = bytes | bytearray | memoryview
 
 
-_SYNC = object()
-_STOP = object()
+class ChannelState(enum.Enum):
+    INIT = "init"
+    PACKETS = "packets"
+    ENDED = "ended"
 
 
-def sendmsg_all(sock: socket.socket, buffers: list) -> None:
+#: (state, input) -> next state. An input not listed is a bug in the caller.
+CHANNEL_ARCS: dict[tuple[ChannelState, str], ChannelState] = {
+    (ChannelState.INIT, "init"): ChannelState.PACKETS,
+    (ChannelState.PACKETS, "packet"): ChannelState.PACKETS,
+    (ChannelState.PACKETS, "sync"): ChannelState.PACKETS,
+    (ChannelState.PACKETS, "stop"): ChannelState.ENDED,
+    (ChannelState.INIT, "fail"): ChannelState.ENDED,
+    (ChannelState.PACKETS, "fail"): ChannelState.ENDED,
+    (ChannelState.ENDED, "fail"): ChannelState.ENDED,
+}
+
+
+class PacketJob(Protocol):
+    """One packet's worth of work for a channel (see :mod:`.payloads`)."""
+
+    def send_on(self, ch: SendChannel) -> None:
+        """Write this job as one packet on ``ch`` (called with the channel held)."""
+        ...
+
+
+def sendmsg_all(sock: socket.socket, buffers: Sequence[Buffer]) -> int:
+    """Write every buffer, in order, with as few ``sendmsg`` calls as the kernel allows."""
     views = [memoryview(b).cast("B") for b in buffers]
+    total = sum(len(v) for v in views)
     while views:
         n = sock.sendmsg(views)
         while n:
@@ -64,166 +103,290 @@ def sendmsg_all(sock: socket.socket, buffers: list) -> None:
             else:
                 views[0] = views[0][n:]
                 n = 0
+    return total
 
 
-def _sendfile_all(sock: socket.socket, fd: int, offset: int, count: int, where: str,
-                  block: str) -> None:
-    while count:
-        n = os.sendfile(sock.fileno(), fd, offset, count)
-        if n == 0:
-            raise ChannelError(f"{where}: snapshot ends inside block {block}")
-        offset += n
-        count -= n
+class SendChannel:
+    """One outgoing multifd channel: its socket, compressor, counters and state."""
+
+    def __init__(self, index: int, sock: socket.socket, compression: MultifdCompression,
+                 packet_numbers: _PacketNumbers, stats: TransferStats, where: str) -> None:
+        self.index = index
+        self.sock = sock
+        self.where = where
+        self.state = ChannelState.INIT
+        self.lock = threading.Lock()
+        self.comp = (make_compressor(compression)
+                     if compression is not MultifdCompression.NONE else None)
+        self.flag = int(compression.flag)
+        self.stats = stats
+        self._numbers = packet_numbers
+        self._bounce: memoryview | None = None
+        self.sent = 0
+
+    def _move(self, event: str) -> None:
+        nxt = CHANNEL_ARCS.get((self.state, event))
+        if nxt is None:
+            raise StateError(f"{self.where} {self.state.value}", f"a state that takes {event}")
+        self.state = nxt
+
+    def _count(self, n: int) -> None:
+        self.sent += n
+        self.stats.multifd_bytes[self.index] = self.sent
+
+    def write(self, buffers: Sequence[Buffer]) -> None:
+        try:
+            n = sendmsg_all(self.sock, buffers)
+        except OSError as e:
+            raise ChannelError(f"{self.where}: send failed: {e.strerror or e} (did the "
+                               "destination close the connection?)") from e
+        self._count(n)
+
+    def send_init(self, uuid: bytes) -> None:
+        self._move("init")
+        self.write([InitPacket(uuid, self.index).encode()])
+
+    def send_sync(self) -> None:
+        self._move("sync")
+        self.write([encode_sync_packet(self._numbers.next())])
+
+    def send_encoded(self, buffers: Sequence[Buffer]) -> None:
+        """A packet that is already framed (device state)."""
+        self._move("packet")
+        self.write(buffers)
+
+    def send_pages(self, block: str, normal: np.ndarray, zero: np.ndarray | None,
+                   payload: Sequence[Buffer]) -> None:
+        """One RAM packet: ``payload`` holds the pages at ``normal``, in order."""
+        self._move("packet")
+        size = len(normal) * PS
+        bufs: Sequence[Buffer] = payload
+        if self.comp is not None and len(normal):
+            packed = self.comp.compress(payload)
+            bufs, size = [packed], len(packed)
+        hdr = encode_ram_packet(flags=self.flag, ramblock=block, normal_offsets=normal,
+                                zero_offsets=zero, packet_num=self._numbers.next(),
+                                payload_size=size)
+        self.write([hdr, *bufs])
+
+    def send_file_pages(self, block: str, offsets: np.ndarray, fd: int,
+                        file_offset: int) -> None:
+        """One RAM packet whose pages are read from ``fd`` at ``file_offset + offset``:
+        uncompressed they go from the page cache to the socket with ``sendfile``."""
+        runs = page_runs(offsets)
+        if self.comp is not None:
+            if self._bounce is None:
+                self._bounce = memoryview(bytearray(limits.MULTIFD_PACKET_BYTES))
+            pos = 0
+            for start, length in runs:
+                if os.preadv(fd, [self._bounce[pos:pos + length]], file_offset + start) \
+                        != length:
+                    raise ChannelError(f"{self.where}: snapshot ends inside block {block}")
+                pos += length
+            self.send_pages(block, offsets, None, [self._bounce[:pos]])
+            return
+        self._move("packet")
+        n = len(offsets)
+        hdr = encode_ram_packet(flags=self.flag, ramblock=block, normal_offsets=offsets,
+                                zero_offsets=None, packet_num=self._numbers.next(),
+                                payload_size=n * PS)
+        self.write([hdr])
+        out = self.sock.fileno()
+        try:
+            for start, length in runs:
+                at = file_offset + start
+                while length:
+                    k = os.sendfile(out, fd, at, length)
+                    if k == 0:
+                        raise ChannelError(f"{self.where}: snapshot ends inside block {block}")
+                    at += k
+                    length -= k
+        except OSError as e:
+            raise ChannelError(f"{self.where}: send failed: {e.strerror or e} (did the "
+                               "destination close the connection?)") from e
+        self._count(n * PS)
+
+
+class _PacketNumbers:
+    """QEMU numbers packets across all channels of a migration."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._it = itertools.count()
+
+    def next(self) -> int:
+        with self._lock:
+            return next(self._it)
+
+
+class _Closed(Exception):
+    """The queue was closed by a failure: the producer re-raises the first cause."""
+
+
+class _JobQueue:
+    """A bounded queue that a failure closes: blocked producers and consumers wake."""
+
+    def __init__(self, depth: int) -> None:
+        self._items: collections.deque[object] = collections.deque()
+        self._depth = depth
+        self._cond = threading.Condition()
+        self._closed = False
+
+    def put(self, item: object) -> None:
+        with self._cond:
+            while len(self._items) >= self._depth and not self._closed:
+                self._cond.wait()
+            if self._closed:
+                raise _Closed
+            self._items.append(item)
+            self._cond.notify_all()
+
+    def get(self) -> object:
+        with self._cond:
+            while not self._items and not self._closed:
+                self._cond.wait()
+            if self._closed:
+                return _STOP
+            item = self._items.popleft()
+            self._cond.notify_all()
+            return item
+
+    def close(self) -> None:
+        with self._cond:
+            self._closed = True
+            self._items.clear()
+            self._cond.notify_all()
+
+
+_SYNC = object()
+_STOP = object()
 
 
 class MultifdSender:
-    def __init__(self, sockets: list[socket.socket], compression: MultifdCompression,
-                 snapshot_fd: int, uuid: bytes | None, latch: FailureLatch,
-                 stats: TransferStats) -> None:
-        self.sockets = sockets
+    """The channels of one migration; see the module docstring.
+
+    ``group`` is the owner's thread group (queued mode starts one thread per
+    channel in it); without it the sender is direct. The latch is the group's:
+    the first failure closes every queue and, through the registered sockets,
+    wakes every thread.
+    """
+
+    def __init__(self, sockets: Sequence[socket.socket], compression: MultifdCompression,
+                 uuid: bytes | None, latch: FailureLatch, stats: TransferStats, *,
+                 group: ThreadGroup | None = None, name: str = "multifd channel") -> None:
         self.n = len(sockets)
-        self.compression = compression
-        self.fd = snapshot_fd  # -1 when pages come from elsewhere
-        self.uuid = uuid or bytes(16)
+        if not self.n:
+            raise ValueError("a multifd sender needs at least one channel")
         self.latch = latch
-        self.stats = stats
-        self.packet_num = itertools.count()
-        self._num_lock = threading.Lock()
-        self.queues: list[queue.Queue] = [queue.Queue(CHANNEL_QUEUE_DEPTH)
-                                          for _ in range(self.n)]
-        self.synced = threading.Semaphore(0)
-        self._next = 0
+        self.uuid = uuid or bytes(16)
+        self._numbers = _PacketNumbers()
         stats.multifd_bytes = [0] * self.n
+        self.channels = [SendChannel(i, s, compression, self._numbers, stats, f"{name} {i}")
+                         for i, s in enumerate(sockets)]
+        self._rr_lock = threading.Lock()
+        self._rr = 0
+        self._group = group
+        self._queues: list[_JobQueue] = []
+        self._synced = threading.Semaphore(0)
+        self._ended: list[threading.Event] = []
         for s in sockets:
             latch.add_socket(s)
-        latch.on_failure(self._drain)
-        self.threads = [threading.Thread(target=self._run, args=(i,), name=f"multifd-send-{i}")
-                        for i in range(self.n)]
+        if group is None:
+            for ch in self.channels:
+                with ch.lock:
+                    ch.send_init(self.uuid)
+            return
+        self._queues = [_JobQueue(CHANNEL_QUEUE_DEPTH) for _ in range(self.n)]
+        self._ended = [threading.Event() for _ in range(self.n)]
+        latch.on_failure(self._on_failure)
+        for ch in self.channels:
+            group.start(self._run, ch, name=f"multifd-send-{ch.index}")
 
-    def start(self) -> None:
-        for t in self.threads:
-            t.start()
+    @property
+    def queued(self) -> bool:
+        return self._group is not None
 
-    def _num(self) -> int:
-        with self._num_lock:
-            return next(self.packet_num)
+    def _next_channel(self) -> int:
+        with self._rr_lock:  # shared by the main thread and device-state savers
+            i = self._rr
+            self._rr = (i + 1) % self.n
+            return i
 
-    def _put(self, i: int, item: object) -> None:
-        while True:
-            self.latch.raise_if_failed()
+    def dispatch(self, job: PacketJob, channel: int | None = None) -> None:
+        """Send ``job`` as one packet on ``channel`` (by default the next in turn)."""
+        i = self._next_channel() if channel is None else channel % self.n
+        if self.queued:
             try:
-                self.queues[i].put(item, timeout=0.5)
-                return
-            except queue.Full:
-                continue
-
-    def queue_pages(self, job: PageJob | OutgoingDeviceStatePacket) -> None:
-        """Queue one packet's pages (or one device-state packet) on the next channel."""
-        i = self._next
-        self._next = (i + 1) % self.n
-        self._put(i, job)
+                self._queues[i].put(job)
+            except _Closed:
+                self.latch.raise_if_failed()
+                raise
+            return
+        ch = self.channels[i]
+        with ch.lock:
+            self.latch.raise_if_failed()
+            job.send_on(ch)
 
     def sync(self) -> None:
-        for i in range(self.n):
-            self._put(i, _SYNC)
-        for _ in range(self.n):
-            while not self.synced.acquire(timeout=0.5):
-                self.latch.raise_if_failed()
+        """A SYNC packet on every channel, after everything dispatched before;
+        returns once every channel has written it."""
         self.latch.raise_if_failed()
+        if not self.queued:
+            for ch in self.channels:
+                with ch.lock:
+                    ch.send_sync()
+            return
+        for q in self._queues:
+            try:
+                q.put(_SYNC)
+            except _Closed:
+                self.latch.raise_if_failed()
+                raise
+        for _ in range(self.n):
+            self._synced.acquire()  # a failure releases every waiter
+            self.latch.raise_if_failed()
 
     def finish(self) -> None:
-        for i in range(self.n):
-            self._put(i, _STOP)
-        self.join()
-
-    def join(self) -> None:
-        for t in self.threads:
-            t.join()
-
-    def _drain(self) -> None:
-        for q in self.queues:
+        """Stop the channels once everything dispatched has been written."""
+        if not self.queued:
+            for ch in self.channels:
+                with ch.lock:
+                    ch._move("stop")
+            return
+        for q in self._queues:
             try:
-                while True:
-                    q.get_nowait()
-            except queue.Empty:
-                pass
-            try:
-                q.put_nowait(_STOP)
-            except queue.Full:
-                pass
+                q.put(_STOP)
+            except _Closed:
+                break
+        for e in self._ended:
+            e.wait()  # a failure ends every channel thread too
+        self.latch.raise_if_failed()
+
+    def _on_failure(self) -> None:
+        for q in self._queues:
+            q.close()
         for _ in range(self.n):
-            self.synced.release()
+            self._synced.release()
 
-    def _run(self, ch: int) -> None:
-        where = f"multifd channel {ch}"
+    def _run(self, ch: SendChannel) -> None:
         try:
-            self._channel(ch, where)
+            ch.send_init(self.uuid)
+            q = self._queues[ch.index]
+            while True:
+                item = q.get()
+                if item is _STOP or self.latch.failed:
+                    ch._move("stop" if item is _STOP else "fail")
+                    return
+                if item is _SYNC:
+                    ch.send_sync()
+                    self._synced.release()
+                    continue
+                job: PacketJob = item  # type: ignore[assignment]
+                job.send_on(ch)
         except OSError as e:
-            self.latch.fail(ChannelError(f"{where}: send failed: {e.strerror or e} (did the "
-                                         "destination close the connection?)"))
-        except MigrationError as e:
-            self.latch.fail(e)
-        except Exception as e:
-            self.latch.fail(e)
-
-    def _channel(self, ch: int, where: str) -> None:
-        sock = self.sockets[ch]
-        sock.sendall(InitPacket(self.uuid, ch).encode())
-        sent = 64
-        bounce = bytearray(limits.MULTIFD_PACKET_BYTES)
-        bview = memoryview(bounce)
-        comp = None
-        if self.compression is not MultifdCompression.NONE:
-            comp = make_compressor(self.compression)
-        flag = int(self.compression.flag)
-        q = self.queues[ch]
-        while True:
-            item = q.get()
-            if item is _STOP or self.latch.failed:
-                return
-            if item is _SYNC:
-                hdr = encode_sync_packet(self._num())
-                sock.sendall(hdr)
-                sent += len(hdr)
-                self.stats.multifd_bytes[ch] = sent
-                self.synced.release()
-                continue
-            if isinstance(item, OutgoingDeviceStatePacket):
-                sendmsg_all(sock, list(item.buffers))
-                sent += item.size
-            else:
-                sent += self._send_job(ch, sock, item, comp, flag, bview, where)
-            self.stats.multifd_bytes[ch] = sent
-
-    def _send_job(self, ch: int, sock: socket.socket, job: PageJob,
-                  comp: ChannelCompressor | None, flag: int, bview: memoryview,
-                  where: str) -> int:
-        """Send one packet for ``job``; returns the bytes written. Subclasses send
-        pages from elsewhere (guest RAM) with the same channel machinery."""
-        n = len(job.offsets)
-        runs = page_runs(job.offsets)
-        if comp is None:
-            # header from memory, pages from the page cache to the socket with
-            # sendfile: no copy through Python at all
-            hdr = encode_ram_packet(flags=flag, ramblock=job.block,
-                                    normal_offsets=job.offsets, zero_offsets=None,
-                                    packet_num=self._num(), payload_size=n * PS)
-            sock.sendall(hdr)
-            for start, length in runs:
-                _sendfile_all(sock, self.fd, job.file_offset + start, length, where,
-                              job.block)
-            self.stats.add_pages(n)
-            return len(hdr) + n * PS
-        pos = 0
-        for start, want in runs:
-            got = os.preadv(self.fd, [bview[pos:pos + want]], job.file_offset + start)
-            if got != want:
-                raise ChannelError(f"{where}: snapshot ends inside block {job.block}")
-            pos += want
-        payload = comp.compress([bview[:n * PS]])
-        hdr = encode_ram_packet(flags=flag, ramblock=job.block, normal_offsets=job.offsets,
-                                zero_offsets=None, packet_num=self._num(),
-                                payload_size=len(payload))
-        sendmsg_all(sock, [hdr, payload])
-        self.stats.add_pages(n)
-        return len(hdr) + len(payload)
+            raise ChannelError(f"{ch.where}: send failed: {e.strerror or e} (did the "
+                               "destination close the connection?)") from e
+        except MigrationError:
+            raise
+        finally:
+            self._ended[ch.index].set()
