@@ -29,10 +29,9 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-import struct
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from typing import Any
 
 import numpy as np
@@ -41,22 +40,20 @@ from livemig.engine.handlers import DeviceHandler, SectionOut
 from livemig.engine.machine import Machine
 from livemig.engine.migration_run import EventSink, MigrationRun
 from livemig.engine.params import FINISHED, MigrationSettings
-from livemig.engine.ram_send import (
-    MAIN_BATCH_PAGES,
-    RamMultifdSender,
-    RateLimiter,
-    main_channel_records,
-    packet_jobs,
-)
-from livemig.errors import ConfigError, MigrationError, PeerError, TransportError
+from livemig.errors import ConfigError, MigrationError
 from livemig.io.guest_ram import PAGE_SIZE
 from livemig.io.uri import Uri
-from livemig.migration.source.channels import MainWriter, ReturnPath, connect_channel
+from livemig.limits import MULTIFD_PAGES_PER_PACKET
+from livemig.migration.common.sync import SyncMode
+from livemig.migration.common.thread_group import ThreadGroup
+from livemig.migration.source.device_state_packets import OutgoingDeviceStatePacket
+from livemig.migration.source.outgoing_stream import OutgoingStream
+from livemig.migration.source.payloads import GuestPages
+from livemig.migration.source.rate_limit import RateLimiter
 from livemig.wire.constants import Command, SectionType
 from livemig.wire.events import RamBlockInfo
-from livemig.wire.ram import encode_block_list, encode_eos, encode_multifd_flush
+from livemig.wire.ram import encode_block_list
 from livemig.wire.stream import (
-    encode_command,
     encode_configuration,
     encode_file_header,
     encode_footer,
@@ -71,8 +68,8 @@ from livemig.wire.stream import (
 DEVICE_STATE_SAVERS_AT_ONCE = max(1, (os.cpu_count() or 2) // 2)
 
 
-#: Seconds the source waits for the destination's verdict after the last byte.
-VERDICT_TIMEOUT = 120.0
+#: Pages per main-channel batch (one staging buffer, one send).
+MAIN_BATCH_PAGES = 256
 #: QEMU: the throttle grows after this many passes in a row dirtied too fast.
 THROTTLE_TRIGGER_PASSES = 2
 RAM_SECTION_VERSION = 4
@@ -111,7 +108,7 @@ class OutgoingMigration(MigrationRun):
         self._high_count = 0
         self._last_sent = 0
         self._stopped_at: float | None = None
-        self._rp: ReturnPath | None = None
+        self.out: OutgoingStream | None = None
 
     # -- control -------------------------------------------------------------
     def start(self) -> None:
@@ -133,15 +130,11 @@ class OutgoingMigration(MigrationRun):
             self._set_status("completed")
             self.machine.set_state("postmigrate")
         except BaseException as e:
+            # _migrate raises the first cause of the whole group (or the destination's
+            # refusal, when a write failed only because of it)
             self.latch.fail(e)
-            first = self.latch.error
-            cancelled = isinstance(first, MigrationCancelled)
-            rp = self._rp
-            if isinstance(first, TransportError) and rp is not None and rp.shut:
-                # the destination said it failed, then closed: the broken channel is
-                # only the consequence (as send and relay report it)
-                first = PeerError(f"the destination failed to load the migration (status "
-                                  f"{rp.shut})")
+            first = e
+            cancelled = isinstance(self.latch.error, MigrationCancelled)
             if not cancelled:
                 self.error_desc = str(first) or repr(first)  # a bug's bare exception too
             self._resume_source()
@@ -173,54 +166,36 @@ class OutgoingMigration(MigrationRun):
 
     def _migrate(self) -> None:
         m = self.machine
-        latch = self.latch
-        sender: RamMultifdSender | None = None
         blockers = m.migration_blockers()
         if blockers:
             raise ConfigError("; ".join(blockers))
-        main = connect_channel(self.uri, latch=latch)
-        latch.add_socket(main)
-        chans = []
-        rp: ReturnPath | None = None
-        try:
-            self.stats.started = time.monotonic()
-            out = MainWriter(main.sendall, "main channel")
+        with OutgoingStream(self.uri, sync_mode=SyncMode.for_machine(m.machine_type),
+                            stats=self.stats, channels=self.channels,
+                            compression=self.compression, latch=self.latch) as out:
             self.out = out
-            out.put(encode_file_header())
-            out.put(encode_configuration(m.machine_type, (), m.uuid))
-            out.put(encode_command(Command.OPEN_RETURN_PATH))
-            out.put(encode_command(Command.PING, struct.pack(">I", 1)))
-            out.flush()
-            rp = ReturnPath(main, latch)
-            self._rp = rp
-            rp.start()
-            if self.channels:
-                for _ in range(self.channels):  # each closed below, even if a later fails
-                    chans.append(connect_channel(self.uri, latch=latch))
-                sender = RamMultifdSender(chans, self.compression, m.uuid, latch, self.stats)
-                sender.start()
-            self.sender = sender
-            self.limiter = RateLimiter(int(self.settings.parameters["max-bandwidth"]), latch)
-            self._setup_sections(out, sender)
-            self.setup_time_ms = int((time.monotonic() - self.start_time) * 1000)
-            self._set_status("active")
-            self._start_tracking()
-            while True:
-                latch.raise_if_failed()
-                if self._pass(out, sender):
-                    break
-            self._complete(out, sender, rp)
-        finally:
-            if sender is not None and latch.failed:
-                sender.join()
-            if rp is not None:
-                try:
-                    main.shutdown(2)
-                except OSError:
-                    pass
-                rp.join(timeout=5)
-            for s in [*chans, main]:
-                s.close()
+            try:
+                out.connect()
+                self.stats.started = time.monotonic()
+                out.put(encode_file_header())
+                out.put(encode_configuration(m.machine_type, (), m.uuid))
+                out.open_return_path()
+                out.connect_multifd(m.uuid)
+                self.limiter = RateLimiter(int(self.settings.parameters["max-bandwidth"]),
+                                           self.latch)
+                self._setup_sections(out)
+                self.setup_time_ms = int((time.monotonic() - self.start_time) * 1000)
+                self._set_status("active")
+                self._start_tracking()
+                while True:
+                    self.latch.raise_if_failed()
+                    if self._pass(out):
+                        break
+                self._complete(out)
+            except BaseException as e:
+                first = out.failure(e)
+                if first is e:
+                    raise
+                raise first from None
 
     # -- setup ---------------------------------------------------------------
     def _ram_sid(self) -> int:
@@ -229,21 +204,21 @@ class OutgoingMigration(MigrationRun):
     def _device_sid(self, i: int) -> int:
         return i + 1
 
-    def _setup_sections(self, out: MainWriter, sender: RamMultifdSender | None) -> None:
+    def _setup_sections(self, out: OutgoingStream) -> None:
         m = self.machine
         blocks = [RamBlockInfo(b.name, b.size) for b in m.blocks.values()]
         sid = self._ram_sid()
-        out.put(encode_section_header(SectionType.SECTION_START, sid, "ram", 0,
-                                      RAM_SECTION_VERSION))
+        out.ram_section_id = sid
+        out.section_header(SectionType.SECTION_START, sid, "ram", 0, RAM_SECTION_VERSION)
         out.put(encode_block_list(blocks))
-        self._sync_round(out, sender)
-        out.put(encode_eos() + encode_footer(sid))
+        out.round_done()
+        out.end_ram_section()
         for i, d in enumerate(m.devices):
             if d.iterable:
                 self._device_section(out, SectionType.SECTION_START, i, d, d.save_setup)
         out.flush()
 
-    def _device_section(self, out: MainWriter, kind: SectionType, i: int, d: DeviceHandler,
+    def _device_section(self, out: OutgoingStream, kind: SectionType, i: int, d: DeviceHandler,
                         fill: Callable[[SectionOut], object], *, sid: int | None = None) -> int:
         body = SectionOut()
         fill(body)
@@ -257,17 +232,6 @@ class OutgoingMigration(MigrationRun):
             out.put(part)
         out.put(encode_footer(sid))
         return body.size
-
-    def _sync_round(self, out: MainWriter, sender: RamMultifdSender | None) -> None:
-        """QEMU 10's per-round multifd sync: SYNC on every channel, FLUSH on main."""
-        if sender is not None:
-            out.flush()  # the destination pairs the channels' SYNC with this marker
-            sender.sync()
-            out.put(encode_multifd_flush())
-            # the destination's channels wait at their SYNC until the main channel
-            # reaches this marker: it must not sit in our buffer while anything
-            # else goes to the channels (device-state packets, the next round)
-            out.flush()
 
     # -- dirty tracking ------------------------------------------------------
     def _start_tracking(self) -> None:
@@ -300,25 +264,19 @@ class OutgoingMigration(MigrationRun):
         return n
 
     # -- passes --------------------------------------------------------------
-    def _send_pages(self, out: MainWriter, sender: RamMultifdSender | None,
-                    dirty: dict[str, np.ndarray]) -> None:
+    def _send_pages(self, out: OutgoingStream, dirty: dict[str, np.ndarray]) -> None:
         m = self.machine
+        per_job = MULTIFD_PAGES_PER_PACKET if out.sender is not None else MAIN_BATCH_PAGES
         for name, pages in dirty.items():
             blk = m.blocks[name]
-            if sender is not None:
-                for job in packet_jobs(blk, pages):
-                    self.limiter.consume(len(job.pages) * PAGE_SIZE)
-                    sender.queue_pages(job)  # type: ignore[arg-type]
-                continue
-            for i in range(0, len(pages), MAIN_BATCH_PAGES):
+            for i in range(0, len(pages), per_job):
                 self.latch.raise_if_failed()
-                batch = pages[i:i + MAIN_BATCH_PAGES]
+                batch = pages[i:i + per_job]
                 self.limiter.consume(len(batch) * PAGE_SIZE)
-                for part in main_channel_records(blk, batch, self.stats):
-                    out.put(part)
-            self.stats.main_bytes = out.sent
+                out.send_pages(GuestPages(blk, batch, self.stats))
+        out.flush()
 
-    def _pass(self, out: MainWriter, sender: RamMultifdSender | None) -> bool:
+    def _pass(self, out: OutgoingStream) -> bool:
         """One pass; True when what is left fits the downtime limit."""
         m = self.machine
         t0 = time.monotonic()
@@ -329,19 +287,17 @@ class OutgoingMigration(MigrationRun):
         found = sum(len(p) for p in dirty.values())
         if self.caps.get("events"):
             self.emit_event("MIGRATION_PASS", {"pass": self.dirty_sync_count})
-        sid = self._ram_sid()
-        out.put(encode_section_header(SectionType.SECTION_PART, sid))
+        out.section_header(SectionType.SECTION_PART, self._ram_sid())
         pages0 = self.stats.normal_pages + self.stats.zero_pages
-        self._send_pages(out, sender, dirty)
-        self._sync_round(out, sender)
-        out.put(encode_eos() + encode_footer(sid))
+        self._send_pages(out, dirty)
+        out.round_done()
+        out.end_ram_section()
         for i, d in enumerate(m.devices):
             if d.iterable:
                 budget = max(1 << 20, int(self._bandwidth_estimate() * 0.05))
                 self._device_section(out, SectionType.SECTION_PART, i, d,
                                      lambda body, d=d, b=budget: d.save_live_iterate(body, b))
         out.flush()
-        self.stats.main_bytes = out.sent
         elapsed = max(time.monotonic() - t0, 1e-6)
         sent = self._bytes() - bytes0
         self.precopy_bytes += sent
@@ -368,7 +324,8 @@ class OutgoingMigration(MigrationRun):
         return False
 
     def _bytes(self) -> int:
-        return self.out.sent + len(self.out.buf) + sum(self.stats.multifd_bytes)
+        assert self.out is not None
+        return self.out.bytes_written
 
     def _bandwidth_estimate(self) -> float:
         return self.mbps * 1e6 / 8
@@ -402,8 +359,7 @@ class OutgoingMigration(MigrationRun):
             self._high_count = 0
 
     # -- completion ----------------------------------------------------------
-    def _complete(self, out: MainWriter, sender: RamMultifdSender | None,
-                  rp: ReturnPath) -> None:
+    def _complete(self, out: OutgoingStream) -> None:
         m = self.machine
         self._stopped_at = time.monotonic()
         if m.state == "running":
@@ -414,21 +370,17 @@ class OutgoingMigration(MigrationRun):
         bytes0 = self._bytes()
         dirty = self._collect()
         self.dirty_sync_count += 1
-        sid = self._ram_sid()
         # QEMU 10: all main-channel precopy data is out; the destination may start
         # loading device state that comes over multifd from here on
-        out.put(encode_command(Command.SWITCHOVER_START))
-        out.flush()  # now: the destination's devices load while their state arrives
-        savers = self._start_device_state_savers(sender)
-        out.put(encode_section_header(SectionType.SECTION_END, sid))
-        self._send_pages(out, sender, dirty)
+        out.command(Command.SWITCHOVER_START, flush=True)  # now: devices load as it arrives
+        with ThreadGroup("device-state savers", self.latch) as savers:
+            self._start_device_state_savers(out, savers)
+            out.section_header(SectionType.SECTION_END, self._ram_sid())
+            self._send_pages(out, dirty)
         # The last sync comes after the device-state packets on every channel: once
         # the destination's main stream is past it, no packet is still in flight.
-        for t in savers:
-            t.join()
-        self.latch.raise_if_failed()
-        self._sync_round(out, sender)
-        out.put(encode_eos() + encode_footer(sid))
+        out.round_done()
+        out.end_ram_section()
         description = []
         budget = max(1 << 20, int(self._bandwidth_estimate() * 0.05))
         for i, d in enumerate(m.devices):
@@ -437,7 +389,8 @@ class OutgoingMigration(MigrationRun):
                 while True:
                     done = [False]
 
-                    def part(body: SectionOut, d: DeviceHandler = d, done: list = done) -> None:
+                    def part(body: SectionOut, d: DeviceHandler = d,
+                             done: list[bool] = done) -> None:
                         done[0] = d.save_live_iterate(body, budget)
                     self._device_section(out, SectionType.SECTION_PART, i, d, part)
                     if done[0]:
@@ -455,52 +408,32 @@ class OutgoingMigration(MigrationRun):
         out.put(bytes([SectionType.EOF]))
         doc = {"page_size": PAGE_SIZE, "devices": description}
         out.put(encode_vmdescription(json.dumps(doc).encode()))
-        out.flush()
-        if sender is not None:
-            sender.finish()
-        self.latch.raise_if_failed()
-        self.stats.main_bytes = out.sent
+        out.finish()
         self.downtime_bytes = self._bytes() - bytes0
-        if not rp.done.wait(VERDICT_TIMEOUT):
-            raise PeerError(f"the destination did not confirm the migration within "
-                            f"{VERDICT_TIMEOUT:.0f} s")
-        self.latch.raise_if_failed()
-        if rp.shut is None:
-            raise TransportError("the destination closed the connection without confirming "
-                                 "the migration")
-        if rp.shut != 0:
-            raise PeerError(f"the destination failed to load the migration (status {rp.shut})")
+        out.await_verdict()
         self.downtime_ms = int((time.monotonic() - self._stopped_at) * 1000)
         self.remaining = 0
 
-    def _start_device_state_savers(self, sender: RamMultifdSender | None,
-                                   ) -> list[threading.Thread]:
+    def _start_device_state_savers(self, out: OutgoingStream, savers: ThreadGroup) -> None:
         """One thread per device whose state goes as multifd device-state packets
         (QEMU 10's per-device save threads); they run while the main channel
-        carries the END and FULL sections, :data:`DEVICE_STATE_SAVERS_AT_ONCE` at
-        a time (each one's packets go over all channels)."""
-        threads = []
+        carries the RAM END section, :data:`DEVICE_STATE_SAVERS_AT_ONCE` at a time
+        (each one's packets go over all channels)."""
         gate = threading.BoundedSemaphore(DEVICE_STATE_SAVERS_AT_ONCE)
         for d in self.machine.devices:
             packets = d.device_state_packets()
             if packets is None:
                 continue
-            if sender is None:
+            if out.sender is None:
                 raise ConfigError(f"device {d.idstr}: device state over multifd needs multifd")
 
-            def run(packets: Any = packets, d: DeviceHandler = d) -> None:
-                try:
-                    with gate:
-                        for pkt in packets:
-                            self.latch.raise_if_failed()
-                            sender.queue_pages(pkt)  # type: ignore[union-attr]
-                except BaseException as e:  # noqa: BLE001 - the latch reports it
-                    self.latch.fail(e)
+            def run(packets: Iterable[OutgoingDeviceStatePacket] = packets) -> None:
+                with gate:
+                    for pkt in packets:
+                        self.latch.raise_if_failed()
+                        out.dispatch(pkt)
 
-            t = threading.Thread(target=run, name=f"save-{d.idstr}")
-            t.start()
-            threads.append(t)
-        return threads
+            savers.start(run, name=f"save-{d.idstr}")
 
     # -- reporting -----------------------------------------------------------
     def query(self) -> dict[str, Any]:
