@@ -28,33 +28,25 @@ anything goes wrong on either hop.
 
 from __future__ import annotations
 
-import socket
-import struct
-import threading
 from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
 
 from livemig import limits
-from livemig.errors import ChannelError, ConfigError, PeerError, StreamFormatError, TransportError
+from livemig.errors import ConfigError, StreamFormatError, TransportError
 from livemig.io.channels import DEFAULT_ACCEPT_TIMEOUT
 from livemig.io.snapshot import SnapshotWriter
 from livemig.io.uri import TcpUri, UnixUri, Uri, parse_uri
-from livemig.migration.destination.device_state_capture import DeviceStateRecorder
 from livemig.migration.common.failure import FailureLatch
+from livemig.migration.common.stats import TransferStats
+from livemig.migration.common.sync import SyncMode
+from livemig.migration.destination.device_state_capture import DeviceStateRecorder
 from livemig.migration.destination.incoming_stream import IncomingMigration, multifd_settings
 from livemig.migration.destination.loader import LoadResult
-from livemig.migration.source.multifd_sender import sendmsg_all
-from livemig.commands.send import VERDICT_TIMEOUT, sync_mode_for_machine
-from livemig.migration.source.channels import ReturnPath, connect_channel, let_main_channel_lead
-from livemig.migration.common.stats import TransferStats
-from livemig.wire.constants import (
-    Command,
-    MultifdCompression,
-    RamFlag,
-    SectionType,
-)
+from livemig.migration.source.outgoing_stream import OutgoingStream
+from livemig.migration.source.payloads import EncodedPacket, ForwardedPages
+from livemig.wire.constants import Command, SectionType
 from livemig.wire.events import (
     CommandRecord,
     Configuration,
@@ -67,213 +59,46 @@ from livemig.wire.events import (
     SectionHeader,
     VmDescriptionRecord,
 )
-from livemig.wire.multifd import (
-    InitPacket,
-    encode_device_state_header,
-    encode_ram_packet,
-    encode_sync_packet,
-    make_compressor,
-)
-from livemig.wire.ram import (
-    encode_block_list,
-    encode_eos,
-    encode_multifd_flush,
-    encode_named_record,
-    encode_zero_records,
-    page_record_headers,
-)
-from livemig.wire.stream import (
-    encode_command,
-    encode_file_header,
-    encode_footer,
-    encode_section_header,
-    encode_vmdescription,
-)
+from livemig.wire.multifd import encode_device_state_header
+from livemig.wire.ram import encode_block_list
+from livemig.wire.stream import encode_file_header, encode_section_header, encode_vmdescription
 
 PS = limits.TARGET_PAGE_SIZE
-PER_PACKET = limits.MULTIFD_PAGES_PER_PACKET
 #: Pages of one address chunk always use the same outgoing channel.
-CHUNK_PAGES = PER_PACKET
-
-
-class _OutMain:
-    """The destination's main channel; shared by the loader thread and, for
-    pages and zero pages, the incoming channel threads (hence the lock)."""
-
-    def __init__(self, sock: socket.socket, stats: TransferStats, latch: FailureLatch) -> None:
-        self.sock = sock
-        # Re-entrant: the forwarder holds it across a whole decision about section
-        # bodies (is one open? close it, write the next header) while the helpers
-        # it calls take it again.
-        self.lock = threading.RLock()
-        # Page and ZERO records may only go inside a RAM section body. Incoming
-        # channels deliver pages at any time (QEMU's source keeps its own PART
-        # header buffered while its channels run), so the relay opens a PART
-        # section of its own when pages arrive between sections.
-        self.body_open = False
-        self.section_id = 0
-        self.latch = latch
-        self.buf = bytearray()
-        self.last_block: str | None = None
-        self.stats = stats
-        self.sent = 0
-
-    def put(self, data: bytes | bytearray | memoryview) -> None:
-        with self.lock:
-            self.buf += data
-            if len(self.buf) >= 1 << 20:
-                self._flush()
-
-    def flush(self) -> None:
-        with self.lock:
-            self._flush()
-
-    def set_body(self, is_open: bool, data: bytes = b"") -> None:
-        """Write ``data`` (a section header or an EOS) and open or close the body with it."""
-        with self.lock:
-            self.buf += data
-            self.body_open = is_open
-            self.last_block = None
-
-    def _await_body(self) -> None:
-        if not self.body_open:
-            self.buf += encode_section_header(SectionType.SECTION_PART, self.section_id)
-            self.body_open = True
-            self.last_block = None
-
-    def _flush(self) -> None:
-        if self.buf:
-            try:
-                self.sock.sendall(self.buf)
-            except OSError as e:
-                raise TransportError(f"destination main channel: send failed: "
-                                     f"{e.strerror or e}") from e
-            self.sent += len(self.buf)
-            self.buf = bytearray()
-
-    def zero_records(self, block: str, offsets: np.ndarray) -> None:
-        with self.lock:
-            self._await_body()
-            self.buf += encode_zero_records(block, offsets, name_first=self.last_block != block)
-            self.last_block = block
-            if len(self.buf) >= 1 << 20:
-                self._flush()
-
-    def page_records(self, block: str, offsets: np.ndarray, data: np.ndarray) -> None:
-        n = len(offsets)
-        with self.lock:
-            self._await_body()
-            start = 0
-            if self.last_block != block:
-                self.buf += encode_named_record(block, int(offsets[0]), RamFlag.PAGE)
-                self.buf += memoryview(np.ascontiguousarray(data[0])).cast("B")
-                self.last_block = block
-                start = 1
-            if n > start:
-                k = n - start
-                rec = np.empty((k, 8 + PS), dtype=np.uint8)
-                rec[:, :8] = page_record_headers(offsets[start:]).view(np.uint8).reshape(k, 8)
-                rec[:, 8:] = data[start:]
-                self.buf += memoryview(rec).cast("B")
-            if len(self.buf) >= 1 << 20:
-                self._flush()
-
-
-class _OutChannels:
-    """The destination's multifd channels, written directly by whichever thread
-    has pages (one lock per channel keeps packets whole and in order)."""
-
-    def __init__(self, socks: list[socket.socket], compression: MultifdCompression,
-                 uuid: bytes | None, stats: TransferStats) -> None:
-        self.socks = socks
-        self.n = len(socks)
-        self.locks = [threading.Lock() for _ in socks]
-        self.comps = [make_compressor(compression) if compression is not MultifdCompression.NONE
-                      else None for _ in socks]
-        self.flag = int(compression.flag)
-        self.stats = stats
-        self._num = 0
-        self._rr = 0
-        self._num_lock = threading.Lock()
-        self.sent = [0] * self.n
-        for i, s in enumerate(socks):
-            self._send(i, [InitPacket(uuid or bytes(16), i).encode()])
-
-    def _next_num(self) -> int:
-        with self._num_lock:
-            n = self._num
-            self._num += 1
-            return n
-
-    def _send(self, ch: int, bufs: list) -> None:
-        try:
-            sendmsg_all(self.socks[ch], bufs)
-        except OSError as e:
-            raise ChannelError(f"destination multifd channel {ch}: send failed: "
-                               f"{e.strerror or e}") from e
-        self.sent[ch] += sum(len(memoryview(b).cast("B")) for b in bufs)
-
-    def send_pages(self, block: str, offsets: np.ndarray, data: np.ndarray) -> None:
-        key = (offsets // np.uint64(PS * CHUNK_PAGES)).astype(np.int64)
-        order = np.argsort(key, kind="stable")
-        keys = key[order]
-        bounds = np.flatnonzero(np.diff(keys)) + 1
-        for part in np.split(order, bounds):
-            ch = int(key[part[0]]) % self.n
-            offs = offsets[part]
-            pages = data[part]
-            if not pages.flags.c_contiguous:
-                pages = np.ascontiguousarray(pages)
-            with self.locks[ch]:
-                payload: bytes | memoryview = memoryview(pages).cast("B")
-                comp = self.comps[ch]
-                if comp is not None:
-                    payload = comp.compress([payload])
-                hdr = encode_ram_packet(flags=self.flag, ramblock=block, normal_offsets=offs,
-                                        zero_offsets=None, packet_num=self._next_num(),
-                                        payload_size=len(payload))
-                self._send(ch, [hdr, payload])
-
-    def send_device_state(self, idstr: str, instance_id: int, payload: memoryview) -> None:
-        with self._num_lock:
-            ch = self._rr
-            self._rr = (ch + 1) % self.n
-        hdr = encode_device_state_header(idstr, instance_id, len(payload))
-        with self.locks[ch]:
-            self._send(ch, [hdr, payload])
-
-    def sync(self) -> None:
-        for ch in range(self.n):
-            with self.locks[ch]:
-                self._send(ch, [encode_sync_packet(self._next_num())])
+CHUNK_PAGES = limits.MULTIFD_PAGES_PER_PACKET
 
 
 class _RelaySink:
     """RamSink/PageSink of the incoming side: forwards pages, optionally records them."""
 
-    def __init__(self) -> None:
-        self.main: _OutMain | None = None
-        self.channels: _OutChannels | None = None
-        self.record: SnapshotWriter | None = None
+    def __init__(self, out: OutgoingStream, record: SnapshotWriter | None) -> None:
+        self.out = out
+        self.record = record
 
     def set_layout(self, config: Configuration | None, ram_section_id: int,
                    blocks: tuple[RamBlockInfo, ...]) -> None:
         # Forwarded here, before the incoming channels are let go: no page may
         # reach the destination before the block list.
-        assert self.main is not None
-        self.main.section_id = ram_section_id
-        self.main.put(encode_block_list(blocks))
+        self.out.ram_section_id = ram_section_id
+        self.out.put(encode_block_list(blocks))
         if self.record is not None:
             self.record.set_layout(config, ram_section_id, blocks)
 
     def write_pages(self, block: str, offsets: np.ndarray, data: np.ndarray) -> None:
         if self.record is not None:
             self.record.write_pages(block, offsets, data)
-        if self.channels is not None:
-            self.channels.send_pages(block, offsets, data)
-        else:
-            assert self.main is not None
-            self.main.page_records(block, offsets, data)
+        sender = self.out.sender
+        if sender is None:
+            self.out.send_pages(ForwardedPages(block, offsets, data))
+            return
+        # a page always leaves on the channel its address chunk maps to (ordering
+        # rule 1 of the module docstring)
+        key = (offsets // np.uint64(PS * CHUNK_PAGES)).astype(np.int64)
+        order = np.argsort(key, kind="stable")
+        bounds = np.flatnonzero(np.diff(key[order])) + 1
+        for part in np.split(order, bounds):
+            self.out.send_pages(ForwardedPages(block, offsets[part], data[part]),
+                                channel=int(key[part[0]]))
 
     def write_page_bytes(self, block: str, offset: int, page: bytes | bytearray) -> None:
         arr = np.frombuffer(bytes(page), dtype=np.uint8).reshape(1, PS)
@@ -285,8 +110,7 @@ class _RelaySink:
             return
         if self.record is not None:
             self.record.zero_pages(block, offsets)
-        assert self.main is not None
-        self.main.zero_records(block, offsets)
+        self.out.zero_records(block, offsets)
 
     def read_page(self, block: str, offset: int) -> bytearray:
         if self.record is not None:
@@ -308,141 +132,102 @@ class RelayResult:
 class _Forwarder:
     """Turns the incoming main stream's records into the outgoing one."""
 
-    def __init__(self, sink: _RelaySink, dest: Uri, out_channels: int,
-                 out_comp: MultifdCompression, latch: FailureLatch, stats: TransferStats) -> None:
+    def __init__(self, out: OutgoingStream, sink: _RelaySink) -> None:
+        self.out = out
         self.sink = sink
-        self.dest = dest
-        self.out_n = out_channels
-        self.out_comp = out_comp
-        self.latch = latch
-        self.stats = stats
-        self.mode = "per-round"
-        self.sid: int | None = None
-        self.kind: SectionType | None = None
-        self.rp: ReturnPath | None = None
-        self.main_sock: socket.socket | None = None
-        self.chan_socks: list[socket.socket] = []
         self.device_sections: list[bytes] = []
         self.switchover_start = False
         self.switchover_at: int | None = None
         #: Checks and records multifd device state when recording (else None).
         self.recorder: DeviceStateRecorder | None = None
         self.pending_eof = False
-        self.uuid_source: object = None  # callable giving the incoming channels' uuid
+        self.configured = False
+        #: The source's uuid as its own channels announced it (when the
+        #: configuration carries none).
+        self.uuid_source: Callable[[], bytes | None] | None = None
 
     def __call__(self, ev: object) -> None:
-        t = type(ev)
-        if t is CommandRecord and ev.cmd == Command.SWITCHOVER_START:  # type: ignore
-            self.switchover_start = True
-        if t is FileHeader:
-            self._connect()
-            self._main.put(encode_file_header())
-        elif t is Configuration:
-            cfg: Configuration = ev  # type: ignore[assignment]
-            if "mapped-ram" in cfg.capabilities:
+        out = self.out
+        if isinstance(ev, FileHeader):
+            out.connect()
+            out.put(encode_file_header())
+        elif isinstance(ev, Configuration):
+            if "mapped-ram" in ev.capabilities:
                 raise ConfigError("relay takes a live migration, not a mapped-ram stream")
-            self.mode = sync_mode_for_machine(cfg.machine)
-            self._main.put(cfg.raw)
-            self._main.put(encode_command(Command.OPEN_RETURN_PATH))
-            self._main.put(encode_command(Command.PING, struct.pack(">I", 1)))
-            self._main.flush()
-            self.rp = ReturnPath(self.main_sock, self.latch)  # type: ignore[arg-type]
-            self.rp.start()
-            if self.out_n:
-                let_main_channel_lead(self.dest)
-                self.chan_socks = [connect_channel(self.dest) for _ in range(self.out_n)]
-                for s in self.chan_socks:
-                    self.latch.add_socket(s)
-                uuid = cfg.uuid
-                if uuid is None and callable(self.uuid_source):
-                    uuid = self.uuid_source()  # the source's -uuid, from its own channels
-                self.sink.channels = _OutChannels(self.chan_socks, self.out_comp,
-                                                  uuid, self.stats)
-        elif t is CommandRecord:
-            if ev.cmd == Command.SWITCHOVER_START:  # type: ignore[attr-defined]
-                main = self._main
-                with main.lock:
-                    if main.body_open:  # a PART the relay opened for late pages
+            out.sync_mode = SyncMode.for_machine(ev.machine)
+            out.put(ev.raw)
+            out.open_return_path()
+            self.configured = True
+            uuid = ev.uuid
+            if uuid is None and self.uuid_source is not None:
+                uuid = self.uuid_source()  # the source's -uuid, from its own channels
+            out.connect_multifd(uuid)
+        elif isinstance(ev, CommandRecord):
+            if ev.cmd == Command.SWITCHOVER_START:
+                self.switchover_start = True
+                with out.main.lock:
+                    if out.body_open:  # a PART the relay opened for late pages
                         self._sync_point(mid_section=False)
-                    main.put(encode_command(Command.SWITCHOVER_START))
                     # at once: the destination's devices load their multifd state
                     # from here on, and may hold their channels until then
-                    main.flush()
+                    out.command(Command.SWITCHOVER_START, flush=True)
                 self.switchover_at = len(self.device_sections)
-        elif t is SectionHeader:
-            if self.rp is None:
+        elif isinstance(ev, SectionHeader):
+            if not self.configured:
                 raise ConfigError("the source sent no configuration section; livemig relay "
                                   "needs it (QEMU's send-configuration is on by default)")
-            h: SectionHeader = ev  # type: ignore[assignment]
-            self.sid, self.kind = h.section_id, h.kind
-            main = self._main
             # Channel threads may open a PART of their own at any moment: decide and
             # write under the lock, so that no header lands inside an open body.
-            with main.lock:
-                if h.kind == SectionType.SECTION_PART and main.body_open:
-                    pass  # the relay already opened a PART for early pages: go on in it
-                else:
-                    if main.body_open:  # END after a PART the relay opened itself
-                        self._sync_point(mid_section=False)
-                    main.set_body(True, encode_section_header(h.kind, h.section_id, h.idstr,
-                                                              h.instance_id, h.version_id))
-        elif t is RamMultifdFlush:
+            with out.main.lock:
+                if ev.kind == SectionType.SECTION_PART and out.body_open:
+                    return  # the relay already opened a PART for early pages: go on in it
+                if out.body_open:  # END after a PART the relay opened itself
+                    self._sync_point(mid_section=False)
+                out.ram_section_id = ev.section_id
+                out.put_raw_section_header(encode_section_header(
+                    ev.kind, ev.section_id, ev.idstr, ev.instance_id, ev.version_id),
+                    ev.section_id)
+        elif isinstance(ev, RamMultifdFlush):
             self._sync_point(mid_section=True)
-        elif t is RamEndOfSection:
+        elif isinstance(ev, RamEndOfSection):
             self._sync_point(mid_section=False)
-        elif t is DeviceSection:
-            self.device_sections.append(ev.raw)  # type: ignore[attr-defined]
-            self._main.put(ev.raw)  # type: ignore[attr-defined]
-        elif t is EndOfStream:
+        elif isinstance(ev, DeviceSection):
+            self.device_sections.append(ev.raw)
+            out.put(ev.raw)
+        elif isinstance(ev, EndOfStream):
             # Held back: the destination completes (and runs the VM) once it has EOF,
             # so everything that can still fail on this side happens first.
             self.pending_eof = True
-        elif t is VmDescriptionRecord:
-            self._release_eof(ev.raw_json)  # type: ignore[attr-defined]
+        elif isinstance(ev, VmDescriptionRecord):
+            self._release_eof(ev.raw_json)
 
     def device_state(self, idstr: str, instance_id: int, payload: memoryview,
                      channel: int) -> None:
         """A multifd device-state packet from the source, passed on as it came."""
         if self.recorder is not None:
             self.recorder.on_packet(idstr, instance_id, payload, channel)
-        chans = self.sink.channels
-        if chans is None:
+        if self.out.sender is None:
             raise StreamFormatError(f"device-state packet for {idstr} instance {instance_id}: "
                                     "the outgoing hop has no multifd channels to carry it "
                                     "(use --out-multifd-channels)",
                                     where=f"multifd channel {channel}")
-        chans.send_device_state(idstr, instance_id, payload)
-
-    @property
-    def _main(self) -> _OutMain:
-        assert self.sink.main is not None
-        return self.sink.main
-
-    def _connect(self) -> None:
-        self.main_sock = connect_channel(self.dest)
-        self.latch.add_socket(self.main_sock)
-        self.sink.main = _OutMain(self.main_sock, self.stats, self.latch)
+        hdr = encode_device_state_header(idstr, instance_id, len(payload))
+        self.out.dispatch(EncodedPacket((hdr, payload)))
 
     def _sync_point(self, *, mid_section: bool) -> None:
-        with self._main.lock:
-            self._sync_point_locked(mid_section=mid_section)
-
-    def _sync_point_locked(self, *, mid_section: bool) -> None:
-        chans = self.sink.channels
-        if chans is not None:
-            self._main.flush()
-            chans.sync()
-            if self.mode == "per-round":
-                self._main.put(encode_multifd_flush())
-            elif mid_section:
-                assert self.sid is not None
+        """Every incoming sync point becomes an outgoing one (ordering rule 2)."""
+        out = self.out
+        with out.main.lock:
+            if not mid_section:
+                out.round_done()
+                out.end_ram_section()
+            elif out.sender is not None and out.sync_mode.syncs_at_section_end:
                 # per-section destinations sync at EOS: close this section here
-                self._main.set_body(True, encode_eos() + encode_footer(self.sid)
-                                    + encode_section_header(SectionType.SECTION_PART, self.sid))
-        if not mid_section:
-            assert self.sid is not None
-            self._main.set_body(False, encode_eos() + encode_footer(self.sid))
-        self._main.flush()
+                out.end_ram_section()
+                out.section_header(SectionType.SECTION_PART, out.ram_section_id)
+            else:
+                out.round_done()
+            out.flush()
 
     def _release_eof(self, raw_json: bytes | None) -> None:
         if not self.pending_eof:
@@ -454,37 +239,17 @@ class _Forwarder:
             writer.commit(device_sections=self.device_sections, vmdesc_json=raw_json,
                           switchover_start=self.switchover_start,
                           switchover_at=self.switchover_at)
-        self._main.put(bytes([SectionType.EOF]))
+        self.out.put(bytes([SectionType.EOF]))
         if raw_json is not None:
-            self._main.put(encode_vmdescription(raw_json))
+            self.out.put(encode_vmdescription(raw_json))
         self.pending_eof = False
 
     def finish(self) -> str:
-        self._release_eof(None)
-        self._main.flush()
-        if self.main_sock is None or self.rp is None:
+        if not self.configured:
             raise TransportError("the source's migration ended before it started")
-        if not self.rp.done.wait(VERDICT_TIMEOUT):
-            raise PeerError(f"the destination did not confirm within {VERDICT_TIMEOUT:.0f} s")
-        self.latch.raise_if_failed()
-        if self.rp.shut is None:
-            raise PeerError("the destination closed its connection without confirming the "
-                            "migration")
-        if self.rp.shut != 0:
-            raise PeerError(f"the destination QEMU failed to load the migration (status "
-                            f"{self.rp.shut})")
-        return "confirmed by the destination"
-
-    def close(self) -> None:
-        for s in self.chan_socks + ([self.main_sock] if self.main_sock else []):
-            try:
-                s.shutdown(socket.SHUT_RDWR)
-            except OSError:
-                pass
-        if self.rp is not None:
-            self.rp.join(timeout=5)
-        for s in self.chan_socks + ([self.main_sock] if self.main_sock else []):
-            s.close()
+        self._release_eof(None)
+        self.out.finish()
+        return self.out.await_verdict()
 
 
 def relay(listen: str | Uri, dest: str | Uri, *, in_multifd_channels: int = 0,
@@ -502,10 +267,14 @@ def relay(listen: str | Uri, dest: str | Uri, *, in_multifd_channels: int = 0,
                                 "--out-multifd")
     stats = stats or TransferStats()
     latch = FailureLatch()
-    sink = _RelaySink()
     writer = SnapshotWriter(record) if record else None
-    sink.record = writer
-    fwd = _Forwarder(sink, du, out_multifd_channels, out_comp, latch, stats)
+    # the outgoing hop counts its own bytes: ``stats`` shows what arrives
+    out = OutgoingStream(du, sync_mode=SyncMode.PER_ROUND, stats=TransferStats(),
+                         channels=out_multifd_channels, compression=out_comp, latch=latch,
+                         peer="the destination QEMU", direct=True, auto_part=True,
+                         main_name="destination main channel")
+    sink = _RelaySink(out, writer)
+    fwd = _Forwarder(out, sink)
     incoming = IncomingMigration(lu, in_multifd_channels, in_comp, sink, latch, stats,
                                  main_name="source main channel")
     try:
@@ -523,14 +292,8 @@ def relay(listen: str | Uri, dest: str | Uri, *, in_multifd_channels: int = 0,
         stats.phase = "completed: " + verdict
         return RelayResult(result, stats, writer.path if writer else None)
     except BaseException as e:
-        first: BaseException = latch.error or e
-        if isinstance(first, TransportError) and fwd.rp is not None:
-            fwd.rp.done.wait(2.0)  # a refusing destination says so before it closes
-            if fwd.rp.shut:
-                first = PeerError(f"the destination QEMU failed to load the migration (status "
-                                  f"{fwd.rp.shut})")
+        first = out.failure(e)
         incoming.refuse()  # first, so that the source fails and keeps running
-        latch.fail(first)
         incoming.abort()
         if writer is not None:
             writer.abort()
@@ -540,7 +303,7 @@ def relay(listen: str | Uri, dest: str | Uri, *, in_multifd_channels: int = 0,
         raise first from None
     finally:
         incoming.close()
-        fwd.close()
+        out.close()
 
 
 __all__ = ["RelayResult", "relay"]
