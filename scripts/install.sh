@@ -76,7 +76,7 @@ stamp="$VENV/.livemig-install-stamp"
 want="$(cd "$ROOT" && sha256sum pyproject.toml | cut -d' ' -f1)"
 # The import check runs from / : an editable install made before livemig/__init__.py
 # existed maps livemig as an empty namespace package, which only shows outside the tree.
-check='import livemig, numpy, zstandard, qemu.qmp, rich, pytest, hypothesis; livemig.__version__'
+check='import livemig, numpy, zstandard, qemu.qmp, rich, pytest, hypothesis, ruff, mypy; livemig.__version__'
 if [ "$(cat "$stamp" 2>/dev/null || true)" = "$want" ] \
    && (cd / && "$VENV/bin/python" -c "$check") 2>/dev/null; then
   log "virtualenv $VENV is up to date"

@@ -21,6 +21,7 @@ Every wait has a timeout, so a misbehaving QEMU fails a test instead of hanging 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import functools
 import json
 import lzma
@@ -212,14 +213,10 @@ def _unix_listening(path: str) -> bool:
 def _kill_and_reap(proc: subprocess.Popen[bytes]) -> None:
     """Kill ``proc`` if it still runs and wait (bounded) for it to go."""
     if proc.poll() is None:
-        try:
+        with contextlib.suppress(OSError):
             proc.kill()
-        except OSError:
-            pass
-    try:
+    with contextlib.suppress(subprocess.TimeoutExpired):
         proc.wait(timeout=EXIT_TIMEOUT)
-    except subprocess.TimeoutExpired:
-        pass
 
 
 def _kill_process(proc: subprocess.Popen[bytes], private_dir: str) -> None:
@@ -355,8 +352,8 @@ class QemuPeer:
                 "-object", f"memory-backend-ram,id=mem1,size={dimm}",
                 "-device", "pc-dimm,id=dimm1,memdev=mem1",
             ]
-        for path, addr in blobs:
-            path = os.path.abspath(path)
+        for blob, addr in blobs:
+            path = os.path.abspath(blob)
             if not os.path.isfile(path):
                 raise FileNotFoundError(f"blob {path} does not exist")
             args += [
@@ -454,7 +451,7 @@ class QemuPeer:
         try:
             for ev in self._call(take(), 5.0):
                 self._events.append(dict(ev))
-        except Exception:  # noqa: BLE001,S110 - events are best effort; QEMU may be gone
+        except Exception:  # noqa: BLE001 - events are best effort; QEMU may be gone
             pass
 
     def close(self) -> None:
@@ -465,10 +462,9 @@ class QemuPeer:
         client, self._client = self._client, None
         loop = self._loop
         if client is not None and loop is not None and loop.is_running():
-            try:
+            # EOF or a dead peer: nothing to close
+            with contextlib.suppress(Exception):
                 self._call(client.disconnect(), 5.0)
-            except Exception:  # noqa: BLE001,S110 - EOF or a dead peer: nothing to close
-                pass
         proc = self._proc
         if proc is not None:
             _kill_and_reap(proc)
@@ -482,10 +478,8 @@ class QemuPeer:
                         t.cancel()
                     await asyncio.gather(*tasks, return_exceptions=True)
 
-                try:
+                with contextlib.suppress(Exception):  # the loop is stopped next anyway
                     self._call(cancel_all(), 5.0)
-                except Exception:  # noqa: BLE001,S110 - the loop is stopped next anyway
-                    pass
                 loop.call_soon_threadsafe(loop.stop)
             if self._loop_thread is not None:
                 self._loop_thread.join(timeout=10.0)
@@ -535,10 +529,8 @@ class QemuPeer:
         if self._proc is None or self._closed:
             return self.returncode
         if self._proc.poll() is None:
-            try:
+            with contextlib.suppress(QemuPeerError):  # the reply can race with the close
                 self.qmp("quit")
-            except QemuPeerError:
-                pass  # the reply can race with the socket closing
             try:
                 self._proc.wait(timeout=timeout)
             except subprocess.TimeoutExpired:
@@ -719,10 +711,8 @@ class QemuPeer:
         try:
             return self.pmemsave(addr, size, tmp).read_bytes()
         finally:
-            try:
+            with contextlib.suppress(FileNotFoundError):
                 os.unlink(tmp)
-            except FileNotFoundError:
-                pass
 
 
 # --------------------------------------------------------------------------------------------
@@ -885,19 +875,15 @@ class RecordingSink:
         self._acceptor.join(timeout=5.0)
         self._listener.close()
         for c in conns:
-            try:
+            with contextlib.suppress(OSError):
                 c.sock.shutdown(socket.SHUT_RDWR)
-            except OSError:
-                pass
         for t in list(self._threads):
             t.join(timeout=5.0)
         for c in conns:
             c.sock.close()
         if self.unix_path is not None:
-            try:
+            with contextlib.suppress(FileNotFoundError):
                 os.unlink(self.unix_path)
-            except FileNotFoundError:
-                pass
 
     def __enter__(self) -> Self:
         return self

@@ -13,7 +13,10 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from livemig.errors import LimitExceeded, MigrationError, StreamFormatError, TransportError
-from livemig.migration.destination.device_state_reassembly import DeviceStateReassembler, FdLoadTarget
+from livemig.migration.destination.device_state_reassembly import (
+    DeviceStateReassembler,
+    FdLoadTarget,
+)
 from livemig.migration.source.device_state_packets import device_state_packets
 from livemig.wire.multifd import DEVICE_STATE_HEADER_SIZE, decode_device_state_header
 from livemig.wire.vfio_packet import encode_vfio_packet_header
@@ -291,7 +294,7 @@ def test_missing_config_timeout() -> None:
     rs.main_stream_complete()
     rs.on_packet(*DEV, pkt(0), 0)
     t0 = time.monotonic()
-    with pytest.raises(StreamFormatError, match="after 0.2 s.*no config packet arrived"):
+    with pytest.raises(StreamFormatError, match=r"after 0\.2 s.*no config packet arrived"):
         rs.finish(timeout=0.2)
     assert time.monotonic() - t0 < 5
 
@@ -362,7 +365,7 @@ def test_fd_load_target_into_a_pipe() -> None:
         rs = DeviceStateReassembler({DEV: FdLoadTarget(w, lambda c: configs.append(bytes(c)))})
         rs.main_stream_complete()
         data = bytes(range(256)) * 1000
-        for idx, payload in packets(data, b"cfg", 70000):
+        for _idx, payload in packets(data, b"cfg", 70000):
             rs.on_packet(*DEV, payload, 0)
         rs.finish(timeout=10)
     finally:

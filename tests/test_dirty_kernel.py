@@ -7,6 +7,7 @@ Only the "unavailable" tests replace kernel calls, to see the reasons users get.
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import ctypes.util
 import errno
@@ -51,10 +52,8 @@ def anon(pages: int, *, private: bool) -> mmap.mmap:
 
 def release(buf: mmap.mmap) -> None:
     """Unmap, unless a test's numpy view still holds it (then the GC unmaps it)."""
-    try:
+    with contextlib.suppress(BufferError):
         buf.close()
-    except BufferError:
-        pass
 
 
 def written(tracker: KernelDirtyTracker) -> list[int]:
@@ -508,9 +507,10 @@ def test_constructor_raises_the_reason() -> None:
     buf = anon(4, private=True)
     tracker = KernelDirtyTracker(address_of(buf), len(buf),
                                  syscalls=FailingSyscalls("PAGEMAP_SCAN", errno.ENOTTY))
-    with tracker, pytest.raises(KernelTrackingUnavailable, match=r"^PAGEMAP_SCAN: ENOTTY") as info:
+    with tracker:
         tracker.start()
-        tracker.collect()
+        with pytest.raises(KernelTrackingUnavailable, match=r"^PAGEMAP_SCAN: ENOTTY") as info:
+            tracker.collect()
     assert isinstance(info.value.__cause__, OSError)
     with pytest.raises(KernelTrackingUnavailable, match=r"^UFFDIO_API: EINVAL"):
         KernelDirtyTracker(address_of(buf), len(buf),

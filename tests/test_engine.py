@@ -97,7 +97,7 @@ def wait_passes(w: DirtyPagesWorkload, n: int, timeout: float = 20.0) -> None:
         time.sleep(0.01)
 
 
-@pytest.mark.parametrize("channels,compression", [(1, "none"), (4, "none"), (1, "zstd"),
+@pytest.mark.parametrize(("channels", "compression"), [(1, "none"), (4, "none"), (1, "zstd"),
                                                   (4, "zstd"), (0, "none"), (2, "zlib")])
 def test_live_migration_with_workload(pairs: list[Pair], workdir: Path, channels: int,
                                       compression: str) -> None:
@@ -334,7 +334,7 @@ def test_failed_destination_does_not_run(pairs: list[Pair], workdir: Path) -> No
     assert p.dst_m.state == "paused"
 
 
-@pytest.mark.parametrize("args,expect", [
+@pytest.mark.parametrize(("args", "expect"), [
     (["--memory", "1Q"], "not a size: '1Q'"),
     (["--qmp", "/no/such/dir/x.sock"], "--qmp '/no/such/dir/x.sock'"),
     (["--qmp", "unix:/no/such/dir/x.sock"], "cannot listen for QMP"),

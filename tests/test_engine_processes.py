@@ -257,9 +257,9 @@ class RunProcess:
         migration's status is final)."""
         deadline = time.monotonic() + timeout
         while (now := self.resources()) != baseline:
-            assert time.monotonic() < deadline, \
-                f"{self.name}: (threads, fds) {now}, not back to {baseline}: " \
-                f"{self._fd_targets()}"
+            assert time.monotonic() < deadline, (
+                f"{self.name}: (threads, fds) {now}, not back to {baseline}: "
+                f"{self._fd_targets()}")
             time.sleep(0.05)
 
     def _fd_targets(self) -> list[str]:
@@ -378,7 +378,7 @@ def test_greeting_status_stop_cont(machines: Factory) -> None:
     m.wait_workload_passes(0)
 
 
-def test_paused_with_S(machines: Factory) -> None:
+def test_paused_with_S(machines: Factory) -> None:  # noqa: N802 - QEMU's option -S
     m = machines("m", "--memory", "16M", "-S")
     assert m.ready["status"] == "paused"
     assert m.cmd("query-status") == {"status": "paused", "running": False}
@@ -448,7 +448,7 @@ def start_pair(machines: Factory, workdir: Path, memory: int, *, rate: str = "32
     return src, dst, uri
 
 
-@pytest.mark.parametrize("channels,compression,memory,tracking", [
+@pytest.mark.parametrize(("channels", "compression", "memory", "tracking"), [
     (1, "none", 64 * MIB, "software"), (4, "none", 128 * MIB, "software"),
     (1, "zstd", 64 * MIB, "software"), (4, "zstd", 64 * MIB, "software"),
     # the workload marks nothing: uffd-wp + PAGEMAP_SCAN see its writes
@@ -879,7 +879,7 @@ def test_fault_source_gone(machines: Factory, workdir: Path, how: str) -> None:
 # --------------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("channels,compression", [(0, "none"), (2, "zstd")])
+@pytest.mark.parametrize(("channels", "compression"), [(0, "none"), (2, "zstd")])
 def test_run_to_receive_snapshot_inspect(machines: Factory, workdir: Path,
                                          livemig_receive: ReceiveFactory,
                                          livemig_cli: Callable[..., Any], channels: int,

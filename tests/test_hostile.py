@@ -41,6 +41,7 @@ from hostile_source import (
     PKT_NEXT_SIZE,
     PKT_NORMAL_PAGES,
     PKT_PAGES_ALLOC,
+    CliResult,
     FakeSource,
     Layout,
     block_list,
@@ -139,7 +140,7 @@ def record_word(data: bytes, rec_pos: int) -> int:
 def continue_run_page(lay: Layout) -> int:
     """A PAGE|CONTINUE record in the middle of a run of them (the decoder's fast path)."""
     pages = lay.pages
-    for a, b, c in zip(pages, pages[1:], pages[2:]):
+    for a, b, c in zip(pages, pages[1:], pages[2:], strict=False):
         if a.block is None and b.block is None and c.block is None \
                 and b.pos == a.payload + PS and c.pos == b.payload + PS:
             return b.pos
@@ -241,7 +242,7 @@ CASES: list[Case] = [
          lambda: put(D(), L().blocks[0][2] + 1 + len(L().blocks[0][0]), be64(1 << 60)),
          r"RAM block pc.ram length 1152921504606846976 exceeds", lambda: L().blocks[0][2]),
     Case("block-listed-twice",
-         lambda: replace_start(D(), L(), block_list(blocks_of(L()) + [("pc.bios", 256 << 10)])
+         lambda: replace_start(D(), L(), block_list([*blocks_of(L()), ("pc.bios", 256 << 10)])
                                + EOS),
          r"RAM block 'pc.bios' listed twice"),
     Case("block-length-not-page-multiple",
@@ -368,7 +369,7 @@ BUGS: dict[str, str] = {
 }
 
 
-def _expect_refused(res, cmd: str, case: Case) -> str:  # type: ignore[no-untyped-def]
+def _expect_refused(res: CliResult, cmd: str, case: Case) -> str:
     out = res.stdout + res.stderr
     assert "Traceback" not in out, f"{cmd}: traceback:\n{res.stderr}"
     assert res.rc == 1, f"{cmd}: exit status {res.rc}\nstderr: {res.stderr}"
@@ -386,7 +387,7 @@ def _expect_refused(res, cmd: str, case: Case) -> str:  # type: ignore[no-untype
 
 
 def _run_both(tmp_path: Path, blob: bytes, *, address_space: int | None = None,
-              deadline: float = FILE_DEADLINE) -> dict[str, object]:
+              deadline: float = FILE_DEADLINE) -> dict[str, CliResult]:
     bad = tmp_path / "bad.stream"
     bad.write_bytes(blob)
     out = tmp_path / OUT
@@ -484,7 +485,7 @@ BIG = [
          lambda: replace_start(D(), L(), block_list([("pc.ram", 1 << 41), ("pc.bios", 1 << 41)])
                                + EOS),
          r"RAM total size \d+ exceeds the limit", lambda: L().mem_size),
-    Case("four-1-TiB-blocks", lambda: at_the_limits(), r"."),
+    Case("four-1-TiB-blocks", lambda: at_the_limits(), r"."),  # noqa: PLW0108 - defined below
     Case("machine-name-4g", lambda: put(D(), L().config + 1, be32(0xFFFFFFFF)), r"exceeds",
          lambda: L().config),
     Case("command-length-65535",
@@ -528,9 +529,9 @@ def test_hostile_length_fails_fast_without_allocating(case: Case, tmp_path: Path
     results = _run_both(tmp_path, case.make(), address_space=ADDRESS_SPACE)
     for cmd in ("receive", "inspect"):
         res = results[cmd]
-        assert "MemoryError" not in res.stderr, res.stderr  # type: ignore[attr-defined]
+        assert "MemoryError" not in res.stderr, res.stderr
         _expect_refused(res, cmd, case)
-        assert res.seconds < FAST + 1.0, f"{cmd} took {res.seconds:.1f} s"  # type: ignore
+        assert res.seconds < FAST + 1.0, f"{cmd} took {res.seconds:.1f} s"
 
 
 def _peak_parse(blob: bytes) -> tuple[BaseException | None, int]:
@@ -739,7 +740,7 @@ def _expect_socket_refusal(res, match: str) -> str:  # type: ignore[no-untyped-d
     return line
 
 
-@pytest.mark.parametrize("play,match", _socket_params())
+@pytest.mark.parametrize(("play", "match"), _socket_params())
 def test_multifd_channel_refused(play: Callable[[FakeSource], None], match: str,
                                  tmp_path: Path) -> None:
     line = _expect_socket_refusal(_receive_over_socket(tmp_path, play), match)
@@ -770,7 +771,7 @@ def _silent_connection(src: FakeSource) -> None:
     src.send_chan(1, init_packet(1))
 
 
-@pytest.mark.parametrize("play,extra,match", [
+@pytest.mark.parametrize(("play", "extra", "match"), [
     pytest.param(_zlib_garbage, ("--multifd-compression", "zlib"),
                  r"multifd channel 1, offset 0x40: .*packet 0.*zlib payload"),
     (_second_main_channel, (), r"a second main channel connected"),
@@ -808,7 +809,7 @@ def _main_closes_after_sync_point(src: FakeSource) -> None:
     src.close_main()
 
 
-@pytest.mark.parametrize("play,match,offset", [
+@pytest.mark.parametrize(("play", "match", "offset"), [
     (_main_closes_in_block_list, r"main channel.*RAM section SECTION_START", 0x34),
     (_main_closes_in_page_after_sync, r"main channel.*RAM section SECTION_PART", 0x5d),
 ], ids=["in-block-list", "in-page-after-a-sync"])

@@ -60,7 +60,7 @@ def test_parse_size() -> None:
     assert parse_size("64M") == 64 << 20
     assert parse_size("16k") == 16 << 10
     assert parse_size(4096) == 4096
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match="not a size"):
         parse_size("lots")
 
 
@@ -178,7 +178,7 @@ def test_qmp_errors_carry_qemu_description(version: str) -> None:
         with pytest.raises(QmpCommandError, match="CommandNotFound") as exc:
             vm.qmp("no-such-command")
         assert exc.value.command == "no-such-command"
-        with pytest.raises(QmpCommandError, match="multifd[-_]channels"):
+        with pytest.raises(QmpCommandError, match=r"multifd[-_]channels"):
             vm.set_params(multifd_channels=0)
         vm.set_caps({"multifd": True})
         vm.set_params(multifd_channels=3, multifd_compression="zlib")

@@ -24,6 +24,7 @@ spread over it so that each appears for each version. Every wait has a deadline.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import re
 import shlex
@@ -261,7 +262,7 @@ def reference_streams(tmp_path_factory: pytest.TempPathFactory, blob_files: dict
                                    json.loads(r.stdout), info)
         return cache[key]
 
-    yield get
+    return get
 
 
 def assert_devices_match(report: dict[str, Any], ref: Reference, *,
@@ -407,7 +408,7 @@ def test_receive_matrix(case: tuple[str, int, str, str, str, str], workdir: Path
 # --------------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("version,machine,channels,compression,transport", [
+@pytest.mark.parametrize(("version", "machine", "channels", "compression", "transport"), [
     ("7.2", M72["pc"], 2, "zstd", "unix"),
     ("10.0", "pc", 2, "zlib", "tcp"),
     ("10.0", "q35", 0, "none", "unix"),
@@ -451,7 +452,7 @@ def test_receive_guest_with_dimm(version: str, machine: str, channels: int, comp
 # --------------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("version,machine", [("10.0", "pc"), ("7.2", M72["pc"])])
+@pytest.mark.parametrize(("version", "machine"), [("10.0", "pc"), ("7.2", M72["pc"])])
 def test_running_guest_multifd_then_restore(version: str, machine: str, workdir: Path,
                                             blob_files: dict[Blob, Path],
                                             livemig_receive: Callable[..., LivemigReceive],
@@ -493,7 +494,7 @@ def test_running_guest_multifd_then_restore(version: str, machine: str, workdir:
 # --------------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("version,machine", [("7.2", M72["q35"]), ("10.0", "pc")])
+@pytest.mark.parametrize(("version", "machine"), [("7.2", M72["q35"]), ("10.0", "pc")])
 def test_receive_exec_and_file_sources(version: str, machine: str, workdir: Path,
                                        blob_files: dict[Blob, Path],
                                        livemig_receive: Callable[..., LivemigReceive],
@@ -569,7 +570,7 @@ def test_receive_file_mapped_ram_from_qemu10(channels: int, workdir: Path,
 # --------------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("version,transport", [("7.2", "tcp"), ("10.0", "unix")])
+@pytest.mark.parametrize(("version", "transport"), [("7.2", "tcp"), ("10.0", "unix")])
 def test_multifd_channel_mismatch_fails_cleanly(version: str, transport: str, workdir: Path,
                                                 blob_files: dict[Blob, Path],
                                                 livemig_receive: Callable[..., LivemigReceive],
@@ -649,10 +650,8 @@ def test_multifd_extra_channels_error_names_the_cause(
             time.sleep(0.02)
         time.sleep(0.2)  # livemig reads what the main channel sent
         conns[0].close()  # the source gives up: main channel first, then its channels
-        try:
+        with contextlib.suppress(subprocess.TimeoutExpired):
             p.proc.wait(timeout=5)
-        except subprocess.TimeoutExpired:
-            pass
     finally:
         for s in conns:
             s.close()

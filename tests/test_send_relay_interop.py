@@ -317,7 +317,7 @@ CROSS = [
 ]
 
 
-@pytest.mark.parametrize("dest_version,channels,compression,dest_qmp", CROSS,
+@pytest.mark.parametrize(("dest_version", "channels", "compression", "dest_qmp"), CROSS,
                          ids=[f"into-{v}-{_mode(c, z)}-{'dest-qmp' if q else 'plain'}"
                               for v, c, z, q in CROSS])
 def test_qemu72_snapshot_into_qemu10_and_72(dest_version: str, channels: int,
@@ -362,7 +362,7 @@ MISMATCHES = [
 ]
 
 
-@pytest.mark.parametrize("dest_version,machine,memory,words", MISMATCHES,
+@pytest.mark.parametrize(("dest_version", "machine", "memory", "words"), MISMATCHES,
                          ids=["7.2-ram-128M", "10.0-machine-i440fx-10.0", "10.0-machine-q35"])
 def test_dest_qmp_refuses_mismatch_before_sending(dest_version: str, machine: str,
                                                   memory: str, words: tuple[str, ...],
@@ -562,7 +562,7 @@ def big_snapshot() -> Iterator[Path]:
         shutil.rmtree(d, ignore_errors=True)
 
 
-@pytest.mark.parametrize("channels,compression", [(0, "none"), (4, "zstd")],
+@pytest.mark.parametrize(("channels", "compression"), [(0, "none"), (4, "zstd")],
                          ids=["precopy", "multifd4-zstd"])
 def test_send_destination_killed_mid_send(channels: int, compression: str, workdir: Path,
                                           big_snapshot: Path,
@@ -580,7 +580,7 @@ def test_send_destination_killed_mid_send(channels: int, compression: str, workd
     assert "destination" in line or "channel" in line, line
 
 
-@pytest.mark.parametrize("version,machine", [("10.0", "pc"), ("7.2", M72["pc"])])
+@pytest.mark.parametrize(("version", "machine"), [("10.0", "pc"), ("7.2", M72["pc"])])
 def test_relay_source_killed_mid_relay(version: str, machine: str, workdir: Path,
                                        relay_files: dict[str, Path],
                                        livemig_bg: Launcher) -> None:
@@ -616,7 +616,7 @@ def test_relay_source_killed_mid_relay(version: str, machine: str, workdir: Path
             assert b.status()["status"] != "running"
 
 
-@pytest.mark.parametrize("version,channels", [("7.2", 0), ("10.0", 2)])
+@pytest.mark.parametrize(("version", "channels"), [("7.2", 0), ("10.0", 2)])
 def test_send_destination_refuses_wrong_ram_size(version: str, channels: int, workdir: Path,
                                                  snapshot72: Snapshot,
                                                  livemig_cli: Callable[..., Any]) -> None:
@@ -724,7 +724,7 @@ def test_dest_qmp_device_mismatch_livemig_starts_incoming(
     _device_mismatch(workdir, rng_snapshot, livemig_cli, incoming_by_test=False)
 
 
-@pytest.mark.parametrize("version,machine,rx,tx", [
+@pytest.mark.parametrize(("version", "machine", "rx", "tx"), [
     ("7.2", M72["pc"], (0, "none"), (0, "none")),
     ("10.0", "pc", (2, "none"), (2, "zlib")),
 ], ids=["7.2-precopy", "10.0-in-multifd2-none-out-multifd2-zlib"])

@@ -27,10 +27,15 @@ def test_first_error_cancels_siblings_and_is_reraised() -> None:
         started.wait()
         raise ChannelError("multifd channel 1: boom")
 
-    with pytest.raises(ChannelError, match="boom"):
-        with ThreadGroup("t", latch) as g:
+    g = ThreadGroup("t", latch)
+
+    def run() -> None:
+        with g:
             g.start(blocked, name="blocked")
             g.start(failing, name="failing")
+
+    with pytest.raises(ChannelError, match="boom"):
+        run()
     assert g.alive == 0
     a.close()
     b.close()
@@ -40,10 +45,15 @@ def test_body_error_wins_and_threads_are_joined() -> None:
     latch = FailureLatch()
     stop = threading.Event()
     latch.on_failure(stop.set)
-    with pytest.raises(KeyError):
-        with ThreadGroup("t", latch) as g:
+    g = ThreadGroup("t", latch)
+
+    def run() -> None:
+        with g:
             g.start(stop.wait, name="waiter")
             raise KeyError("body")
+
+    with pytest.raises(KeyError):
+        run()
     assert g.alive == 0
     assert isinstance(latch.error, KeyError)
 
@@ -64,7 +74,7 @@ def test_threads_started_while_joining_are_joined() -> None:
     assert done == [1]
 
 
-@pytest.mark.parametrize("machine,mode", [("pc-i440fx-7.2", SyncMode.PER_SECTION),
+@pytest.mark.parametrize(("machine", "mode"), [("pc-i440fx-7.2", SyncMode.PER_SECTION),
                                           ("pc-q35-8.0", SyncMode.PER_SECTION),
                                           ("pc-q35-8.1", SyncMode.PER_ROUND),
                                           ("pc-i440fx-10.0", SyncMode.PER_ROUND),

@@ -13,10 +13,10 @@ from typing import Any
 import pytest
 from test_engine import MIB, Pair, make_pair, pairs, wait_passes  # noqa: F401 - fixture
 
+from livemig.commands.inspect import inspect_file
 from livemig.devices.vfio import VfioSimHandler
 from livemig.errors import MigrationError
 from livemig.migration.source.device_state_packets import OutgoingDeviceStatePacket
-from livemig.commands.inspect import inspect_file
 from livemig.wire.multifd import encode_device_state_header
 
 DEVICES = 4
@@ -33,7 +33,7 @@ def add_devices(p: Pair, size: int, transfer: str, cls: type = VfioSimHandler,
     p.src_m.cont()
 
 
-@pytest.mark.parametrize("transfer,channels", [("main", 1), ("main", 4), ("multifd", 1),
+@pytest.mark.parametrize(("transfer", "channels"), [("main", 1), ("main", 4), ("multifd", 1),
                                                ("multifd", 4)])
 def test_four_devices_live(pairs: list[Pair], workdir: Path, transfer: str,
                            channels: int) -> None:
@@ -104,7 +104,7 @@ def hostile_pair(pairs: list[Pair], workdir: Path, damage: str, size: int) -> Pa
     return p
 
 
-@pytest.mark.parametrize("damage,expect", [
+@pytest.mark.parametrize(("damage", "expect"), [
     ("short", "shorter"), ("version", "version"), ("invalid-idx", "0xffffffff"),
     ("duplicate", "idx"), ("after-config", "after"), ("no-config", "config"),
     ("unknown-device", "0000:00:99.0/vfio")])
@@ -187,14 +187,14 @@ def test_capture_lists_device_state(pairs: list[Pair], workdir: Path, receive_in
     assert str(bad) in str(e.value) and "\n" not in str(e.value)
 
 
-@pytest.mark.parametrize("transfer,channels", [("main", 0), ("multifd", 2)])
+@pytest.mark.parametrize(("transfer", "channels"), [("main", 0), ("multifd", 2)])
 def test_capture_restores_into_a_machine(pairs: list[Pair], workdir: Path,
                                          receive_in_thread: Any, transfer: str,
                                          channels: int) -> None:
     """What a snapshot keeps of VFIO devices -- their sections, and the device-state
     packets of its trailer -- goes back into a machine whose devices verify it."""
-    from livemig.errors import ConfigError
     from livemig.commands.send import send
+    from livemig.errors import ConfigError
 
     p = make_pair(pairs, workdir, 16 * MIB, rate=8 * MIB)
     add_devices(p, 4 * MIB, transfer)
@@ -214,7 +214,7 @@ def test_capture_restores_into_a_machine(pairs: list[Pair], workdir: Path,
             assert d.summary()["verified"] is True, d.summary()
 
 
-@pytest.mark.parametrize("damage,expect", [
+@pytest.mark.parametrize(("damage", "expect"), [
     ("duplicate", "duplicate idx 0"), ("after-config", "after the config packet"),
     ("no-config", "no config packet arrived"), ("invalid-idx", "0xffffffff")])
 def test_receive_refuses_malformed_device_state(pairs: list[Pair], workdir: Path,

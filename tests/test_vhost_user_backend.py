@@ -7,6 +7,7 @@ framing, and the ``livemig vhost-user-backend`` program conventions (capabilitie
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -198,10 +199,8 @@ def _open_fds() -> dict[str, str]:
     the time it is read back, is left out)."""
     out = {}
     for fd in os.listdir("/proc/self/fd"):
-        try:
+        with contextlib.suppress(OSError):
             out[fd] = os.readlink(f"/proc/self/fd/{fd}")
-        except OSError:
-            pass
     return out
 
 
@@ -284,7 +283,7 @@ def test_big_state_is_streamed(serve) -> None:
     assert b.load(state) == 0 and d.backend.state == state
 
 
-@pytest.mark.parametrize("direction,phase", [(2, STOPPED), (SAVE, 1), (0xFFFFFFFF, 7)])
+@pytest.mark.parametrize(("direction", "phase"), [(2, STOPPED), (SAVE, 1), (0xFFFFFFFF, 7)])
 def test_unknown_direction_or_phase_refused(serve, direction: int, phase: int) -> None:
     s = serve(2)
     f = s.connect()

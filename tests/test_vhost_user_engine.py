@@ -56,9 +56,10 @@ class Procs:
             p = subprocess.Popen([*LIVEMIG, "run", "--print-ready", "--qmp", qmp, *args],
                                  env=livemig_env(), stdout=subprocess.PIPE, stderr=log)
         self.procs.append(p)
-        assert p.stdout is not None
+        stdout = p.stdout
+        assert stdout is not None
         line: list[bytes] = []
-        t = threading.Thread(target=lambda: line.append(p.stdout.readline()))  # type: ignore
+        t = threading.Thread(target=lambda: line.append(stdout.readline()))
         t.start()
         t.join(DEADLINE)
         assert line and line[0], (f"{name} did not start: "
@@ -124,7 +125,7 @@ def test_two_backends_migrate(procs: Procs) -> None:
     src.cmd("migrate", uri=uri)
     assert wait_status(src, {"completed", "failed"})["status"] == "completed"
     assert wait_status(dst, {"completed", "failed"})["status"] == "completed"
-    for (_, s_state), (_, d_state) in zip(src_b, dst_b):
+    for (_, s_state), (_, d_state) in zip(src_b, dst_b, strict=True):
         assert digest(s_state) == digest(d_state)
     devs = {d["name"]: d for d in dst.cmd("x-query-livemig-devices")}
     for i in range(2):

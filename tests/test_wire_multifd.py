@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import lzma
 import os
@@ -149,7 +150,8 @@ def walk_channel(data: bytes, compression: MultifdCompression, *,
                     ch.page_data.append(bytes(decomp.decompress(payload,
                                                                 pkt.page_data_size)))
         except StreamFormatError as e:
-            raise e.locate(f"multifd channel {init.channel_id}")
+            e.locate(f"multifd channel {init.channel_id}")
+            raise
         index += 1
     return ch
 
@@ -448,7 +450,7 @@ MALFORMED = [
 ]
 
 
-@pytest.mark.parametrize("raw,cls,message", MALFORMED)
+@pytest.mark.parametrize(("raw", "cls", "message"), MALFORMED)
 def test_ram_packet_malformed(raw: bytes, cls: type[Exception], message: str) -> None:
     with pytest.raises(cls, match=message) as info:
         decode_ram_packet(b"\0" * 8 + raw, 8, compression=NONE, block_sizes=BLOCKS)
@@ -503,8 +505,8 @@ def test_error_message_names_packet_and_channel() -> None:
 
 
 def test_encode_ram_packet_refuses_bad_arguments() -> None:
-    ok: dict[str, Any] = {"flags": 0, "ramblock": "pc.ram", "normal_offsets": [0], "zero_offsets": [],
-          "packet_num": 0, "payload_size": 4096}
+    ok: dict[str, Any] = {"flags": 0, "ramblock": "pc.ram", "normal_offsets": [0],
+                          "zero_offsets": [], "packet_num": 0, "payload_size": 4096}
     encode_ram_packet(**ok)
     changes: list[dict[str, Any]] = [{"flags": 0x40}, {"flags": 0x80}, {"ramblock": "x" * 256},
                {"ramblock": "pc.r\xe4m"}, {"normal_offsets": list(range(129))},
@@ -581,7 +583,7 @@ def test_packet_runs_cover_payload_in_order() -> None:
         memory[start:start + length] = payload[pos:pos + length]
         pos += length
     assert pos == len(payload)
-    for off, page in zip(order, data):
+    for off, page in zip(order, data, strict=True):
         assert memory[off:off + PAGE_SIZE] == page
 
 
@@ -613,7 +615,7 @@ DEV_MALFORMED = [
 ]
 
 
-@pytest.mark.parametrize("raw,cls,message", DEV_MALFORMED)
+@pytest.mark.parametrize(("raw", "cls", "message"), DEV_MALFORMED)
 def test_device_state_malformed(raw: bytes, cls: type[Exception], message: str) -> None:
     with pytest.raises(cls, match=message):
         decode_device_state_header(raw, packet_index=1)
@@ -651,7 +653,7 @@ def test_one_stream_per_channel(compression: MultifdCompression) -> None:
         assert payloads[0][:4] == b"\x28\xb5\x2f\xfd"
         assert all(b"\x28\xb5\x2f\xfd" not in p for p in payloads[1:])
     decomp = make_decompressor(compression)
-    for batch, payload in zip(batches, payloads):
+    for batch, payload in zip(batches, payloads, strict=True):
         out = decomp.decompress(memoryview(payload), len(batch) * PAGE_SIZE)
         assert bytes(out) == b"".join(batch)
     # a later payload does not decode on its own
@@ -752,7 +754,7 @@ def test_channel_end_to_end(compression: MultifdCompression) -> None:
     assert [p.ramblock for p in ch.ram] == [j[0] for j in jobs] + [""]
     assert ch.ram[-1].is_sync
     assert ch.page_data == sent
-    for pkt, (_, normal, zero) in zip(ch.ram, jobs):
+    for pkt, (_, normal, zero) in zip(ch.ram, jobs, strict=False):  # ch.ram ends in a sync
         assert pkt.normal.tolist() == normal and pkt.zero.tolist() == zero
 
 
@@ -785,10 +787,8 @@ def test_channel_with_device_state_packets() -> None:
 
 
 def _must_parse_or_fail_cleanly(fn, *args, **kwargs) -> None:  # type: ignore[no-untyped-def]
-    try:
+    with contextlib.suppress(MigrationError):
         fn(*args, **kwargs)
-    except MigrationError:
-        pass
 
 
 @settings(max_examples=300)
@@ -941,7 +941,7 @@ def test_qemu_capture(capture: dict[str, Any]) -> None:
     for ch in decoded:
         data_packets = [p for p in ch.ram if p.normal_pages]
         assert len(data_packets) == len(ch.page_data)
-        for pkt, page_data in zip(data_packets, ch.page_data):
+        for pkt, page_data in zip(data_packets, ch.page_data, strict=True):
             assert len(page_data) == pkt.page_data_size
             if pkt.ramblock != "pc.ram":
                 continue

@@ -124,7 +124,7 @@ def flatten(events: list[Any]) -> list[Any]:
     for e in events:
         if isinstance(e, RamPages):
             assert e.data.shape == (len(e.offsets), PS)
-            for off, page in zip(e.offsets.tolist(), e.data):
+            for off, page in zip(e.offsets.tolist(), e.data, strict=True):
                 out.append(("page", e.block, off, hashlib.blake2b(page.tobytes(),
                                                                   digest_size=12).digest()))
         elif isinstance(e, RamZeroPages):
@@ -160,7 +160,7 @@ def drive(data: bytes, cuts: list[int] | None = None, *, description: object = N
     dec = MainStreamDecoder(description=description)
     run.decoder = dec
     n = len(data)
-    cut_list = sorted(set(cuts or [])) + [n]
+    cut_list = [*sorted(set(cuts or [])), n]
     ci = 0
     pos = 0  # stream offset of the first unconsumed byte
     fed = n if cuts is None else 0  # stream offset up to which bytes are "received"
@@ -437,7 +437,7 @@ def test_mapped_ram_seeks_and_block_headers() -> None:
     seeks = run.of(Seek)
     assert len(seeks) == len(blocks.blocks) == len(lay.blocks) == 6
     assert not [e for e in run.events if isinstance(e, tuple)], "no page records with mapped-ram"
-    for info, seek, (name_, length, entry) in zip(blocks.blocks, seeks, lay.blocks):
+    for info, seek, (name_, length, entry) in zip(blocks.blocks, seeks, lay.blocks, strict=True):
         hdr = info.mapped_ram
         assert hdr is not None and (info.name, info.length) == (name_, length)
         assert hdr.version == 1 and hdr.page_size == PS
@@ -874,7 +874,7 @@ def test_xbzrle_whole_page_and_long_counts() -> None:
     assert page == new
 
 
-@pytest.mark.parametrize("enc,match", [
+@pytest.mark.parametrize(("enc", "match"), [
     (b"\x05", "truncated pair"),
     (b"\x00\x01", "literal run overruns"),
     (b"\x00\x01a\x00\x01b", "empty zero run"),
@@ -895,14 +895,17 @@ def test_xbzrle_rejects(enc: bytes, match: str) -> None:
 
 
 def _fail(s: bytes, **kw: Any) -> StreamFormatError:
-    dec = MainStreamDecoder(**kw)
-    with pytest.raises(StreamFormatError) as ei:
+    def parse_all(dec: MainStreamDecoder) -> None:
         pos = 0
         for _ in range(100):
             events, pos = dec.parse(s, pos, len(s), 0, final=True, max_events=1 << 20)
             tail = [e for e in events if isinstance(e, DeviceStateTail)]
             if tail:
                 dec = fork_for_tail(dec, parse_vmdescription(vmdesc_json()))
+
+    dec = MainStreamDecoder(**kw)
+    with pytest.raises(StreamFormatError) as ei:
+        parse_all(dec)
     assert isinstance(ei.value, MigrationError)
     return ei.value
 

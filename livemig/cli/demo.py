@@ -248,7 +248,7 @@ def _check_backends(summary: dict[str, Any], src: list[_Backend], dst: list[_Bac
     """A back-end's state is verified when the destination's back-end now holds
     exactly what the source's held (their published sha256)."""
     by_name = {d["name"]: d for d in summary["devices"]}
-    for i, (a, b) in enumerate(zip(src, dst)):
+    for i, (a, b) in enumerate(zip(src, dst, strict=True)):
         dev = by_name.get(f"livemig-vhost-user/{i}")
         if dev is None:
             continue

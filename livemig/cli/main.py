@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import signal
@@ -316,7 +317,7 @@ class _Terminated(BaseException):
 
 
 def _terminate(signum: int, frame: object) -> None:
-    raise _Terminated()
+    raise _Terminated
 
 
 def _cmd_run(args: argparse.Namespace) -> int:
@@ -329,7 +330,8 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     return cmd_demo(args)
 
 
-_COMMANDS = {"receive": _cmd_receive, "send": _cmd_send, "relay": _cmd_relay, "inspect": _cmd_inspect, "extract": _cmd_extract,
+_COMMANDS = {"receive": _cmd_receive, "send": _cmd_send, "relay": _cmd_relay,
+             "inspect": _cmd_inspect, "extract": _cmd_extract,
              "vhost-user-backend": _cmd_vhost_user_backend,
              "run": _cmd_run, "demo": _cmd_demo}
 
@@ -374,10 +376,9 @@ def main(argv: list[str] | None = None) -> int:
         return 143
     except BrokenPipeError:
         # the reader of our output went away (e.g. `livemig inspect X | head`)
-        try:
-            sys.stdout = open(os.devnull, "w")
-        except OSError:
-            pass
+        with contextlib.suppress(OSError):
+            # stays open: it is stdout for the rest of the process
+            sys.stdout = open(os.devnull, "w")  # noqa: SIM115
         return EXIT_OK
     except (MigrationError, _UsageError) as e:
         if args.debug:

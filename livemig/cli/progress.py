@@ -4,8 +4,14 @@ from __future__ import annotations
 
 import sys
 import threading
+from collections.abc import Mapping
+from typing import TYPE_CHECKING, Any, Self
 
 from livemig.migration.common.stats import TransferStats
+
+if TYPE_CHECKING:
+    # rich is imported only when a terminal is there to draw on
+    from rich.live import Live
 
 
 def _fmt_bytes(n: float) -> str:
@@ -30,7 +36,7 @@ class ProgressDisplay:
         self.label = label
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
-        self._live = None
+        self._live: Live | None = None
 
     def _line(self) -> str:
         s = self.stats
@@ -40,19 +46,20 @@ class ProgressDisplay:
                 f"{_fmt_bytes(s.bytes / el)}/s, {s.normal_pages} pages + "
                 f"{s.zero_pages} zero pages, {el:.1f} s")
 
-    def __enter__(self) -> ProgressDisplay:
+    def __enter__(self) -> Self:
         if self.enabled:
             from rich.console import Console
             from rich.live import Live
             from rich.text import Text
 
-            self._live = Live(Text(self._line()), console=Console(stderr=True),
-                              refresh_per_second=4, transient=True)
-            self._live.__enter__()
+            live = Live(Text(self._line()), console=Console(stderr=True),
+                        refresh_per_second=4, transient=True)
+            self._live = live
+            live.__enter__()
 
             def loop() -> None:
                 while not self._stop.wait(0.25):
-                    self._live.update(Text(self._line()))  # type: ignore[union-attr]
+                    live.update(Text(self._line()))
 
             self._thread = threading.Thread(target=loop, name="progress")
             self._thread.start()
@@ -76,10 +83,11 @@ class MigrationProgress:
 
     def __init__(self, *, enabled: bool = True) -> None:
         self.enabled = enabled and sys.stderr.isatty()
-        self._live = None
+        self._live: Live | None = None
 
     @staticmethod
-    def line(q: dict) -> str:  # type: ignore[type-arg]
+    def line(q: Mapping[str, Any]) -> str:
+        """One line from a ``query-migrate`` answer (a QMP JSON object)."""
         ram = q.get("ram", {})
         st = q.get("status", "?")
         parts = [f"{st}", f"pass {ram.get('dirty-sync-count', 0)}",
@@ -93,20 +101,21 @@ class MigrationProgress:
             parts.append(f"throttle {q['cpu-throttle-percentage']}%")
         return ", ".join(parts)
 
-    def update(self, q: dict) -> None:  # type: ignore[type-arg]
+    def update(self, q: Mapping[str, Any]) -> None:
         if self._live is not None:
             from rich.text import Text
             self._live.update(Text(self.line(q)))
 
-    def __enter__(self) -> MigrationProgress:
+    def __enter__(self) -> Self:
         if self.enabled:
             from rich.console import Console
             from rich.live import Live
             from rich.text import Text
 
-            self._live = Live(Text("starting"), console=Console(stderr=True),
-                              refresh_per_second=8, transient=True)
-            self._live.__enter__()
+            live = Live(Text("starting"), console=Console(stderr=True),
+                        refresh_per_second=8, transient=True)
+            self._live = live
+            live.__enter__()
         return self
 
     def __exit__(self, *exc: object) -> None:

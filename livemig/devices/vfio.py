@@ -38,7 +38,10 @@ from typing import Any
 from livemig.engine.handlers import DeviceHandler, SectionOut
 from livemig.engine.machine import Machine
 from livemig.errors import ConfigError, StreamFormatError
-from livemig.migration.source.device_state_packets import OutgoingDeviceStatePacket, device_state_packets
+from livemig.migration.source.device_state_packets import (
+    OutgoingDeviceStatePacket,
+    device_state_packets,
+)
 from livemig.vfio.sim_device import LoadTarget, VfioSimDevice, read_data
 from livemig.vfio.state_machine import DeviceState as S
 from livemig.vfio.state_machine import MigrationFlag
@@ -313,7 +316,7 @@ class VfioSimHandler(DeviceHandler):
 
     def summary(self) -> dict[str, Any]:
         # verified again from memory itself (after the migration, off the clock)
-        verified = self.verified and self.dev.verified if self.verified else self.verified
+        verified = self.dev.verified if self.verified else self.verified
         return {"name": self.idstr, "kind": self.kind, "state_bytes": self.state_bytes,
                 "verified": verified, "transfer": "multifd" if self.multifd else "main",
                 "precopy": self.precopy}

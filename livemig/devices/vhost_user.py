@@ -55,7 +55,7 @@ def framed_length(buf: memoryview, pos: int, end: int) -> int:
 
 
 def _chunks(body: memoryview) -> list[memoryview]:
-    out = []
+    out: list[memoryview] = []
     at = 0
     while True:
         (n,) = _BE32.unpack_from(body, at)

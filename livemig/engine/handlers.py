@@ -70,6 +70,7 @@ def blob_length(buf: memoryview, pos: int, end: int) -> int:
     """Body length of a default-framed section starting at ``buf[pos]``."""
     if end - pos < 4:
         raise Incomplete
+    n: int
     (n,) = struct.unpack_from(">I", buf, pos)
     if n > MAX_DEVICE_SECTION:
         raise StreamFormatError(f"device section of {n} bytes is above the limit of "

@@ -16,9 +16,11 @@ is either sent after the write or marked again: never lost.
 
 from __future__ import annotations
 
+import contextlib
 import mmap
 
 import numpy as np
+import numpy.typing as npt
 
 from livemig import limits
 from livemig.errors import ConfigError
@@ -89,7 +91,7 @@ class RamBlock:
             self.bytes[at:at + n] = np.frombuffer(rng.bytes(n), dtype=np.uint8)
         self.mark_dirty(0, self.size)
 
-    def nonzero(self, pages: np.ndarray) -> np.ndarray:
+    def nonzero(self, pages: np.ndarray) -> npt.NDArray[np.bool_]:
         """Which of ``pages`` (ascending page indices) hold a non-zero byte.
 
         The first word of a page decides for almost every page with data; only
@@ -102,7 +104,7 @@ class RamBlock:
         first, last = int(pages[0]), int(pages[-1])
         words = self.pages.view(np.uint64)
         rows = words[first:last + 1] if last - first + 1 == n else words[pages]
-        out = rows[:, 0] != 0
+        out: npt.NDArray[np.bool_] = rows[:, 0] != 0
         unsure = np.flatnonzero(~out)
         if unsure.size:
             out[unsure] = rows[unsure].any(axis=1)
@@ -114,11 +116,9 @@ class RamBlock:
     def close(self) -> None:
         del self.pages, self.bytes
         self.view.release()
-        try:
+        # A numpy view made by a caller may still be alive; the mapping goes with it.
+        with contextlib.suppress(BufferError):
             self.mm.close()
-        except BufferError:
-            # A numpy view made by a caller is still alive; the mapping goes with it.
-            pass
 
     def __repr__(self) -> str:
         return f"RamBlock({self.name!r}, {self.size:#x})"

@@ -7,6 +7,7 @@ holds must give a clear error after a while, not hang livemig.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import re
 import socket
@@ -110,7 +111,5 @@ class QmpPeer:
         return None
 
     def close(self) -> None:
-        try:
+        with contextlib.suppress(OSError):
             self.sock.close()
-        except OSError:
-            pass

@@ -14,6 +14,7 @@ that looks like a snapshot.
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import ctypes.util
 import os
@@ -57,11 +58,9 @@ _SYNC_FILE_RANGE_WRITE = 2
 
 
 def _start_writeback(fd: int) -> None:
-    try:
+    with contextlib.suppress(AttributeError, OSError):
         _libc.sync_file_range(fd, ctypes.c_int64(0), ctypes.c_int64(0),
                               ctypes.c_uint(_SYNC_FILE_RANGE_WRITE))
-    except (AttributeError, OSError):
-        pass
 
 
 @dataclass
@@ -140,7 +139,10 @@ class SnapshotWriter:
     # -- pages ---------------------------------------------------------------
 
     def _pwrite(self, data: bytes | memoryview | np.ndarray, offset: int) -> None:
-        view = memoryview(data).cast("B") if not isinstance(data, bytes) else data
+        if isinstance(data, np.ndarray):
+            # the array's own memoryview (numpy's stubs give ndarray a buffer only on 3.12+)
+            data = data.data
+        view = data.cast("B") if isinstance(data, memoryview) else data
         n = len(view)
         done = 0
         try:
@@ -325,15 +327,11 @@ class SnapshotWriter:
         self._stop_writeback()
         self._close_spool()
         if not self._closed:
-            try:
+            with contextlib.suppress(OSError):
                 os.close(self.fd)
-            except OSError:
-                pass
             self._closed = True
-        try:
+        with contextlib.suppress(FileNotFoundError):
             os.unlink(self.tmp_path)
-        except FileNotFoundError:
-            pass
 
 
 def _anonymous_file(folder: str) -> int:
@@ -429,10 +427,8 @@ def extract_block(src_path: str, blocks: dict[str, RamBlockInfo], name: str,
     except BaseException:
         if dst >= 0:
             os.close(dst)
-        try:
+        with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
-        except FileNotFoundError:
-            pass
         raise
     finally:
         os.close(src)

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Union
+from typing import TypeAlias
 
 from livemig.errors import ConfigError
 
@@ -43,7 +43,7 @@ class FileUri:
         return f"file:{self.path}" + (f",offset={self.offset}" if self.offset else "")
 
 
-Uri = Union[TcpUri, UnixUri, ExecUri, FileUri]
+Uri: TypeAlias = TcpUri | UnixUri | ExecUri | FileUri
 
 _SUFFIX = {"": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40}
 

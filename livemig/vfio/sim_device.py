@@ -367,7 +367,8 @@ class VfioSimDevice:
             return self._verified_cache[1]
 
     def load_target(self, data_fd: int) -> LoadTarget:
-        """A :class:`~livemig.migration.destination.device_state_reassembly.DeviceLoadTarget` for ``data_fd``."""
+        """A :class:`~livemig.migration.destination.device_state_reassembly.DeviceLoadTarget`
+        for ``data_fd``."""
         return LoadTarget(self, data_fd)
 
     # ------------------------------------------------------------------ arcs

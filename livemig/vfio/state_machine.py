@@ -151,7 +151,7 @@ NEXT_HOP: dict[DeviceState, dict[DeviceState, DeviceState]] = {
                      S.PRE_COPY_P2P),
     S.PRE_COPY_P2P: _row(S.RUNNING_P2P, S.RUNNING_P2P, S.STOP_COPY, S.RUNNING_P2P,
                          S.RUNNING_P2P, S.PRE_COPY, S.PRE_COPY_P2P),
-    S.ERROR: {s: S.ERROR for s in S},
+    S.ERROR: dict.fromkeys(S, S.ERROR),
 }
 
 

@@ -10,6 +10,7 @@ message hands them to its caller; everything still held is closed by :meth:`clos
 from __future__ import annotations
 
 import array
+import contextlib
 import os
 import socket
 from collections.abc import Sequence
@@ -27,10 +28,8 @@ ANCILLARY_BUFFER = socket.CMSG_SPACE(MAX_VHOST_USER_FDS * _FD.itemsize)
 
 def close_fds(fds: Sequence[int]) -> None:
     for fd in fds:
-        try:
+        with contextlib.suppress(OSError):
             os.close(fd)
-        except OSError:
-            pass
 
 
 def _fds_from(ancdata: list[tuple[int, int, bytes]]) -> list[int]:
@@ -100,7 +99,5 @@ class MessageChannel:
 
     def close(self) -> None:
         close_fds(self.decoder.take_fds())
-        try:
+        with contextlib.suppress(OSError):
             self.sock.close()
-        except OSError:
-            pass

@@ -27,7 +27,7 @@ import os
 import struct
 import threading
 from dataclasses import dataclass
-from typing import Any, BinaryIO
+from typing import Any, BinaryIO, Protocol
 
 from livemig.errors import LimitExceeded, StreamFormatError, TruncatedStream
 from livemig.limits import MAX_VHOST_USER_DEVICE_STATE
@@ -64,7 +64,14 @@ def serialize(payload: bytes) -> bytes:
     return head + hashlib.sha256(head).digest()
 
 
-def _read_exactly(reader: BinaryIO, n: int, what: str, offset: int) -> bytes:
+class StateReader(Protocol):
+    """What a state is read from: the pipe of SET_DEVICE_STATE_FD as a buffered file.
+    A pipe end the front-end left non-blocking answers ``None`` instead of waiting."""
+
+    def read(self, n: int, /) -> bytes | None: ...
+
+
+def _read_exactly(reader: StateReader, n: int, what: str, offset: int) -> bytes:
     data = reader.read(n)
     if data is None or len(data) != n:
         got = 0 if data is None else len(data)
@@ -73,7 +80,7 @@ def _read_exactly(reader: BinaryIO, n: int, what: str, offset: int) -> bytes:
     return data
 
 
-def parse(reader: BinaryIO) -> bytes:
+def parse(reader: StateReader) -> bytes:
     """Read one whole serialized state up to EOF; its payload, or a livemig error."""
     head = _read_exactly(reader, _HEADER.size, "header", 0)
     magic, version, flags, length = _HEADER.unpack(head)

@@ -8,7 +8,7 @@ that buffer, so the I/O layer writes it out (or copies it) before reading on.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Union
+from typing import TypeAlias
 
 import numpy as np
 
@@ -176,9 +176,10 @@ class VmDescriptionRecord:
     offset: int = 0
 
 
-Event = Union[
-    FileHeader, Configuration, CommandRecord, SectionHeader, SectionFooter, RamBlockList,
-    RamPages, RamZeroPages, RamXbzrlePage, RamCompressedPage, RamMultifdFlush,
-    RamEndOfSection, DeviceSection, DeviceStateTail, Seek, EndOfStream, VmDescriptionRecord,
-]
+Event: TypeAlias = (
+    FileHeader | Configuration | CommandRecord | SectionHeader | SectionFooter | RamBlockList
+    | RamPages | RamZeroPages | RamXbzrlePage | RamCompressedPage | RamMultifdFlush
+    | RamEndOfSection | DeviceSection | DeviceStateTail | Seek | EndOfStream
+    | VmDescriptionRecord
+)
 

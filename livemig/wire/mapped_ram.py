@@ -115,4 +115,4 @@ def bitmap_runs(present: np.ndarray) -> list[tuple[int, int]]:
     d = np.diff(p)
     starts = np.flatnonzero(d == 1)
     ends = np.flatnonzero(d == -1)
-    return [(int(s), int(e - s)) for s, e in zip(starts, ends)]
+    return [(int(s), int(e - s)) for s, e in zip(starts, ends, strict=True)]

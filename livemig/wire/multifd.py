@@ -578,7 +578,7 @@ def page_runs(offsets: npt.NDArray[np.integer], page_size: int = PAGE_SIZE,
     bounds[-1] = n - 1
     lengths = (bounds[1:] - bounds[:-1]) * page_size
     starts = arr[bounds[:-1] + 1]
-    return list(zip(starts.tolist(), lengths.tolist()))
+    return list(zip(starts.tolist(), lengths.tolist(), strict=True))
 
 
 # --------------------------------------------------------------------------

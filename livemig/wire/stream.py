@@ -272,8 +272,8 @@ class MainStreamDecoder:
                 return True
             if t == SectionType.SECTION_START:
                 raise cur.error(f"iterable section {idstr!r} (instance {instance}) is not "
-                                "supported: livemig splits only the iterable sections of ram and of "
-                                "VFIO devices (idstr .../vfio)", at=start)
+                                "supported: livemig splits only the iterable sections of ram and "
+                                "of VFIO devices (idstr .../vfio)", at=start)
             if self.description is None:
                 cur.pos = start
                 out.append(DeviceStateTail(cur.base + start))

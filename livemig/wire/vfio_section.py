@@ -389,7 +389,8 @@ def encode_complete(chunks: Iterable[Buffer]) -> list[Buffer]:
 
 
 def encode_config_blob(config: Buffer) -> bytes:
-    """``DEV_CONFIG_STATE <config> END_OF_STATE``: a FULL body, and a multifd config packet's data."""
+    """``DEV_CONFIG_STATE <config> END_OF_STATE``: a FULL body, and a multifd config
+    packet's data."""
     if len(config) > MAX_VFIO_CONFIG_STATE:
         raise ConfigError(f"config state of {len(config)} bytes exceeds {MAX_VFIO_CONFIG_STATE}")
     return _BE64.pack(VfioMigFlag.DEV_CONFIG_STATE) + bytes(config) + _END

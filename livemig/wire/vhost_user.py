@@ -368,17 +368,18 @@ R = Request
 
 #: What a front-end request carries (vhost-user.rst "Front-end message types").
 REQUEST_PAYLOAD: Final[dict[Request, _Kind]] = {
-    **{r: _Kind.NONE for r in (
+    **dict.fromkeys((
         R.GET_FEATURES, R.GET_PROTOCOL_FEATURES, R.SET_OWNER, R.RESET_OWNER, R.GET_QUEUE_NUM,
         R.GET_MAX_MEM_SLOTS, R.CHECK_DEVICE_STATE, R.GET_STATUS, R.RESET_DEVICE,
         R.SET_BACKEND_REQ_FD, R.SET_LOG_FD, R.POSTCOPY_ADVISE, R.POSTCOPY_LISTEN,
-        R.POSTCOPY_END, R.GPU_SET_SOCKET)},
-    **{r: _Kind.U64 for r in (
+        R.POSTCOPY_END, R.GPU_SET_SOCKET), _Kind.NONE),
+    **dict.fromkeys((
         R.SET_FEATURES, R.SET_PROTOCOL_FEATURES, R.SET_VRING_KICK, R.SET_VRING_CALL,
-        R.SET_VRING_ERR, R.SET_STATUS, R.SEND_RARP, R.NET_SET_MTU, R.CLOSE_CRYPTO_SESSION)},
-    **{r: _Kind.STATE for r in (
+        R.SET_VRING_ERR, R.SET_STATUS, R.SEND_RARP, R.NET_SET_MTU, R.CLOSE_CRYPTO_SESSION),
+        _Kind.U64),
+    **dict.fromkeys((
         R.SET_VRING_NUM, R.SET_VRING_BASE, R.GET_VRING_BASE, R.SET_VRING_ENABLE,
-        R.SET_VRING_ENDIAN, R.VRING_KICK)},
+        R.SET_VRING_ENDIAN, R.VRING_KICK), _Kind.STATE),
     R.SET_VRING_ADDR: _Kind.ADDR,
     R.SET_MEM_TABLE: _Kind.MEM_TABLE,
     R.ADD_MEM_REG: _Kind.REGION,
@@ -387,9 +388,9 @@ REQUEST_PAYLOAD: Final[dict[Request, _Kind]] = {
     R.GET_CONFIG: _Kind.CONFIG,
     R.SET_CONFIG: _Kind.CONFIG,
     R.SET_DEVICE_STATE_FD: _Kind.DEVICE_STATE,
-    **{r: _Kind.RAW for r in (
+    **dict.fromkeys((
         R.IOTLB_MSG, R.CREATE_CRYPTO_SESSION, R.GET_INFLIGHT_FD, R.SET_INFLIGHT_FD,
-        R.GET_SHARED_OBJECT)},
+        R.GET_SHARED_OBJECT), _Kind.RAW),
 }
 
 #: What a back-end reply carries; a request not named here is answered (REPLY_ACK, or the
@@ -927,7 +928,7 @@ class FrontendSession(_Session):
         data = encode_message(msg)
         if self.reply_expected(msg):
             self._pending = msg
-            if msg.request not in (R.SET_DEVICE_STATE_FD,):
+            if msg.request != R.SET_DEVICE_STATE_FD:
                 self.state = nxt
         else:
             self.state = nxt

@@ -413,7 +413,7 @@ class _Walk:
             is_array = True
 
         cur = self.cur
-        if not self.decode and ftype != "struct" and ftype != "capability":
+        if not self.decode and ftype not in {"struct", "capability"}:
             end = cur.pos + count * size
             if end - self.start > MAX_SECTION_BYTES:
                 self.reserve(count * size, f"{path} > {name}")

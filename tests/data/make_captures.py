@@ -30,7 +30,8 @@ from typing import Any
 DATA = Path(__file__).resolve().parent
 sys.path.insert(0, str(DATA.parent))  # tests/, for peers
 
-from peers import QemuPeer, RecordingSink, make_blob, parse_size, qemu_version
+# after the path entry above: a script run from anywhere still finds tests/peers.py
+from peers import QemuPeer, RecordingSink, make_blob, parse_size, qemu_version  # noqa: E402
 
 MEMORY = "32M"
 BLOBS = [
