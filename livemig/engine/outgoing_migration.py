@@ -27,6 +27,7 @@ failed migration.
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import os
 import threading
@@ -73,6 +74,10 @@ MAIN_BATCH_PAGES = 256
 #: QEMU: the throttle grows after this many passes in a row dirtied too fast.
 THROTTLE_TRIGGER_PASSES = 2
 RAM_SECTION_VERSION = 4
+
+
+def _iterate(d: DeviceHandler, budget: int, body: SectionOut) -> bool:
+    return d.save_live_iterate(body, budget)
 
 
 class MigrationCancelled(MigrationError):
@@ -296,7 +301,7 @@ class OutgoingMigration(MigrationRun):
             if d.iterable:
                 budget = max(1 << 20, int(self._bandwidth_estimate() * 0.05))
                 self._device_section(out, SectionType.SECTION_PART, i, d,
-                                     lambda body, d=d, b=budget: d.save_live_iterate(body, b))
+                                     functools.partial(_iterate, d, budget))
         out.flush()
         elapsed = max(time.monotonic() - t0, 1e-6)
         sent = self._bytes() - bytes0

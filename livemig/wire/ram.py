@@ -473,13 +473,13 @@ class PageRecords:
 
     def row(self, i: int) -> memoryview:
         """Page ``i``'s 4 KiB, contiguous (for ``preadv`` straight into it)."""
-        return memoryview(self._staging[i, 8:])
+        return self._staging[i, 8:].data
 
     def buffers(self) -> list[bytes | memoryview]:
         """The records, in order, as buffers for one ``sendmsg``/``write``."""
         if not self.count:
             return []
-        body = memoryview(self._staging).cast("B")
+        body = self._staging.data.cast("B")
         if self._prefix:
             return [self._prefix, body[8:]]
         return [body]

@@ -25,7 +25,7 @@ from __future__ import annotations
 import threading
 from collections.abc import Callable
 from types import TracebackType
-from typing import Any
+from typing import Any, Self
 
 from livemig.migration.common.failure import FailureLatch
 
@@ -46,7 +46,7 @@ class ThreadGroup:
         self._lock = threading.Lock()
         self._closed = False
 
-    def __enter__(self) -> ThreadGroup:
+    def __enter__(self) -> Self:
         return self
 
     def __exit__(self, kind: type[BaseException] | None, exc: BaseException | None,

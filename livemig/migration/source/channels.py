@@ -6,6 +6,7 @@ these; commands never open a source channel themselves.
 
 from __future__ import annotations
 
+import contextlib
 import socket
 import struct
 import threading
@@ -150,10 +151,8 @@ def connect_channel(u: Uri, latch: FailureLatch, timeout: float = CONNECT_RETRY_
                 s.settimeout(10)
                 s.connect(u.path)
             s.settimeout(None)
-            try:
+            with contextlib.suppress(OSError):  # a smaller buffer only costs speed
                 s.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4 << 20)
-            except OSError:
-                pass
             return s
         except OSError as e:
             if s is not None:

@@ -194,13 +194,13 @@ class SendChannel:
         out = self.sock.fileno()
         try:
             for start, length in runs:
-                at = file_offset + start
-                while length:
-                    k = os.sendfile(out, fd, at, length)
+                at, left = file_offset + start, length
+                while left:
+                    k = os.sendfile(out, fd, at, left)
                     if k == 0:
                         raise ChannelError(f"{self.where}: snapshot ends inside block {block}")
                     at += k
-                    length -= k
+                    left -= k
         except OSError as e:
             raise ChannelError(f"{self.where}: send failed: {e.strerror or e} (did the "
                                "destination close the connection?)") from e

@@ -23,10 +23,12 @@ the engine (a livemig machine migrating) all compose an
 
 from __future__ import annotations
 
+import contextlib
 import socket
 import struct
 import subprocess
 from types import TracebackType
+from typing import Self
 
 import numpy as np
 
@@ -99,7 +101,7 @@ class OutgoingStream:
         self._last_block: str | None = None
 
     # -- life cycle ------------------------------------------------------------
-    def __enter__(self) -> OutgoingStream:
+    def __enter__(self) -> Self:
         return self
 
     def __exit__(self, kind: type[BaseException] | None, exc: BaseException | None,
@@ -156,10 +158,8 @@ class OutgoingStream:
     def close(self) -> None:
         """Join every thread and close every descriptor (idempotent)."""
         if self._sock is not None:
-            try:
+            with contextlib.suppress(OSError):
                 self._sock.shutdown(socket.SHUT_RDWR)  # ends the return path's read
-            except OSError:
-                pass
         self.group.join()
         for s in self._sockets:
             s.close()
@@ -167,10 +167,8 @@ class OutgoingStream:
         proc = self._proc
         if proc is not None:
             if proc.stdin is not None:
-                try:
+                with contextlib.suppress(OSError):  # the command may be gone already
                     proc.stdin.close()
-                except OSError:
-                    pass
             if proc.poll() is None:
                 proc.kill()
             proc.wait()

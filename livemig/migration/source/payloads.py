@@ -132,7 +132,7 @@ class ForwardedPages:
 
     def send_on(self, ch: SendChannel) -> None:
         pages = self.data if self.data.flags.c_contiguous else np.ascontiguousarray(self.data)
-        ch.send_pages(self.block, self.offsets, None, [memoryview(pages).cast("B")])
+        ch.send_pages(self.block, self.offsets, None, [pages.data.cast("B")])
 
     def write_records(self, out: RecordSink) -> None:
         rec = out.page_records(self.block, self.offsets)

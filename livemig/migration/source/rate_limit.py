@@ -19,7 +19,7 @@ class RateLimiter:
         self.limit = bytes_per_second
         self.latch = latch
         self.window_start = time.monotonic()
-        self.used = 0
+        self.used = 0.0
         self._wake = threading.Event()
         latch.on_failure(self._wake.set)
 
