@@ -219,7 +219,7 @@ class _Forwarder:
         out = self.out
         with out.main.lock:
             if not mid_section:
-                out.round_done()
+                out.round_done(only_if_pending=True)
                 out.end_ram_section()
             elif out.sender is not None and out.sync_mode.syncs_at_section_end:
                 # per-section destinations sync at EOS: close this section here

@@ -161,10 +161,10 @@ def _stream(out: OutgoingStream, load: LoadResult, sink: CountingSink, fd: int,
         out.flush()
         _queue_device_state(out, snapshot, device_state)
     out.section_header(SectionType.SECTION_END, sid)
-    if device_state:
-        # a fence: no packet is in flight once the destination's main stream is
-        # past this sync
-        out.round_done()
+    # QEMU's scan wraps once more in END (finding nothing), so a round ends here too;
+    # it is also the fence of the device-state packets: none is in flight once the
+    # destination's main stream is past this sync
+    out.round_done()
     out.end_ram_section()
     for sec in load.device_sections[at:]:
         out.put(sec.raw)

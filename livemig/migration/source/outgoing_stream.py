@@ -99,6 +99,8 @@ class OutgoingStream:
         self.ram_section_id = 0
         self.body_open = False
         self._last_block: str | None = None
+        # pages or records went out since the last sync point
+        self._pending = False
 
     # -- life cycle ------------------------------------------------------------
     def __enter__(self) -> Self:
@@ -230,6 +232,7 @@ class OutgoingStream:
             self._await_body()
             self.put(encode_zero_records(block, offsets, name_first=self._last_block != block))
             self._last_block = block
+            self._pending = True
 
     def page_records(self, block: str, offsets: np.ndarray) -> PageRecords:
         with self.main.lock:
@@ -244,10 +247,12 @@ class OutgoingStream:
             for b in records.buffers():
                 self.put(b)
             self._last_block = records.block
+            self._pending = True
 
     # -- pages and packets ----------------------------------------------------
     def send_pages(self, job: PagePayload, channel: int | None = None) -> None:
         """Pages on a multifd channel if there are any, else records on the main one."""
+        self._pending = True
         if self.sender is not None:
             if self.sender.queued:
                 self.flush()  # never hold main-channel records while blocking on a channel
@@ -269,10 +274,17 @@ class OutgoingStream:
         # channel: what precedes the marker must be out before we wait
         self.flush()
         self.sender.sync()
+        self._pending = False
 
-    def round_done(self) -> None:
-        """The dirty-page scan wrapped (or setup ended): per round, a sync point."""
+    def round_done(self, *, only_if_pending: bool = False) -> None:
+        """The dirty-page scan wrapped (or setup ended): per round, a sync point.
+
+        With ``only_if_pending`` it is left out when nothing went out since the
+        last one (a relay passing on a source's EOS right after its FLUSH).
+        """
         if self.sender is None or not self.sync_mode.syncs_at_round_end:
+            return
+        if only_if_pending and not self._pending:
             return
         with self.main.lock:
             self._sync_channels()
