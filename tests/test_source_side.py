@@ -12,11 +12,11 @@
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import os
 import socket
 import threading
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -88,10 +88,8 @@ class Tap:
             except OSError:
                 data = b""
             if not data:
-                try:
+                with contextlib.suppress(OSError):
                     dst.shutdown(socket.SHUT_WR)
-                except OSError:
-                    pass
                 return
             if rec is not None:
                 rec += data
@@ -104,10 +102,8 @@ class Tap:
         self.srv.shutdown(socket.SHUT_RDWR)
         self.srv.close()
         for s in self.socks:
-            try:
+            with contextlib.suppress(OSError):
                 s.shutdown(socket.SHUT_RDWR)
-            except OSError:
-                pass
         self.group.join(close=True)
         for s in self.socks:
             s.close()
@@ -298,10 +294,10 @@ class Peer:
 
 
 @pytest.fixture
-def ram_block() -> Iterator[RamBlock]:
+def ram_block() -> RamBlock:
     blk = RamBlock("pc.ram", 64 * MiB)
     blk.pages[:] = 1  # no zero page: every page is 4 KiB on the wire
-    yield blk
+    return blk
 
 
 def _one_run(tmp: Path, blk: RamBlock, fault: str, i: int) -> BaseException:
