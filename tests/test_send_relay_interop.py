@@ -38,7 +38,7 @@ from typing import Any
 
 import numpy as np
 import pytest
-from conftest import LivemigReceive
+from helpers import LivemigReceive
 from conftest_sendrelay import (
     PASS_COUNTER,
     Launcher,
@@ -294,7 +294,7 @@ def snapshot72(blob_files: dict[Blob, Path]) -> Iterator[Snapshot]:
                 args = ["receive", uri, "-o", str(out), "-q",
                         *multifd_args("", multifd_channels, multifd_compression or "none")]
                 p = LivemigProcess(args, d)
-                p.address = p.wait_listening(uri)  # type: ignore[attr-defined]
+                p.wait_listening(uri)
                 return p
 
             _, ram = capture(a, snap, d, 2, "zstd", start_receive)
