@@ -181,9 +181,9 @@ class Bench:
 
 
 def summarize(runs: list[dict[str, Any]], variants: list[str]) -> dict[str, Any]:
-    per = h.variant_medians(runs, variants, ("done_s", "src_done_s", "src_cpu_per_gib", "dst_cpu_per_gib",
-                    "relay_cpu_per_gib", "relay_cpu_s", "relay_startup_cpu_s", "cpu_user_s",
-                    "cpu_sys_s", "foreign_cores"))
+    per = h.variant_medians(runs, variants, (
+        "done_s", "src_done_s", "src_cpu_per_gib", "dst_cpu_per_gib", "relay_cpu_per_gib",
+        "relay_cpu_s", "relay_startup_cpu_s", "cpu_user_s", "cpu_sys_s", "foreign_cores"))
     ratios = {}
     a, b = per.get("livemig-relay", {}), per.get("qemu", {})
     for key in ("done_s", "src_done_s"):
