@@ -22,7 +22,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-import harness as h  # noqa: E402 - found through sys.path above
+import harness as h  # found through sys.path above
 
 
 def demo(tree: h.LivemigTree, devices: int, size: str, path: str, channels: int, memory: str,

@@ -29,7 +29,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-import harness as h  # noqa: E402 - found through sys.path above
+import harness as h  # found through sys.path above
 
 FRACTIONS = (0.01, 0.5, 1.0)
 

@@ -64,7 +64,7 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from harness import (  # noqa: E402 - found through sys.path above
+from harness import (  # found through sys.path above
     GNU_TIME,
     GUEST_HEADROOM,
     MIB,

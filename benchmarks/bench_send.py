@@ -43,8 +43,8 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-import harness as h  # noqa: E402 - found through sys.path above
-from harness import GIB, GNU_TIME, QemuPeer, RunFailed, log  # noqa: E402
+import harness as h  # found through sys.path above
+from harness import GIB, GNU_TIME, QemuPeer, RunFailed, log
 
 VARIANTS = ("qemu-file", "qemu-socket", "livemig")
 

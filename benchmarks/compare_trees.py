@@ -52,7 +52,7 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-import harness as h  # noqa: E402 - found through sys.path above
+import harness as h  # found through sys.path above
 
 HERE = Path(__file__).resolve().parent
 #: Seconds one benchmark invocation may take on top of ``--timeout`` per migration (start
