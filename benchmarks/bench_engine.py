@@ -494,9 +494,7 @@ def print_table(summary: dict[str, Any], args: argparse.Namespace) -> None:
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.RawDescriptionHelpFormatter,
-                                epilog="See benchmarks/README.md.")
+    p = h.arg_parser(__doc__)
     p.add_argument("--size", default=None, help="guest RAM (QEMU size syntax; default 1G)")
     p.add_argument("--channels", default=None,
                    help="comma-separated multifd channel counts (default 1,2,4,8; 4 with "
@@ -553,9 +551,8 @@ def main(argv: list[str] | None = None) -> int:
     runs: list[dict[str, Any]] = []
     started = time.time()
     with h.bench_session(args, "lm-engine-",
-                         f"livemig {git} in {args.livemig_tree}, QEMU {found}, "
-                         f"{os.cpu_count()} CPUs, python {platform.python_version()}, "
-                         f"load average {load[0]:.2f} {load[1]:.2f} {load[2]:.2f}") as session:
+                         f"{h.run_banner(args, git, found)}, load average {load[0]:.2f} "
+                         f"{load[1]:.2f} {load[2]:.2f}") as session:
         bench = Bench(args, session["workdir"])
         if any(v.startswith("qemu") for v in args.variant_list):
             bench.blobs.get(bench.data_size())

@@ -74,6 +74,7 @@ from harness import (  # found through sys.path above
     RunFailed,
     Scenario,
     add_run_options,
+    arg_parser,
     bench_session,
     child_pid,
     foreign_cpu_since,
@@ -88,6 +89,7 @@ from harness import (  # found through sys.path above
     qemu10_version,
     ram_info,
     retry_noisy,
+    run_banner,
     run_guarded,
     settle,
     start_destination,
@@ -664,9 +666,7 @@ def print_table(summary: dict[str, Any], scenarios: list[Scenario], reps: int) -
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.RawDescriptionHelpFormatter,
-                                epilog="See benchmarks/README.md.")
+    p = arg_parser(__doc__)
     p.add_argument("-s", "--scenarios", default="A,B,C",
                    help="comma-separated scenarios: A (random, multifd), B (mostly zero, "
                         "multifd), C (random, precopy); default A,B,C")
@@ -725,10 +725,8 @@ def main(argv: list[str] | None = None) -> int:
     git = args.livemig_tree.git_head()
     runs: list[dict[str, Any]] = []
     started = time.time()
-    with bench_session(args, "lm-bench-") as session:
+    with bench_session(args, "lm-bench-", run_banner(args, git, found)) as session:
         workdir = session["workdir"]
-        log(f"work directory {workdir} (livemig {git} in {args.livemig_tree}, QEMU {found}, "
-            f"{os.cpu_count()} CPUs, python {platform.python_version()})")
         bench = Bench(args, workdir)
         for sc in scenarios:
             log(sc.describe())

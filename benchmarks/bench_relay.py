@@ -229,9 +229,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     git = args.livemig_tree.git_head()
     runs: list[dict[str, Any]] = []
-    with h.bench_session(args, "lm-bench-relay-",
-                          f"livemig {git} in {args.livemig_tree}, QEMU {found}, "
-                          f"{os.cpu_count()} CPUs") as session:
+    with h.bench_session(args, "lm-bench-relay-", h.run_banner(args, git, found)) as session:
         workdir = session["workdir"]
         bench = Bench(args, workdir)
         bench.blobs.get(bench.sc.data)

@@ -284,9 +284,7 @@ def main(argv: list[str] | None = None) -> int:
     git = args.livemig_tree.git_head()
     runs: list[dict[str, Any]] = []
     imports: dict[str, float] = {}
-    with h.bench_session(args, "lm-bench-send-",
-                          f"livemig {git} in {args.livemig_tree}, QEMU {found}, "
-                          f"{os.cpu_count()} CPUs") as session:
+    with h.bench_session(args, "lm-bench-send-", h.run_banner(args, git, found)) as session:
         workdir = session["workdir"]
         bench = Bench(args, workdir)
         log(f"capturing a paused guest with {h.fmt_size(args.size)} of random data ...")

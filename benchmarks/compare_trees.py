@@ -272,9 +272,7 @@ def print_table(summary: dict[str, Any], args: argparse.Namespace,
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.RawDescriptionHelpFormatter,
-                                epilog="See benchmarks/README.md.")
+    p = h.arg_parser(__doc__)
     p.add_argument("--before", type=h.livemig_tree, required=True, metavar="DIR",
                    help="the tree before the change (e.g. a git worktree at its parent)")
     p.add_argument("--after", type=h.livemig_tree, required=True, metavar="DIR",

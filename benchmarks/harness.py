@@ -450,6 +450,20 @@ def run_guarded(base: dict[str, Any], label: str, body: Callable[[], None]) -> d
     return base
 
 
+def arg_parser(doc: str) -> argparse.ArgumentParser:
+    """A benchmark's command line: its docstring's first paragraph, the rest of it (usage)
+    kept as written."""
+    return argparse.ArgumentParser(description=doc.split("\n\n")[0],
+                                   formatter_class=argparse.RawDescriptionHelpFormatter,
+                                   epilog="See benchmarks/README.md.")
+
+
+def run_banner(args: argparse.Namespace, git: str | None, qemu: str) -> str:
+    """What a run measures, for its log: the livemig tree and commit, QEMU, the machine."""
+    return (f"livemig {git} in {args.livemig_tree}, QEMU {qemu}, {os.cpu_count()} CPUs, "
+            f"python {platform.python_version()}")
+
+
 def add_run_options(p: argparse.ArgumentParser, *, max_noise: float, poll: float,
                     noise_help: str = "other processes used", poll_help: str = "") -> None:
     """The options every QEMU benchmark here shares: output, work directory, timeouts,
@@ -479,8 +493,7 @@ def parse_pair_args(argv: list[str] | None, doc: str, variants: tuple[str, ...],
                     channels_help: str) -> argparse.Namespace:
     """The command line of the benchmarks that compare livemig with QEMU on one guest
     (bench_send, bench_relay): --size, --channels, -n, --variants and the run options."""
-    ap = argparse.ArgumentParser(description=doc.split("\n\n")[0],
-                                 epilog="See benchmarks/README.md.")
+    ap = arg_parser(doc)
     ap.add_argument("--size", default="1G", help="random data in the guest (default 1G)")
     ap.add_argument("--channels", type=int, default=4, help=channels_help)
     ap.add_argument("-n", "--reps", type=int, default=3, help="repetitions (3)")
