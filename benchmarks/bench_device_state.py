@@ -15,26 +15,28 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import statistics
 import subprocess
 import sys
+from pathlib import Path
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import harness as h  # found through sys.path above
 
 
-def demo(devices: int, size: str, path: str, channels: int, memory: str,
+def demo(tree: h.LivemigTree, devices: int, size: str, path: str, channels: int, memory: str,
          precopy: str) -> dict:
-    env = dict(os.environ, PYTHONPATH=ROOT)
     # without PRE_COPY all device state moves at switchover: allow the downtime that
     # takes, so that the switchover comes after the first RAM pass
     limit = "300" if precopy == "on" else "600000"
-    r = subprocess.run([sys.executable, "-m", "livemig.cli.main", "demo", "--json",
-                        "--memory", memory, "--multifd-channels", str(channels),
-                        "--vfio-devices", str(devices), "--vfio-state-size", size,
-                        "--vfio-precopy", precopy, "--downtime-limit", limit,
-                        "--device-state-transfer", path], env=env, capture_output=True,
-                       timeout=900, check=False)
+    r = subprocess.run(tree.command("demo", "--json", "--memory", memory,
+                                    "--multifd-channels", str(channels),
+                                    "--vfio-devices", str(devices), "--vfio-state-size", size,
+                                    "--vfio-precopy", precopy, "--downtime-limit", limit,
+                                    "--device-state-transfer", path),
+                       cwd=tree.root, env=tree.env(), capture_output=True, timeout=900,
+                       check=False)
     out = json.loads(r.stdout.decode().strip().splitlines()[-1])
     if r.returncode or not out.get("verified"):
         raise SystemExit(f"demo failed ({path}, {devices} devices): {out}")
@@ -52,6 +54,7 @@ def main() -> int:
                     help="vfio-sim PRE_COPY (default off: all 128M per device moves at "
                          "switchover, the case multifd device state is for)")
     ap.add_argument("--json-out", metavar="FILE")
+    h.add_tree_option(ap)
     args = ap.parse_args()
     rows = []
     print(f"{'devices':>7} {'main ms':>9} {'multifd ms':>11} {'ratio':>6}")
@@ -59,7 +62,7 @@ def main() -> int:
         times: dict[str, list[int]] = {"main": [], "multifd": []}
         for _ in range(args.repeat):
             for path in ("main", "multifd"):
-                times[path].append(demo(n, args.size, path, args.channels,
+                times[path].append(demo(args.livemig_tree, n, args.size, path, args.channels,
                                         args.memory, args.precopy)["downtime_ms"])
         main_ms = statistics.median(times["main"])
         mfd_ms = statistics.median(times["multifd"])

@@ -21,20 +21,17 @@ from __future__ import annotations
 import argparse
 import mmap
 import statistics
+import sys
 import time
+from pathlib import Path
 
 import numpy as np
 
-from livemig.io.dirty_kernel import KernelDirtyTracker, address_of, kernel_tracking_unavailable
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import harness as h  # found through sys.path above
 
 FRACTIONS = (0.01, 0.5, 1.0)
-
-
-def parse_size(text: str) -> int:
-    units = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30}
-    if text[-1:].upper() in units:
-        return int(text[:-1]) * units[text[-1].upper()]
-    return int(text)
 
 
 def ms(seconds: list[float]) -> str:
@@ -47,12 +44,20 @@ def main() -> None:
     parser.add_argument("--shared", action="store_true",
                         help="MAP_SHARED anonymous memory (default MAP_PRIVATE)")
     parser.add_argument("-n", type=int, default=5, help="repetitions per fraction")
+    h.add_tree_option(parser)
     args = parser.parse_args()
+    # in this process: the chosen tree's livemig, ahead of the harness's own checkout
+    sys.path.insert(0, str(args.livemig_tree.root))
+    from livemig.io.dirty_kernel import (
+        KernelDirtyTracker,
+        address_of,
+        kernel_tracking_unavailable,
+    )
 
     reason = kernel_tracking_unavailable()
     if reason is not None:
         raise SystemExit(f"kernel dirty tracking unavailable: {reason}")
-    size = parse_size(args.size)
+    size = h.parse_size(args.size)
     ps = mmap.PAGESIZE
     pages = size // ps
     flags = (mmap.MAP_SHARED if args.shared else mmap.MAP_PRIVATE) | mmap.MAP_ANONYMOUS

@@ -59,7 +59,6 @@ import shutil
 import signal
 import subprocess
 import sys
-import tempfile
 import time
 import traceback
 from pathlib import Path
@@ -67,21 +66,20 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-import bench_receive as br
-from bench_receive import MIB, ROOT, RunFailed, log
-from peers import (
+import harness as h  # noqa: E402 - found through sys.path above
+from harness import (  # noqa: E402
+    GIB,
+    MIB,
     MIGRATION_TERMINAL_STATES,
-    QEMU_BINARIES,
     QemuPeer,
+    RunFailed,
+    log,
     parse_size,
-    qemu_version,
 )
 
-sys.path.insert(0, str(ROOT))
-from livemig.io.qmp_peer import QmpPeer
+from livemig.io.qmp_peer import QmpPeer  # noqa: E402 - the benchmark's own QMP client
 
 VARIANTS = ("qemu", "qemu-prealloc", "livemig")
-GIB = 1 << 30
 #: Seconds a livemig machine may take to start (imports, filling its RAM with random data).
 START_TIMEOUT = 120.0
 #: The destination counts as settled once it used less CPU than this over QUIET_WINDOW
@@ -108,7 +106,7 @@ class QemuMachine:
                  "-mon", "chardev=bench,mode=control"]
         if prealloc:
             extra.append("-mem-prealloc")
-        self.peer = QemuPeer(br.QEMU, machine=br.MACHINE, memory=f"{memory // MIB}M",
+        self.peer = QemuPeer(h.QEMU, machine=h.MACHINE, memory=f"{memory // MIB}M",
                              blobs=blobs or [], incoming="defer" if incoming else None, paused=True,
                              extra_args=extra, workdir=workdir, name=name, start_timeout=120)
         try:
@@ -119,7 +117,7 @@ class QemuMachine:
         self.pid = self.peer.pid
 
     def tail(self) -> str:
-        return br.tail(self.peer.stderr_text())
+        return h.tail(self.peer.stderr_text())
 
     def close(self) -> None:
         self.qmp.close()
@@ -129,22 +127,21 @@ class QemuMachine:
 class LivemigMachine:
     """A ``livemig run`` process (its own session, so that it is killed as a group)."""
 
-    def __init__(self, workdir: Path, name: str, memory: int, *, incoming: bool,
-                 paused: bool, fill_random: bool) -> None:
+    def __init__(self, tree: h.LivemigTree, workdir: Path, name: str, memory: int, *,
+                 incoming: bool, paused: bool, fill_random: bool) -> None:
         self.err_path = workdir / f"{name}.err"
-        cmd = [sys.executable, "-m", "livemig.cli.main", "run", "--memory", str(memory),
-               "--qmp", f"unix:{workdir / (name + '.qmp')}", "--print-ready"]
+        cmd = tree.command("run", "--memory", str(memory), "--qmp",
+                           f"unix:{workdir / (name + '.qmp')}", "--print-ready")
         if fill_random:
             cmd += ["--fill", "random"]
         if incoming:
             cmd += ["--incoming", "defer"]
         if paused:
             cmd.append("-S")
-        env = dict(os.environ)
-        env["PYTHONPATH"] = os.pathsep.join(p for p in (str(ROOT), env.get("PYTHONPATH")) if p)
         with open(self.err_path, "wb") as err:
             self.proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
-                                         stderr=err, cwd=ROOT, env=env, start_new_session=True)
+                                         stderr=err, cwd=tree.root, env=tree.env(workdir),
+                                         start_new_session=True)
         self.pid = self.proc.pid
         self.qmp: QmpPeer | None = None
         try:
@@ -173,7 +170,7 @@ class LivemigMachine:
         return buf.split(b"\n", 1)[0]
 
     def tail(self) -> str:
-        return br.tail(self.err_path.read_text(errors="replace"))
+        return h.tail(self.err_path.read_text(errors="replace"))
 
     def close(self) -> None:
         if self.qmp is not None:
@@ -199,16 +196,16 @@ Machine = QemuMachine | LivemigMachine
 
 def system_busy_s() -> float:
     """CPU seconds all CPUs spent busy since boot (/proc/stat, all but idle + iowait)."""
-    return br.cpu_times()[0] / br.CLK_TCK
+    return h.cpu_times()[0] / h.CLK_TCK
 
 
 def wait_cpu_quiet(pid: int | None) -> float:
     """Wait until ``pid`` used less than QUIET_CPU_S over QUIET_WINDOW; return the wait."""
     t0 = time.monotonic()
-    last = br.pid_cpu_s(pid)
+    last = h.pid_cpu_s(pid)
     while time.monotonic() - t0 < QUIET_TIMEOUT:
         time.sleep(QUIET_WINDOW)
-        now = br.pid_cpu_s(pid)
+        now = h.pid_cpu_s(pid)
         if last is None or now is None or now - last < QUIET_CPU_S:
             break
         last = now
@@ -238,7 +235,7 @@ class Profiler:
             self.proc.kill()
             self.proc.wait()
         if self.out.exists():
-            return br.summarize_pyspy(str(self.out))
+            return h.summarize_pyspy(str(self.out))
         err = self.proc.stderr.read().decode(errors="replace") if self.proc.stderr else ""
         return f"py-spy wrote no profile: {err.strip()}"
 
@@ -252,17 +249,18 @@ class Bench:
     def __init__(self, args: argparse.Namespace, workdir: Path) -> None:
         self.args = args
         self.workdir = workdir
-        self.blobs = br.Blobs(workdir)
+        self.blobs = h.Blobs(workdir)
         self.run_no = 0
 
     def data_size(self) -> int:
         """QEMU's random data: the whole guest but the first MiB (below the loader)."""
-        return self.args.size - br.BLOB_ADDR
+        return self.args.size - h.BLOB_ADDR
 
     def start(self, variant: str, role: str) -> Machine:
         name = f"{role}{self.run_no}"
         if variant == "livemig":
-            return LivemigMachine(self.workdir, name, self.args.size, incoming=role == "dst",
+            return LivemigMachine(self.args.livemig_tree, self.workdir, name, self.args.size,
+                                  incoming=role == "dst",
                                   paused=role == "dst" or self.args.livemig_source_paused,
                                   fill_random=role == "src")
         if role == "src":
@@ -274,16 +272,8 @@ class Bench:
     def run(self, channels: int, variant: str, rep: int) -> list[dict[str, Any]]:
         """One repetition, re-run while other processes used more than --max-noise CPUs
         during it (up to --retries times). Returns every attempt."""
-        attempts: list[dict[str, Any]] = []
-        while True:
-            r = self.run_once(channels, variant, rep)
-            attempts.append(r)
-            noise = r.get("other_cores") or 0.0
-            if not r["ok"] or noise <= self.args.max_noise or len(attempts) > self.args.retries:
-                return attempts
-            r["discarded"] = "noisy"
-            log(f"  {channels} ch rep {rep} {variant:<13} other processes used {noise:.2f} "
-                "CPUs: discarded, running it again")
+        return h.retry_noisy(lambda: self.run_once(channels, variant, rep), self.args,
+                             f"{channels} ch rep {rep} {variant:<13}", noise_key="other_cores")
 
     def run_once(self, channels: int, variant: str, rep: int) -> dict[str, Any]:
         self.run_no += 1
@@ -338,16 +328,16 @@ class Bench:
                                                    "multifd-compression": args.compression})
         src.qmp.cmd("migrate-set-parameters", **{"max-bandwidth": 0})
         uri = f"unix:{sock}"
-        dst_cpu_incoming = br.pid_cpu_s(dst.pid)
+        dst_cpu_incoming = h.pid_cpu_s(dst.pid)
         dst.qmp.cmd("migrate-incoming", uri=uri)
         deadline = time.monotonic() + 30
-        while not br.unix_listening(str(sock)):
+        while not h.unix_listening(str(sock)):
             if time.monotonic() > deadline:
                 raise RunFailed(f"the destination does not listen on {sock} after 30 s")
             time.sleep(0.01)
         rec["dst_quiet_wait_s"] = round(wait_cpu_quiet(dst.pid), 3)
-        rec["dst_rss_before_kib"] = br.proc_status_kib(dst.pid or 0, "VmRSS")
-        rec["busy_before"] = round(br.settle(args.wait_idle), 3)
+        rec["dst_rss_before_kib"] = h.proc_status_kib(dst.pid or 0, "VmRSS")
+        rec["busy_before"] = round(h.settle(args.wait_idle), 3)
         rec["loadavg"] = os.getloadavg()
         if args.profile_dir and variant == "livemig":
             d = Path(args.profile_dir).resolve()
@@ -357,11 +347,11 @@ class Bench:
                 profilers[role] = Profiler(m.pid or 0, out, args.profile_rate)
         if isinstance(dst, LivemigMachine) and dst_cpu_incoming is not None:
             # livemig's pre-fault, outside the clock (QEMU's -mem-prealloc: at start-up)
-            rec["dst_cpu_before_s"] = round((br.pid_cpu_s(dst.pid) or 0.0)
+            rec["dst_cpu_before_s"] = round((h.pid_cpu_s(dst.pid) or 0.0)
                                             - dst_cpu_incoming, 3)
         ours = [src.pid, dst.pid, *(p.proc.pid for p in profilers.values())]
-        split0 = [br.proc_cpu(f"/proc/{pid}/stat") for pid in ours[:2]]
-        cpu0 = [br.pid_cpu_s(pid) for pid in ours]
+        split0 = [h.proc_cpu(f"/proc/{pid}/stat") for pid in ours[:2]]
+        cpu0 = [h.pid_cpu_s(pid) for pid in ours]
         busy0, self0 = system_busy_s(), sum(os.times()[:2])
         t0 = time.monotonic()
         src.qmp.cmd("migrate", uri=uri)
@@ -384,8 +374,8 @@ class Bench:
                                 f"(completed: {sorted(done) or 'neither'})")
             time.sleep(args.poll)
         elapsed = time.monotonic() - t0
-        cpu1 = [br.pid_cpu_s(pid) for pid in ours]
-        split1 = [br.proc_cpu(f"/proc/{pid}/stat") for pid in ours[:2]]
+        cpu1 = [h.pid_cpu_s(pid) for pid in ours]
+        split1 = [h.proc_cpu(f"/proc/{pid}/stat") for pid in ours[:2]]
         if None in cpu0 or None in cpu1:
             raise RunFailed("cannot read the source's or the destination's CPU time")
         used = sum(cpu1) - sum(cpu0) + sum(os.times()[:2]) - self0  # type: ignore[arg-type]
@@ -397,9 +387,9 @@ class Bench:
         rec["src_total_time_ms"] = info.get("total-time")
         rec["src_setup_time_ms"] = info.get("setup-time")
         rec["downtime_ms"] = info.get("downtime")
-        rec["src_ram"] = br.ram_info(info)
+        rec["src_ram"] = h.ram_info(info)
         rec["transferred"] = int(ram.get("transferred", 0))
-        rec["dst_ram"] = br.ram_info(final["dst"])
+        rec["dst_ram"] = h.ram_info(final["dst"])
         gib = rec["transferred"] / GIB
         rec["throughput_mib_s"] = round(rec["transferred"] / MIB / done["dst"], 1)
         for i, role in enumerate(("src", "dst")):
@@ -409,7 +399,7 @@ class Bench:
                 rec[f"{role}_user_s"] = round(b[0] - a[0], 3)
                 rec[f"{role}_sys_s"] = round(b[1] - a[1], 3)
             rec[f"{role}_cpu_per_gib"] = round(rec[f"{role}_cpu_s"] / gib, 3) if gib else None
-        rec["dst_hwm_kib"] = br.proc_status_kib(dst.pid or 0, "VmHWM")
+        rec["dst_hwm_kib"] = h.proc_status_kib(dst.pid or 0, "VmHWM")
         return rec
 
 
@@ -429,7 +419,7 @@ def summarize(runs: list[dict[str, Any]], channel_list: list[int],
               variants: list[str]) -> dict[str, Any]:
     out: dict[str, Any] = {}
     for ch in channel_list:
-        per = br.variant_medians([r for r in runs if r["channels"] == ch], variants,
+        per = h.variant_medians([r for r in runs if r["channels"] == ch], variants,
                                  SUMMARY_KEYS)
         ratios: dict[str, float] = {}
         for ref in ("qemu", "qemu-prealloc"):
@@ -446,7 +436,7 @@ def print_table(summary: dict[str, Any], args: argparse.Namespace) -> None:
         return "-" if v is None else f"{v * scale:.{prec}f}"
 
     print()
-    print(f"Idle {br.fmt_size(args.size)} random guest, multifd, compression "
+    print(f"Idle {h.fmt_size(args.size)} random guest, multifd, compression "
           f"{args.compression}; medians of {args.reps} repetition(s); seconds from 'migrate'.")
     hdr = (f"{'ch':>3} {'variant':<14} {'ok':>5} {'total-time':>10} {'src wall':>9} "
            f"{'dst wall':>9} {'downtime':>9} {'MiB/s':>7} {'CPU s/GiB src':>14} "
@@ -504,9 +494,7 @@ def print_table(summary: dict[str, Any], args: argparse.Namespace) -> None:
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.RawDescriptionHelpFormatter,
-                                epilog="See benchmarks/README.md.")
+    p = h.arg_parser(__doc__)
     p.add_argument("--size", default=None, help="guest RAM (QEMU size syntax; default 1G)")
     p.add_argument("--channels", default=None,
                    help="comma-separated multifd channel counts (default 1,2,4,8; 4 with "
@@ -521,7 +509,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                    help="multifd compression (none)")
     p.add_argument("--livemig-source-paused", action="store_true",
                    help="start livemig's source with -S like QEMU's (default: running, idle)")
-    br.add_run_options(p, max_noise=0.15, poll=0.01,
+    h.add_run_options(p, max_noise=0.15, poll=0.01,
                        noise_help="other processes (all CPUs' busy time in /proc/stat, less "
                                   "what the two machines and this script used) used",
                        poll_help="; livemig answers each poll in Python, so a much shorter "
@@ -548,34 +536,24 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     bad = [x for x in a.variant_list if x not in VARIANTS]
     if bad:
         p.error(f"unknown variant(s) {bad}; known: {', '.join(VARIANTS)}")
-    if a.size < 32 * MIB or a.size % MIB or a.size - br.BLOB_ADDR > br.MAX_LOADER_BLOB:
+    if a.size < 32 * MIB or a.size % MIB or a.size - h.BLOB_ADDR > h.MAX_LOADER_BLOB:
         p.error("--size must be a whole number of MiB from 32M to 1G + 1M (one loader blob)")
     return a
 
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    found = qemu_version(QEMU_BINARIES[br.QEMU])
-    if found is None or not found.startswith(br.QEMU):
-        log(f"QEMU {br.QEMU} ({QEMU_BINARIES[br.QEMU]}) is missing or reports {found}; "
-            "install it with scripts/install-qemu-peers.sh")
+    found = h.qemu10_version()
+    if found is None:
         return 2
-
-    def on_term(signum: int, frame: object) -> None:
-        raise KeyboardInterrupt  # clean up (machines, files) as for Ctrl-C
-
-    signal.signal(signal.SIGTERM, on_term)
-    workdir = Path(tempfile.mkdtemp(prefix="lm-engine-", dir=args.tmpdir))
-    git = br.git_head()
+    git = args.livemig_tree.git_head()
     load = os.getloadavg()
-    log(f"work directory {workdir} (livemig {git}, QEMU {found}, {os.cpu_count()} CPUs, "
-        f"python {platform.python_version()}, load average {load[0]:.2f} {load[1]:.2f} "
-        f"{load[2]:.2f})")
-    bench = Bench(args, workdir)
     runs: list[dict[str, Any]] = []
     started = time.time()
-    interrupted = False
-    try:
+    with h.bench_session(args, "lm-engine-",
+                         f"{h.run_banner(args, git, found)}, load average {load[0]:.2f} "
+                         f"{load[1]:.2f} {load[2]:.2f}") as session:
+        bench = Bench(args, session["workdir"])
         if any(v.startswith("qemu") for v in args.variant_list):
             bench.blobs.get(bench.data_size())
         for ch in args.channel_list:
@@ -583,14 +561,7 @@ def main(argv: list[str] | None = None) -> int:
             for rep in range(1, args.reps + 1):
                 for v in args.variant_list:
                     runs.extend(bench.run(ch, v, rep))
-    except KeyboardInterrupt:
-        interrupted = True
-        log("interrupted: reporting what ran")
-    finally:
-        if args.keep:
-            log(f"kept {workdir}")
-        else:
-            shutil.rmtree(workdir, ignore_errors=True)
+    interrupted = session["interrupted"]
     summary = summarize(runs, args.channel_list, args.variant_list)
     print_table(summary, args)
     failed = [r for r in runs if not r["ok"]]

@@ -43,25 +43,23 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-import bench_receive as br
-from bench_receive import GNU_TIME, RunFailed, log
-from peers import QemuPeer
+import harness as h  # found through sys.path above
+from harness import GIB, GNU_TIME, QemuPeer, RunFailed, log
 
 VARIANTS = ("qemu", "livemig-relay")
-GIB = 1 << 30
 
 
 class Bench:
     def __init__(self, args: argparse.Namespace, workdir: Path) -> None:
         self.args = args
         self.workdir = workdir
-        self.blobs = br.Blobs(workdir)
-        self.sc = br.Scenario("relay", "random guest", args.size + br.GUEST_HEADROOM,
+        self.blobs = h.Blobs(workdir)
+        self.sc = h.Scenario("relay", "random guest", args.size + h.GUEST_HEADROOM,
                               args.size, args.channels, "none")
         self.run_no = 0
 
     def source(self) -> QemuPeer:
-        src = br.start_source(self.sc, self.blobs.get(self.sc.data), self.workdir,
+        src = h.start_source(self.sc, self.blobs.get(self.sc.data), self.workdir,
                               f"src{self.run_no}")
         try:
             src.set_caps({"return-path": True})
@@ -74,32 +72,32 @@ class Bench:
                 pids: dict[str, int | None]) -> float:
         """``migrate`` to ``uri``; wait for both sides. Fills ``rec`` with the times and
         the CPU seconds of ``pids`` over the migration; returns the clock's start."""
-        rec["busy_before"] = br.settle(self.args.wait_idle)
-        cpu0 = {k: br.pid_cpu_s(p) for k, p in pids.items()}
-        foreign0 = br.foreign_cpu_snapshot()
+        rec["busy_before"] = h.settle(self.args.wait_idle)
+        cpu0 = {k: h.pid_cpu_s(p) for k, p in pids.items()}
+        foreign0 = h.foreign_cpu_snapshot()
         t0_wall, t0 = time.time(), time.monotonic()
         src.migrate(uri)
         dst_seen: dict[str, float] = {}
         src_seen: dict[str, float] = {}
-        rec["done_s"], _, _ = br.wait_terminal(dst, "destination", t0, t0_wall,
+        rec["done_s"], _, _ = h.wait_terminal(dst, "destination", t0, t0_wall,
                                                self.args.timeout, self.args.poll, dst_seen)
-        rec["src_done_s"], _, info = br.wait_terminal(src, "source", t0, t0_wall,
+        rec["src_done_s"], _, info = h.wait_terminal(src, "source", t0, t0_wall,
                                                       self.args.timeout, self.args.poll,
                                                       src_seen)
         for k, p in pids.items():
-            c1 = br.pid_cpu_s(p)
+            c1 = h.pid_cpu_s(p)
             if c1 is not None and cpu0[k] is not None:
                 rec[f"{k}_cpu_s"] = round(c1 - cpu0[k], 3)  # type: ignore[operator]
-        rec["foreign_cpu_s"] = br.foreign_cpu_since(foreign0)
+        rec["foreign_cpu_s"] = h.foreign_cpu_since(foreign0)
         rec["foreign_window_s"] = time.monotonic() - t0
-        rec["src_ram"] = br.ram_info(info)
+        rec["src_ram"] = h.ram_info(info)
         return t0
 
     def run_qemu(self) -> dict[str, Any]:
         sock = self.workdir / f"q{self.run_no}.sock"
         rec: dict[str, Any] = {}
         with self.source() as src, \
-                br.start_destination(self.sc, self.workdir, f"dst{self.run_no}",
+                h.start_destination(self.sc, self.workdir, f"dst{self.run_no}",
                                      f"unix:{sock}") as dst:
             self.migrate(src, dst, f"unix:{sock}", rec, {"src": src.pid, "dst": dst.pid})
         sock.unlink(missing_ok=True)
@@ -113,28 +111,29 @@ class Bench:
         if GNU_TIME is None:
             raise RunFailed("livemig's CPU time needs GNU time (/usr/bin/time)")
         ch = str(self.sc.channels)
-        cmd = [GNU_TIME, "-f", "%e %U %S", "-o", str(time_path), sys.executable, "-m",
-               "livemig.cli.main", "relay", f"unix:{in_sock}", f"unix:{out_sock}", "--json",
-               "--in-multifd-channels", ch, "--out-multifd-channels", ch]
+        tree: h.LivemigTree = self.args.livemig_tree
+        cmd = [GNU_TIME, "-f", "%e %U %S", "-o", str(time_path),
+               *tree.command("relay", f"unix:{in_sock}", f"unix:{out_sock}", "--json",
+                             "--in-multifd-channels", ch, "--out-multifd-channels", ch)]
         rec: dict[str, Any] = {}
         proc: subprocess.Popen[bytes] | None = None
         try:
             with self.source() as src, \
-                    br.start_destination(self.sc, self.workdir, f"dst{self.run_no}",
+                    h.start_destination(self.sc, self.workdir, f"dst{self.run_no}",
                                          f"unix:{out_sock}") as dst:
                 with open(err_path, "wb") as err:
                     proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL,
                                             stdout=subprocess.PIPE, stderr=err,
-                                            env=br.livemig_env(self.workdir),
+                                            cwd=tree.root, env=tree.env(self.workdir),
                                             start_new_session=True)
                 deadline = time.monotonic() + 60
-                while not br.unix_listening(str(in_sock)):
+                while not h.unix_listening(str(in_sock)):
                     if proc.poll() is not None or time.monotonic() > deadline:
                         raise RunFailed("livemig relay did not start listening:\n"
-                                        + br.tail(err_path.read_text(errors="replace")))
+                                        + h.tail(err_path.read_text(errors="replace")))
                     time.sleep(0.01)
-                relay_pid = br.child_pid(proc.pid)  # GNU time's child
-                relay_cpu0 = br.pid_cpu_s(relay_pid)
+                relay_pid = h.child_pid(proc.pid)  # GNU time's child
+                relay_cpu0 = h.pid_cpu_s(relay_pid)
                 t0 = self.migrate(src, dst, f"unix:{in_sock}", rec,
                                   {"src": src.pid, "dst": dst.pid})
                 out, _ = proc.communicate(timeout=self.args.timeout)
@@ -146,10 +145,10 @@ class Bench:
             if isinstance(e, KeyboardInterrupt):
                 raise
             raise RunFailed(f"{e}\nlivemig relay's stderr:\n"
-                            f"{br.tail(err_path.read_text(errors='replace'))}") from None
+                            f"{h.tail(err_path.read_text(errors='replace'))}") from None
         if proc.returncode != 0:
             raise RunFailed(f"livemig relay exited with {proc.returncode}:\n"
-                            f"{br.tail(err_path.read_text(errors='replace'))}")
+                            f"{h.tail(err_path.read_text(errors='replace'))}")
         summary = json.loads(out.decode().strip().splitlines()[-1])
         _, user, sys_ = (float(x) for x in time_path.read_text().split()[-3:])
         rec.update(cpu_user_s=user, cpu_sys_s=sys_, relay_summary=summary)
@@ -178,13 +177,13 @@ class Bench:
             extra += f", noise {base['foreign_cores']:.2f}"
             log(f"  rep {rep} {variant:<13} done {base['done_s']:.3f} s{extra}")
 
-        return br.run_guarded(base, f"rep {rep} {variant:<13}", body)
+        return h.run_guarded(base, f"rep {rep} {variant:<13}", body)
 
 
 def summarize(runs: list[dict[str, Any]], variants: list[str]) -> dict[str, Any]:
-    per = br.variant_medians(runs, variants, ("done_s", "src_done_s", "src_cpu_per_gib", "dst_cpu_per_gib",
-                    "relay_cpu_per_gib", "relay_cpu_s", "relay_startup_cpu_s", "cpu_user_s",
-                    "cpu_sys_s", "foreign_cores"))
+    per = h.variant_medians(runs, variants, (
+        "done_s", "src_done_s", "src_cpu_per_gib", "dst_cpu_per_gib", "relay_cpu_per_gib",
+        "relay_cpu_s", "relay_startup_cpu_s", "cpu_user_s", "cpu_sys_s", "foreign_cores"))
     ratios = {}
     a, b = per.get("livemig-relay", {}), per.get("qemu", {})
     for key in ("done_s", "src_done_s"):
@@ -197,7 +196,7 @@ def print_summary(s: dict[str, Any], args: argparse.Namespace) -> None:
     def f(v: float | None, prec: int = 3) -> str:
         return "-" if v is None else f"{v:.{prec}f}"
 
-    print(f"\n{br.fmt_size(args.size)} random guest, multifd {args.channels} channels on "
+    print(f"\n{h.fmt_size(args.size)} random guest, multifd {args.channels} channels on "
           f"every hop, compression none; medians of {args.reps} repetition(s), seconds "
           "from 'migrate'")
     hdr = (f"  {'variant':<14} {'ok':>3} {'done':>7} {'src done':>9} {'CPU s/GiB: src':>15} "
@@ -216,7 +215,7 @@ def print_summary(s: dict[str, Any], args: argparse.Namespace) -> None:
               f"({lm['relay_cpu_per_gib']:.2f} s/GiB), {lm['relay_startup_cpu_s']:.2f} s "
               f"before it (start-up); whole process {lm['cpu_user_s']:.2f} user + "
               f"{lm['cpu_sys_s']:.2f} sys")
-    br.print_ratios(s["ratios"], 1.15,
+    h.print_ratios(s["ratios"], 1.15,
                     lambda k: k.endswith("done_s") and not k.endswith("src_done_s"))
     print("  done / src done: destination / source 'completed'; CPU s/GiB: during the "
           "migration, per GiB\n  the source transferred; noise: CPUs other processes "
@@ -224,21 +223,20 @@ def print_summary(s: dict[str, Any], args: argparse.Namespace) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = br.parse_pair_args(argv, __doc__, VARIANTS, "multifd channels on every hop (4)")
-    found = br.qemu10_version()
+    args = h.parse_pair_args(argv, __doc__, VARIANTS, "multifd channels on every hop (4)")
+    found = h.qemu10_version()
     if found is None:
         return 2
-    git = br.git_head()
+    git = args.livemig_tree.git_head()
     runs: list[dict[str, Any]] = []
-    with br.bench_session(args, "lm-bench-relay-",
-                          f"livemig {git}, QEMU {found}, {os.cpu_count()} CPUs") as session:
+    with h.bench_session(args, "lm-bench-relay-", h.run_banner(args, git, found)) as session:
         workdir = session["workdir"]
         bench = Bench(args, workdir)
         bench.blobs.get(bench.sc.data)
-        br.run_interleaved(bench.run_once, args, runs)
+        h.run_interleaved(bench.run_once, args, runs)
     summary = summarize(runs, args.variant_list)
     print_summary(summary, args)
-    return br.report_end(runs, args, session["interrupted"],
+    return h.report_end(runs, args, session["interrupted"],
                          {"git": git, "qemu": found, "summary": summary})
 
 if __name__ == "__main__":

@@ -1,7 +1,17 @@
 """livemig: a live-migration engine for virtual machines that speaks QEMU's protocol.
 
 The public API; everything else may move between releases.
+
+The functions below import their machinery (numpy, sockets, threads) only when
+called, so that ``import livemig`` stays cheap for the command line. Their
+parameters are those of the functions in ``livemig/commands/`` they call;
+``tests/test_public_api.py`` checks that the two stay the same.
 """
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
 
 from livemig.errors import (
     ChannelError,
@@ -16,39 +26,152 @@ from livemig.errors import (
     TruncatedStream,
 )
 
+if TYPE_CHECKING:
+    from livemig.commands.receive import ReceiveResult
+    from livemig.commands.relay import RelayResult
+    from livemig.commands.send import SendResult
+    from livemig.io.uri import Uri
+    from livemig.migration.common.stats import TransferStats
+    from livemig.wire.constants import MultifdCompression
+
 __version__ = "0.1.0"
 
+# The defaults of the commands' own constants, spelled out so that this module does not
+# import the machinery that defines them (the test above compares them):
+#: livemig.io.channels.DEFAULT_ACCEPT_TIMEOUT -- seconds to wait for a source at all.
+_ACCEPT_TIMEOUT = 3600.0
+#: livemig.migration.destination.device_state_capture.DEVICE_STATE_DRAIN -- seconds the
+#: multifd channels get, after the main stream's end, to deliver device state in flight.
+_DEVICE_STATE_DRAIN = 10.0
 
-def receive(*args, **kwargs):  # type: ignore[no-untyped-def]
-    """Receive a migration into a snapshot; see :func:`livemig.commands.receive.receive`."""
+
+def receive(uri: str | Uri, output: str, *, multifd_channels: int = 0,
+            multifd_compression: str | MultifdCompression = "none",
+            stats: TransferStats | None = None,
+            accept_timeout: float = _ACCEPT_TIMEOUT,
+            device_state_drain: float = _DEVICE_STATE_DRAIN,
+            on_listening: Callable[[str], None] | None = None) -> ReceiveResult:
+    """Receive one migration on ``uri`` and write it to ``output`` as a mapped-ram snapshot.
+
+    ``uri`` is where the source comes from: ``tcp:HOST:PORT`` or ``unix:PATH`` (livemig
+    listens; port 0 picks a free one), ``exec:COMMAND`` (its stdout) or ``file:PATH``
+    (a stream or snapshot QEMU or livemig wrote). ``multifd_channels`` and
+    ``multifd_compression`` ("none", "zlib", "zstd") are QEMU's parameters of the same
+    names and must match the source's; 0 channels means plain precopy.
+
+    ``stats`` is updated while the migration runs (for a progress display),
+    ``accept_timeout`` bounds the wait for the source to connect at all, and
+    ``device_state_drain`` the wait, after the main stream has ended, for device state
+    still in flight on the multifd channels. ``on_listening`` is called with the address
+    once livemig accepts connections (for ``tcp:HOST:0``, the port it bound).
+
+    Returns a :class:`~livemig.commands.receive.ReceiveResult` (``snapshot``,
+    ``snapshot_bytes``, ``load``, ``stats``) once the snapshot is fsynced and renamed
+    into place, and only then tells a source with a return path that all went well.
+
+    On any failure the source is told first (SHUT with an error, so a QEMU source fails
+    its migration and keeps running), nothing is left at ``output``, and the first cause
+    is raised: :class:`StreamFormatError` (with :class:`TruncatedStream` and
+    :class:`LimitExceeded`) for a stream that breaks the format, :class:`ConfigError`
+    for settings that cannot work, :class:`TransportError` / :class:`ChannelError` when
+    a socket, a file or the disk fails.
+    """
     from livemig.commands.receive import receive as _receive
 
-    return _receive(*args, **kwargs)
+    return _receive(uri, output, multifd_channels=multifd_channels,
+                    multifd_compression=multifd_compression, stats=stats,
+                    accept_timeout=accept_timeout, device_state_drain=device_state_drain,
+                    on_listening=on_listening)
 
 
-def send(*args, **kwargs):  # type: ignore[no-untyped-def]
-    """Migrate a snapshot into a QEMU destination; see :func:`livemig.commands.send.send`."""
+def send(snapshot: str, uri: str | Uri, *, multifd_channels: int = 0,
+         multifd_compression: str | MultifdCompression = "none",
+         dest_qmp: str | None = None, stats: TransferStats | None = None,
+         sync_mode: str | None = None) -> SendResult:
+    """Migrate ``snapshot`` into the QEMU destination listening at ``uri``.
+
+    The destination is a QEMU started with ``-incoming`` (``tcp:``, ``unix:``, or an
+    ``exec:COMMAND`` that gets the stream on its stdin), with the same machine type and
+    RAM as the snapshot; ``multifd_channels`` and ``multifd_compression`` must match
+    what it was given. ``dest_qmp`` is a QMP monitor of that QEMU (``unix:PATH``,
+    ``tcp:HOST:PORT`` or a socket path) of livemig's own: through it livemig checks and
+    prepares the destination before sending anything, and reads QEMU's error message
+    if the load fails. ``sync_mode`` ("per-section" or "per-round") overrides the
+    multifd sync mode that the snapshot's machine type implies. ``stats`` is updated
+    while the migration runs.
+
+    Returns a :class:`~livemig.commands.send.SendResult` (``bytes_sent``, ``stats``,
+    ``verdict``) once the destination has confirmed the migration (for ``exec:``, once
+    the command exited 0).
+
+    Raises :class:`PeerError` if the destination refused or did not confirm,
+    :class:`ConfigError` if the snapshot and the destination do not fit (or the
+    snapshot is not one), :class:`TransportError` if a connection broke.
+    """
     from livemig.commands.send import send as _send
 
-    return _send(*args, **kwargs)
+    return _send(snapshot, uri, multifd_channels=multifd_channels,
+                 multifd_compression=multifd_compression, dest_qmp=dest_qmp, stats=stats,
+                 sync_mode=sync_mode)
 
 
-def relay(*args, **kwargs):  # type: ignore[no-untyped-def]
-    """Relay a live migration between two QEMUs; see :func:`livemig.commands.relay.relay`."""
+def relay(listen: str | Uri, dest: str | Uri, *, in_multifd_channels: int = 0,
+          in_multifd_compression: str = "none", out_multifd_channels: int = 0,
+          out_multifd_compression: str = "none", record: str | None = None,
+          stats: TransferStats | None = None, accept_timeout: float = _ACCEPT_TIMEOUT,
+          on_listening: Callable[[str], None] | None = None) -> RelayResult:
+    """Accept a live migration on ``listen`` and forward it to the QEMU listening at
+    ``dest`` as it arrives.
+
+    Both URIs are ``tcp:`` or ``unix:``. The ``in_`` multifd settings must match the
+    source's, the ``out_`` ones the destination's; the two hops may differ (precopy in,
+    multifd out, another compression). ``record`` also writes everything that passes
+    into a snapshot at that path, which appears only once the destination has
+    confirmed. ``stats``, ``accept_timeout`` and ``on_listening`` are as for
+    :func:`receive`.
+
+    Returns a :class:`~livemig.commands.relay.RelayResult` (``load``, ``stats``,
+    ``recorded``) once the destination has confirmed and the source has been told so.
+
+    On failure of either hop the source is told to fail its migration (so a QEMU source
+    keeps running) and the first cause is raised: :class:`PeerError` when the
+    destination refused the stream, :class:`StreamFormatError` when the source sent
+    something wrong, :class:`ConfigError` or :class:`TransportError` as for
+    :func:`receive`.
+    """
     from livemig.commands.relay import relay as _relay
 
-    return _relay(*args, **kwargs)
+    return _relay(listen, dest, in_multifd_channels=in_multifd_channels,
+                  in_multifd_compression=in_multifd_compression,
+                  out_multifd_channels=out_multifd_channels,
+                  out_multifd_compression=out_multifd_compression, record=record, stats=stats,
+                  accept_timeout=accept_timeout, on_listening=on_listening)
 
 
-def inspect(path: str, *, fields: bool = False) -> dict:  # type: ignore[type-arg]
-    """Describe a snapshot or stream file; see :func:`livemig.commands.inspect.inspect_file`."""
+def inspect(path: str, *, fields: bool = False) -> dict[str, Any]:
+    """Describe a snapshot or a single-channel stream file, as ``livemig inspect --json``.
+
+    The result is JSON-ready: the machine type and capabilities, every RAM block with
+    how many pages hold data, are zero, or (in a stream) were never sent, every device
+    section with its size and SHA-256 (with ``fields``, also its vmstate fields decoded
+    with the file's own JSON description), and the multifd device state a snapshot
+    holds. A snapshot's pages are not read, only its bitmaps.
+
+    Raises :class:`StreamFormatError` for a damaged file, :class:`TransportError` if it
+    cannot be read.
+    """
     from livemig.commands.inspect import inspect_file
 
     return inspect_file(path, fields=fields)
 
 
 def extract(snapshot: str, block: str, output: str) -> int:
-    """Write one RAM block of a snapshot as a raw image."""
+    """Write the RAM block named ``block`` (e.g. "pc.ram") of ``snapshot`` to ``output``
+    as a raw image, pages that were never written as zeros; returns its size in bytes.
+
+    Raises :class:`ConfigError` if ``snapshot`` is a stream rather than a snapshot or
+    has no such block, :class:`StreamFormatError` for a damaged file.
+    """
     from livemig.commands.inspect import extract as _extract
 
     return _extract(snapshot, block, output)

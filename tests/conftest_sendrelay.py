@@ -22,10 +22,7 @@ what it needs from here.
 from __future__ import annotations
 
 import os
-import re
-import stat
 import struct
-import subprocess
 import time
 from collections.abc import Iterable, Sequence
 from pathlib import Path
@@ -33,7 +30,7 @@ from typing import Any, Self
 
 import numpy as np
 import pytest
-from conftest import Finished, LivemigCli, uri_listening
+from helpers import LISTENING_RE, CliResult, LivemigCli
 from peers import QemuPeer
 
 PAGE = 4096
@@ -44,59 +41,18 @@ PAGE = 4096
 BDA_TICKS = 0x46C
 BDA_TICK_BYTES = (0x46C, 0x471)
 
-LISTENING_RE = re.compile(r"waiting for a migration on (\S+)")
-PROCESS_TIMEOUT = 120.0
-
 
 # --------------------------------------------------------------------------------------------
 # livemig send / relay as subprocesses
 # --------------------------------------------------------------------------------------------
 
 
-Done = Finished
-
-
 class LivemigProcess(LivemigCli):
-    """One livemig CLI process (send, relay, receive) for these tests."""
+    """One livemig CLI process (send, relay, receive) for these tests; its
+    ``wait_listening(uri)`` is for relay and receive."""
 
     def __init__(self, args: Sequence[str], logdir: Path) -> None:
         super().__init__(args, logdir, prefix="lm")
-
-    def wait(self, timeout: float = PROCESS_TIMEOUT) -> Done:
-        return super().wait(timeout)
-
-    def wait_ok(self, timeout: float = PROCESS_TIMEOUT) -> Done:
-        return super().wait_ok(timeout)
-
-    def wait_listening(self, uri: str, timeout: float = 30.0) -> str:
-        """For relay: wait until LISTEN_URI accepts connections (stderr line or socket)."""
-        deadline = time.monotonic() + timeout
-        while True:
-            m = LISTENING_RE.search(self.stderr())
-            if m:
-                return m.group(1)
-            if listening(uri):
-                return uri
-            if self.proc.poll() is not None:
-                raise AssertionError(f"livemig exited with status {self.proc.returncode} "
-                                     f"before listening on {uri}:\n{self.stderr()}")
-            if time.monotonic() > deadline:
-                self.kill()
-                raise AssertionError(f"livemig did not listen on {uri} within {timeout}s:\n"
-                                     f"{self.stderr()}")
-            time.sleep(0.02)
-
-
-def listening(uri: str) -> bool:
-    """True once livemig listens on the tcp:/unix: ``uri`` (without connecting to it: livemig
-    would take the connection as a channel). livemig listens on a unix socket under a
-    temporary name and renames it into place, so the socket file at PATH means listening."""
-    if uri.startswith("unix:"):
-        try:
-            return stat.S_ISSOCK(os.stat(uri[5:]).st_mode)
-        except FileNotFoundError:
-            return False
-    return not uri.endswith(":0") and uri_listening(uri)
 
 
 class Launcher:
@@ -130,13 +86,12 @@ def multifd_args(prefix: str, channels: int, compression: str) -> list[str]:
             f"--{prefix}multifd-compression", compression]
 
 
-def assert_one_line_error(r: Done | subprocess.CompletedProcess[str], command: str) -> str:
+def assert_one_line_error(r: CliResult, command: str) -> str:
     """A failed livemig run: status 1 and exactly one line on stderr besides relay's
     "waiting for a migration" line: livemig's own error, no traceback. Returns that line."""
-    rc = r.rc if isinstance(r, Done) else r.returncode
     lines = [x for x in r.stderr.splitlines()
              if x.strip() and not LISTENING_RE.search(x)]
-    assert rc == 1, f"livemig {command}: status {rc}, expected 1:\n{r.stderr}"
+    assert r.rc == 1, f"livemig {command}: status {r.rc}, expected 1:\n{r.stderr}"
     assert "Traceback" not in r.stderr, r.stderr
     assert len(lines) == 1, f"livemig {command}: expected one error line, got:\n{r.stderr}"
     assert lines[0].startswith(f"livemig {command}: error: "), lines[0]

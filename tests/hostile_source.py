@@ -10,8 +10,8 @@ import it.
   corrupt a stream at a chosen record) and to cross-check the decoder's events.
 * :func:`build_stream` writes a small valid stream with livemig's own encoders, with a
   hook to replace any part of it.
-* :func:`run_cli` runs ``python -m livemig.cli.main`` with a deadline (and optionally an
-  address-space limit), :func:`leftovers` lists what a failed run left in a folder.
+* :func:`leftovers` lists what a failed run left in a folder (the command line itself
+  runs through ``helpers.run_cli``, with a deadline and optionally an address-space limit).
 * :class:`FakeSource` connects to ``livemig receive unix:PATH --multifd-channels N`` as a
   QEMU source would (main channel + N multifd connections) and sends what a test tells it.
 """
@@ -20,14 +20,10 @@ from __future__ import annotations
 
 import contextlib
 import json
-import os
-import resource
 import socket
 import struct
-import subprocess
-import sys
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -41,8 +37,6 @@ from livemig.wire.stream import (
     encode_vmdescription,
 )
 
-ROOT = Path(__file__).resolve().parent.parent
-LIVEMIG = [sys.executable, "-m", "livemig.cli.main"]
 PS = 4096
 
 _BE16 = struct.Struct(">H")
@@ -312,61 +306,8 @@ def build_stream(**parts: bytes) -> bytes:
 
 
 # --------------------------------------------------------------------------------------------
-# Running the command line
+# Running the command line: helpers.run_cli / start_cli / finish_cli
 # --------------------------------------------------------------------------------------------
-
-
-def livemig_env() -> dict[str, str]:
-    """The environment for a livemig subprocess: this tree first on the path; one BLAS
-    thread so that an address-space limit measures livemig, not OpenBLAS's per-thread
-    buffers."""
-    env = dict(os.environ)
-    env["PYTHONPATH"] = os.pathsep.join(p for p in (str(ROOT), env.get("PYTHONPATH")) if p)
-    env["OPENBLAS_NUM_THREADS"] = "1"
-    return env
-
-
-def limit_address_space(limit: int) -> Callable[[], None]:
-    def apply() -> None:
-        resource.setrlimit(resource.RLIMIT_AS, (limit, limit))
-    return apply
-
-
-def start_cli(args: Sequence[str], *, address_space: int | None = None,
-              stdin_null: bool = True) -> subprocess.Popen[bytes]:
-    return subprocess.Popen(
-        [*LIVEMIG, *args], stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE, env=livemig_env(), cwd=str(ROOT),
-        # the one way to limit the child before it runs; the callable only calls setrlimit
-        preexec_fn=limit_address_space(address_space) if address_space else None)  # noqa: PLW1509
-
-
-@dataclass
-class CliResult:
-    args: list[str]
-    rc: int
-    stdout: str
-    stderr: str
-    seconds: float
-
-
-def finish_cli(proc: subprocess.Popen[bytes], args: Sequence[str], started: float,
-               timeout: float) -> CliResult:
-    try:
-        out, err = proc.communicate(timeout=max(0.1, started + timeout - time.monotonic()))
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        out, err = proc.communicate()
-        raise AssertionError(f"livemig {' '.join(args)} still running after {timeout} s; "
-                             f"stderr: {err.decode(errors='replace')}") from None
-    return CliResult(list(args), proc.returncode, out.decode(errors="replace"),
-                     err.decode(errors="replace"), time.monotonic() - started)
-
-
-def run_cli(args: Sequence[str], *, timeout: float = 60.0,
-            address_space: int | None = None) -> CliResult:
-    started = time.monotonic()
-    return finish_cli(start_cli(args, address_space=address_space), args, started, timeout)
 
 
 def leftovers(folder: Path, output_name: str) -> list[str]:

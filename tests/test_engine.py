@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from helpers import run_cli
 
 from livemig.engine.controller import MachineController
 from livemig.engine.handlers import BlobDevice, SectionOut
@@ -341,12 +342,7 @@ def test_failed_destination_does_not_run(pairs: list[Pair], workdir: Path) -> No
     (["--incoming", "bogus:x"], "unsupported migration URI scheme 'bogus'"),
 ])
 def test_run_bad_arguments(args: list[str], expect: str) -> None:
-    import subprocess
-    import sys
-
-    from conftest import livemig_env
-    r = subprocess.run([sys.executable, "-m", "livemig.cli.main", "run", *args],
-                       env=livemig_env(), capture_output=True, timeout=60, check=False)
-    err = r.stderr.decode()
-    assert r.returncode == 1 and expect in err and "Traceback" not in err, err
+    r = run_cli(["run", *args], timeout=60)
+    err = r.stderr
+    assert r.rc == 1 and expect in err and "Traceback" not in err, err
     assert len(err.strip().splitlines()) == 1, err

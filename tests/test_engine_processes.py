@@ -48,7 +48,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 import pytest
-from conftest import LIVEMIG, ReceiveFactory, livemig_env
+from helpers import LIVEMIG, ReceiveFactory, livemig_env, run_cli
 from qemu.qmp import ExecuteError, QMPClient
 
 from livemig.wire.multifd import INIT_PACKET_SIZE, PAGE_SIZE, RAM_HEADER_SIZE
@@ -571,20 +571,10 @@ def test_second_migrate_refused_then_cancel(machines: Factory, workdir: Path) ->
 
 def test_demo_json() -> None:
     # its own session: the demo's two machines are killed with it if it overruns
-    proc = subprocess.Popen([*LIVEMIG, "demo", "--json", "--memory", "128M"],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            stdin=subprocess.DEVNULL, env=livemig_env(), start_new_session=True)
-    try:
-        stdout, stderr = proc.communicate(timeout=MIGRATION_TIMEOUT + START_TIMEOUT)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-        proc.communicate(timeout=EXIT_TIMEOUT)
-        raise AssertionError("livemig demo still running after its deadline (killed)") from None
-    finally:
-        with contextlib.suppress(OSError):
-            os.killpg(proc.pid, signal.SIGKILL)  # anything it left behind
-    assert proc.returncode == 0, stderr
-    last = stdout.strip().splitlines()[-1]
+    r = run_cli(["demo", "--json", "--memory", "128M"],
+                timeout=MIGRATION_TIMEOUT + START_TIMEOUT)
+    assert r.rc == 0, r.stderr
+    last = r.stdout.strip().splitlines()[-1]
     s = json.loads(last)
     assert isinstance(s, dict)
     for key in ("status", "verified", "total_time_ms", "setup_time_ms", "downtime_ms",

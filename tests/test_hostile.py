@@ -35,18 +35,17 @@ from functools import cache
 from pathlib import Path
 
 import pytest
+from helpers import CliResult, finish_cli, run_cli, start_cli
 from hostile_source import (
     EOS,
     PKT_FLAGS,
     PKT_NEXT_SIZE,
     PKT_NORMAL_PAGES,
     PKT_PAGES_ALLOC,
-    CliResult,
     FakeSource,
     Layout,
     block_list,
     build_stream,
-    finish_cli,
     init_packet,
     leftovers,
     main_prefix,
@@ -56,7 +55,6 @@ from hostile_source import (
     ram_part,
     ram_start,
     ram_word,
-    start_cli,
     walk_capture,
 )
 from peers import read_capture
@@ -437,7 +435,6 @@ def test_real_capture_accepted_under_the_address_space_limit(name: str, tmp_path
     src = tmp_path / "good.stream"
     src.write_bytes(capture(name))
     out = tmp_path / OUT
-    from hostile_source import run_cli
     r = run_cli(["receive", f"file:{src}", "-o", str(out)], address_space=ADDRESS_SPACE)
     assert r.rc == 0, r.stderr
     assert leftovers(tmp_path, OUT) == [OUT]
@@ -449,7 +446,6 @@ def test_real_capture_accepted_under_the_address_space_limit(name: str, tmp_path
 def test_stream_ending_right_after_eof_without_devices_is_accepted(tmp_path: Path) -> None:
     """QEMU only warns when the JSON is missing; with no device section to split, livemig
     needs no JSON either."""
-    from hostile_source import run_cli
     src = tmp_path / "s.stream"
     src.write_bytes(build_stream(devices=b"", vmdesc=b""))
     r = run_cli(["receive", f"file:{src}", "-o", str(tmp_path / OUT)])

@@ -39,7 +39,7 @@ from typing import Any
 
 import numpy as np
 import pytest
-from conftest import LIVEMIG, LivemigReceive, ThreadedReceive, livemig_env, uri_listening
+from helpers import LivemigReceive, ThreadedReceive, run_cli, uri_listening
 from peers import QemuPeer, blob_bytes, free_tcp_port, make_blob, read_capture
 
 pytestmark = [pytest.mark.qemu, pytest.mark.timeout(240)]
@@ -255,9 +255,8 @@ def reference_streams(tmp_path_factory: pytest.TempPathFactory, blob_files: dict
                 configure(q)
                 q.migrate(f"exec:cat > {shlex.quote(str(stream))}")
                 info = q.wait_migration(timeout=MIGRATION_TIMEOUT)
-            r = subprocess.run([*LIVEMIG, "inspect", "--json", str(stream)], check=False,
-                               text=True, capture_output=True, timeout=60, env=livemig_env())
-            assert r.returncode == 0, f"livemig inspect {stream}: {r.stderr}"
+            r = run_cli(["inspect", "--json", str(stream)], timeout=60)
+            assert r.rc == 0, f"livemig inspect {stream}: {r.stderr}"
             cache[key] = Reference(stream, vmdesc_from_stream(stream.read_bytes()),
                                    json.loads(r.stdout), info)
         return cache[key]

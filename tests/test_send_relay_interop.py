@@ -38,7 +38,6 @@ from typing import Any
 
 import numpy as np
 import pytest
-from conftest import LivemigReceive
 from conftest_sendrelay import (
     PASS_COUNTER,
     Launcher,
@@ -60,6 +59,7 @@ from conftest_sendrelay import (
     wait_seabios_idle,
     wait_status,
 )
+from helpers import LivemigReceive
 from peers import QemuPeer, RecordingSink, blob_bytes, free_tcp_port, make_blob
 
 pytestmark = [pytest.mark.qemu, pytest.mark.timeout(150)]
@@ -294,7 +294,7 @@ def snapshot72(blob_files: dict[Blob, Path]) -> Iterator[Snapshot]:
                 args = ["receive", uri, "-o", str(out), "-q",
                         *multifd_args("", multifd_channels, multifd_compression or "none")]
                 p = LivemigProcess(args, d)
-                p.address = p.wait_listening(uri)  # type: ignore[attr-defined]
+                p.wait_listening(uri)
                 return p
 
             _, ram = capture(a, snap, d, 2, "zstd", start_receive)

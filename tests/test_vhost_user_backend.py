@@ -20,7 +20,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from conftest import LIVEMIG, livemig_env
+from helpers import LIVEMIG, livemig_env, run_cli
 
 from livemig.errors import LimitExceeded, PeerError
 from livemig.vhost_user.backend import BackendServer
@@ -454,9 +454,8 @@ def test_chunk_reader_limits() -> None:
 
 
 def test_print_capabilities() -> None:
-    r = subprocess.run([*LIVEMIG, "vhost-user-backend", "--print-capabilities"], env=livemig_env(),
-                       capture_output=True, text=True, timeout=30, check=False)
-    assert r.returncode == 0, r.stderr
+    r = run_cli(["vhost-user-backend", "--print-capabilities"], timeout=30)
+    assert r.rc == 0, r.stderr
     assert json.loads(r.stdout) == {"type": "fs"}
 
 

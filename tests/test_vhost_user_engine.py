@@ -10,7 +10,6 @@ import json
 import os
 import signal
 import subprocess
-import sys
 import threading
 import time
 from collections.abc import Iterator
@@ -18,14 +17,13 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import livemig_env
+from helpers import LIVEMIG, livemig_env, run_cli
 
 from livemig.engine.machine import Machine
 from livemig.io.qmp_peer import QmpPeer
 from livemig.vhost_user.backend import BackendServer, VhostUserBackend
 from livemig.wire.vhost_user import ProtocolFeature
 
-LIVEMIG = [sys.executable, "-m", "livemig.cli.main"]
 DEADLINE = 60.0
 
 
@@ -203,11 +201,10 @@ def test_backend_without_the_feature_blocks_migration(workdir: Path) -> None:
 
 
 def test_demo_with_backends() -> None:
-    r = subprocess.run([*LIVEMIG, "demo", "--json", "--memory", "64M",
-                        "--vhost-user-backends", "2"], env=livemig_env(),
-                       capture_output=True, timeout=120, check=False)
-    assert r.returncode == 0, r.stderr.decode()[-2000:]
-    s = json.loads(r.stdout.decode().strip().splitlines()[-1])
+    r = run_cli(["demo", "--json", "--memory", "64M", "--vhost-user-backends", "2"],
+                timeout=120)
+    assert r.rc == 0, r.stderr[-2000:]
+    s = json.loads(r.stdout.strip().splitlines()[-1])
     vu = [d for d in s["devices"] if d["kind"] == "vhost-user"]
     assert len(vu) == 2 and all(d["verified"] and d["state_bytes"] > 0 for d in vu)
     assert s["verified"] is True

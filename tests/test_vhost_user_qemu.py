@@ -22,7 +22,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from conftest import LivemigCli
+from helpers import LivemigCli
 from peers import QemuPeer
 
 from livemig.vhost_user.frontend import VhostUserFrontend

@@ -94,8 +94,9 @@ class Inspection:
     path: str
     load: LoadResult
     sink: CountingSink
-    description: Any = None
-    report: dict[str, Any] = field(default_factory=dict)
+    # the parsed JSON description and the report run to thousands of lines for a pc guest
+    description: Any = field(default=None, repr=False)
+    report: dict[str, Any] = field(default_factory=dict, repr=False)
 
 
 def load_file(path: str) -> tuple[LoadResult, CountingSink]:

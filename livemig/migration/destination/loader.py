@@ -88,6 +88,37 @@ class LoadResult:
     zero_records: int = 0
     stream_bytes: int = 0
 
+    def __repr__(self) -> str:
+        # Device sections and the JSON are raw bytes (up to MAX_DEVICE_STATE_TAIL and
+        # MAX_VMDESC_JSON): a printed result says how many and how much, never the bytes.
+        cfg = self.configuration
+        vmdesc = None if self.vmdesc_json is None else _size(len(self.vmdesc_json))
+        return (f"LoadResult(machine={cfg.machine if cfg else None!r}, "
+                f"{len(self.blocks)} RAM blocks "
+                f"({_size(sum(b.length for b in self.blocks))}), "
+                f"{len(self.device_sections)} device sections "
+                f"({_size(sum(len(s.raw) for s in self.device_sections))}), "
+                f"vmdesc_json={vmdesc}, {len(self.commands)} commands, "
+                f"ram_section_id={self.ram_section_id}, "
+                f"switchover_start={self.switchover_start}, "
+                f"switchover_at={self.switchover_at}, trailer_offset={self.trailer_offset}, "
+                f"return_path={self.return_path}, "
+                f"multifd_sync_mode={self.multifd_sync_mode!r}, "
+                f"page_records={self.page_records}, zero_records={self.zero_records}, "
+                f"stream_bytes={self.stream_bytes})")
+
+
+def _size(n: int) -> str:
+    """``n`` bytes for a person: "512 B", "3.4 KiB", "1.0 GiB"."""
+    if n < 1024:
+        return f"{n} B"
+    value, unit = n / 1024, "KiB"
+    for bigger in ("MiB", "GiB"):
+        if value < 1024:
+            break
+        value, unit = value / 1024, bigger
+    return f"{value:.1f} {unit}"
+
 
 def rp_message(kind: ReturnPathMessage, payload: bytes = b"") -> bytes:
     return struct.pack(">HH", kind, len(payload)) + payload
