@@ -1,4 +1,4 @@
-"""Migration capabilities, parameters and status, with QEMU's names and defaults.
+"""Migration capabilities and parameters, with QEMU's names and defaults.
 
 The names are QEMU's (``qapi/migration.json``) so that management code
 written for QEMU sets them unchanged; only the ones livemig's engine acts
@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from livemig import limits
+from livemig.engine import states
 from livemig.errors import ConfigError
 
 #: Capabilities livemig implements (value = default, as in QEMU).
@@ -46,27 +47,10 @@ _INT_RANGES: dict[str, tuple[int, int]] = {
     "throttle-trigger-threshold": (1, 100),
 }
 
-#: QEMU's MigrationStatus values livemig reports, and the arcs between them
-#: (``migrate_set_state()`` callers in migration/migration.c).
-STATUS_ARCS: dict[str, frozenset[str]] = {
-    "none": frozenset({"setup", "failed"}),
-    "setup": frozenset({"active", "failed", "cancelling"}),
-    "active": frozenset({"pre-switchover", "device", "completed", "failed", "cancelling"}),
-    "pre-switchover": frozenset({"device", "failed", "cancelling"}),
-    "device": frozenset({"completed", "failed", "cancelling"}),
-    "cancelling": frozenset({"cancelled", "failed"}),
-    "completed": frozenset(),
-    "failed": frozenset(),
-    "cancelled": frozenset(),
-}
-
-FINISHED = frozenset({"completed", "failed", "cancelled"})
-
-
-def next_status(current: str, new: str) -> str:
-    if new not in STATUS_ARCS.get(current, frozenset()):
-        raise ConfigError(f"internal: migration status {current} -> {new} is not an arc")
-    return new
+#: Kept for code that still imports them from here (engine/outgoing_migration.py);
+#: the status, its arcs and :func:`next_status` live in :mod:`livemig.engine.states`.
+FINISHED = states.FINISHED
+next_status = states.next_status
 
 
 @dataclass
