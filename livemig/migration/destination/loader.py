@@ -307,7 +307,8 @@ class MainChannelLoader:
             self.multifd.set_blocks({b.name: b.length for b in ev.blocks})
         if any(b.mapped_ram for b in ev.blocks):
             if not isinstance(self.source, SeekableSource):
-                raise ConfigError("a mapped-ram stream can only be read from a file")
+                raise ConfigError(f"{self.where}: a mapped-ram stream can only be read from "
+                                  "a file")
             fd = self.source.file_fd
             for b in ev.blocks:
                 self.stats.add_pages(self.sink.copy_mapped_ram_block(fd, b))
