@@ -113,8 +113,8 @@ def test_mapped_ram_needs_a_seekable_source(mapped_ram_file: Path) -> None:
     try:
         loader = MainChannelLoader(src, CountingSink(), stats=TransferStats(),
                                    latch=FailureLatch())
-        with pytest.raises(ConfigError, match="^exec:cat .*: a mapped-ram stream can only be "
-                           "read from a file$"):
+        with pytest.raises(ConfigError, match=r"^exec:cat .*: a mapped-ram stream can only be "
+                           r"read from a file$"):
             loader.run()
     finally:
         src.close()
