@@ -24,6 +24,7 @@ import time
 from typing import Any
 
 from livemig.cli.run import add_vfio_options, vfio_arguments
+from livemig.engine.states import FINISHED, MigrationStatus, RunState
 from livemig.errors import MigrationError, PeerError, TransportError
 from livemig.io.qmp_peer import QmpPeer
 from livemig.io.uri import parse_size
@@ -224,7 +225,8 @@ def cmd_demo(args: argparse.Namespace) -> int:
         _check_backends(summary, src_vu, dst_vu)
     except MigrationError as e:
         if args.json:
-            print(json.dumps({"status": "failed", "verified": False, "error": str(e)}))
+            print(json.dumps({"status": MigrationStatus.FAILED.value, "verified": False,
+                              "error": str(e)}))
         raise
     finally:
         for m in reversed(machines):
@@ -236,7 +238,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
         print(json.dumps(summary))
     elif not args.quiet:
         _print_summary(summary)
-    ok = summary["status"] == "completed" and summary["verified"]
+    ok = summary["status"] == MigrationStatus.COMPLETED and summary["verified"]
     return 0 if ok else 1
 
 
@@ -267,7 +269,7 @@ def _watch(src: _Machine, *, quiet: bool) -> dict[str, Any]:
         while True:
             q = src.cmd("query-migrate")
             progress.update(q)
-            if q.get("status") in ("completed", "failed", "cancelled"):
+            if q.get("status") in FINISHED:
                 return dict(q)
             if time.monotonic() > deadline:
                 src.cmd("migrate_cancel")
@@ -282,9 +284,10 @@ def _summary(q: dict[str, Any], src: _Machine, dst: _Machine) -> dict[str, Any]:
     ram = q.get("ram", {})
     verified = False
     devices: list[dict[str, Any]] = []
-    if status == "completed":
+    if status == MigrationStatus.COMPLETED:
         deadline = time.monotonic() + 30
-        while dst.cmd("query-status")["status"] != "running" and time.monotonic() < deadline:
+        while (dst.cmd("query-status")["status"] != RunState.RUNNING
+               and time.monotonic() < deadline):
             time.sleep(0.02)
         w = dst.cmd("query-workload")
         verified = bool(w.get("verified"))
@@ -308,13 +311,14 @@ def _summary(q: dict[str, Any], src: _Machine, dst: _Machine) -> dict[str, Any]:
     }
     if "cpu-throttle-percentage" in q:
         out["cpu_throttle_percentage"] = q["cpu-throttle-percentage"]
-    if status != "completed":
+    if status != MigrationStatus.COMPLETED:
         out["error"] = q.get("error-desc", status)
         # the first cause is often on the destination's side
         deadline = time.monotonic() + 10
         while True:
             dq = dst.cmd("query-migrate")
-            if dq.get("status") in ("failed", "completed") or time.monotonic() > deadline:
+            if dq.get("status") in (MigrationStatus.FAILED, MigrationStatus.COMPLETED) \
+                    or time.monotonic() > deadline:
                 break
             time.sleep(POLL)
         if dq.get("error-desc"):

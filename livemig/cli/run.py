@@ -123,7 +123,7 @@ def cmd_run(args: argparse.Namespace) -> int:
             server = QmpServer(args.qmp, machine_commands(ctl))
             server.start()
         ctl.start()
-        ready = {"qmp": server.address if server else None, "status": machine.state,
+        ready = {"qmp": server.address if server else None, "status": machine.state.value,
                  "memory": memory}
         if ctl.incoming is not None and ctl.incoming.address:
             ready["incoming"] = ctl.incoming.address

@@ -18,6 +18,7 @@ from livemig.engine.machine import Machine
 from livemig.engine.migration_run import EventSink
 from livemig.engine.outgoing_migration import OutgoingMigration
 from livemig.engine.params import PARAMETERS, MigrationSettings
+from livemig.engine.states import MigrationStatus, RunState
 from livemig.engine.workload import DirtyPagesWorkload
 from livemig.errors import ConfigError, MigrationError
 
@@ -57,30 +58,30 @@ class MachineController:
         if self.incoming_uri and self.incoming_uri != "defer":
             self.migrate_incoming(self.incoming_uri)
         elif self.incoming_uri == "defer":
-            self.machine.set_state("inmigrate")
+            self.machine.set_state(RunState.INMIGRATE)
         elif self.autostart:
             self.machine.cont()
 
     # -- run state (query-status, stop, cont, quit) --------------------------
     def query_status(self) -> dict[str, Any]:
         st = self.machine.state
-        return {"status": st, "running": st == "running"}
+        return {"status": st.value, "running": st is RunState.RUNNING}
 
     def stop(self) -> None:
-        if self.machine.state == "running":
+        if self.machine.state is RunState.RUNNING:
             self.machine.stop()
             self.emit("STOP")
 
     def cont(self) -> None:
         st = self.machine.state
-        if st == "inmigrate":
+        if st is RunState.INMIGRATE:
             raise CommandError("Migration is not finalized yet")
-        if st == "finish-migrate":
+        if st is RunState.FINISH_MIGRATE:
             raise CommandError("a migration is completing; try again")
-        if self.incoming is not None and self.incoming.status == "failed":
+        if self.incoming is not None and self.incoming.status is MigrationStatus.FAILED:
             raise CommandError("the incoming migration failed (guest memory and devices are "
                                "incomplete): this machine cannot run")
-        if st != "running":
+        if st is not RunState.RUNNING:
             self.machine.cont()
             self.emit("RESUME")
 
@@ -101,7 +102,7 @@ class MachineController:
             blockers = self.machine.migration_blockers()
             if blockers:
                 raise CommandError("; ".join(blockers))
-            if self.machine.state in ("inmigrate", "postmigrate"):
+            if self.machine.state in (RunState.INMIGRATE, RunState.POSTMIGRATE):
                 raise CommandError(f"Guest is in state {self.machine.state}; it cannot be "
                                    "migrated")
             mig = OutgoingMigration(self.machine, uri, self.settings, emit=self.emit,
@@ -116,7 +117,8 @@ class MachineController:
                 raise CommandError("The incoming migration has already been started")
             if self._busy():
                 raise CommandError("There's a migration process in progress")
-            if self.machine.state not in ("inmigrate", "paused", "prelaunch"):
+            if self.machine.state not in (RunState.INMIGRATE, RunState.PAUSED,
+                                          RunState.PRELAUNCH):
                 raise CommandError("'-incoming' was not specified on the command line")
             mig = IncomingMachineMigration(self.machine, uri, self.settings, emit=self.emit,
                                            autostart=self.autostart)

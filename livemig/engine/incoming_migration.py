@@ -26,6 +26,7 @@ from livemig.engine.handlers import DeviceHandler
 from livemig.engine.machine import Machine
 from livemig.engine.migration_run import EventSink, MigrationRun
 from livemig.engine.params import MigrationSettings
+from livemig.engine.states import MigrationStatus, RunState
 from livemig.errors import ConfigError, MigrationError, StreamFormatError
 from livemig.io.guest_ram import PAGE_SIZE
 from livemig.io.uri import Uri
@@ -132,7 +133,7 @@ class IncomingMachineMigration(MigrationRun):
         self.incoming: IncomingMigration | None = None
 
     def start(self) -> None:
-        self.machine.set_state("inmigrate")
+        self.machine.set_state(RunState.INMIGRATE)
         self._prefault = threading.Thread(target=self._populate, name="prefault")
         self._prefault.start()
         self.thread = threading.Thread(target=self._run, name="incoming-migration")
@@ -175,14 +176,14 @@ class IncomingMachineMigration(MigrationRun):
             if targets:
                 reassembler = DeviceStateReassembler(targets)
                 self.reassembler = reassembler
-            self._set_status("setup")
+            self._set_status(MigrationStatus.SETUP)
             inc.connect(accept_timeout=ACCEPT_TIMEOUT, on_listening=self._listening)
             if reassembler is not None and inc.multifd is not None:
                 inc.multifd.on_device_state = (
                     lambda idstr, inst, payload, ch: reassembler.on_packet(
                         idstr, inst, payload, ch, owned=True))
             self.start_time = time.monotonic()
-            self._set_status("active")
+            self._set_status(MigrationStatus.ACTIVE)
             inc.load(observer=self._observe, section_lengths=self._section_lengths)
             if reassembler is not None:
                 # a livemig source syncs the channels after its device-state packets:
@@ -192,12 +193,12 @@ class IncomingMachineMigration(MigrationRun):
             for d in self.machine.devices:
                 d.load_finish()
             inc.confirm()
-            self._set_status("completed")
+            self._set_status(MigrationStatus.COMPLETED)
             if self.autostart:
                 self.machine.cont()
                 self.emit_event("RESUME", None)
             else:
-                self.machine.set_state("paused")
+                self.machine.set_state(RunState.PAUSED)
         except BaseException as e:
             inc.refuse()  # first: the latch shuts the main channel down
             self.latch.fail(e)
@@ -206,10 +207,10 @@ class IncomingMachineMigration(MigrationRun):
             inc.abort()
             if reassembler is not None:
                 reassembler.abort()
-            self._set_status("failed")
+            self._set_status(MigrationStatus.FAILED)
             # QEMU's destination exits after a failed incoming migration; a livemig
             # machine stays, paused, so that its owner can see what happened.
-            self.machine.set_state("paused")
+            self.machine.set_state(RunState.PAUSED)
             if not isinstance(e, Exception):
                 raise
         finally:
@@ -247,8 +248,8 @@ class IncomingMachineMigration(MigrationRun):
 
     def query(self) -> dict[str, Any]:
         st = self.status
-        out: dict[str, Any] = {"status": st}
-        if st == "none":
+        out: dict[str, Any] = {"status": st.value}
+        if st is MigrationStatus.NONE:
             return out
         now = self.end_time or time.monotonic()
         out["total-time"] = int((now - self.start_time) * 1000)
@@ -259,6 +260,6 @@ class IncomingMachineMigration(MigrationRun):
                       "multifd-bytes": sum(s.multifd_bytes), "mbps": 0, "dirty-sync-count": 0,
                       "dirty-pages-rate": 0, "pages-per-second": 0, "skipped": 0,
                       "postcopy-requests": 0}
-        if st == "failed" and self.error_desc:
+        if st is MigrationStatus.FAILED and self.error_desc:
             out["error-desc"] = self.error_desc
         return out

@@ -18,12 +18,9 @@ from collections.abc import Iterable
 from typing import Any
 
 from livemig.engine.handlers import DeviceHandler
+from livemig.engine.states import RunState, next_run_state
 from livemig.errors import ConfigError, MigrationError
 from livemig.io.guest_ram import PAGE_SIZE, RamBlock
-
-#: QEMU's run states that a livemig machine can be in (qapi/run-state.json).
-RUN_STATES = ("prelaunch", "running", "paused", "inmigrate", "finish-migrate",
-              "postmigrate", "shutdown")
 
 #: Longest time a stopped machine waits for its workers to park. A worker
 #: checks the gate between units of work of a few milliseconds; a worker
@@ -36,9 +33,12 @@ class Machine:
 
     def __init__(self, memory: int, *, machine_type: str = "livemig",
                  extra_blocks: Iterable[tuple[str, int]] = (),
-                 devices: Iterable[DeviceHandler] = (), state: str = "paused") -> None:
-        if state not in RUN_STATES:
-            raise ConfigError(f"unknown run state {state!r}")
+                 devices: Iterable[DeviceHandler] = (),
+                 state: RunState | str = RunState.PAUSED) -> None:
+        try:
+            initial = RunState(state)
+        except ValueError:
+            raise ConfigError(f"unknown run state {state!r}") from None
         self.machine_type = machine_type
         self.uuid = uuidlib.uuid4().bytes
         self.blocks: dict[str, RamBlock] = {}
@@ -49,12 +49,13 @@ class Machine:
         for d in devices:
             self.add_device(d)
         self._cond = threading.Condition()
-        self._state = state
+        self._state = initial
         self._workers = 0
         self._parked = 0
         #: Percentage of time the workers must sleep (QEMU's cpu-throttle-percentage).
         self.throttle_pct = 0
-        self.listeners: list[Any] = []  # callables (old, new) told of run state changes
+        #: Callables ``(old, new)`` (two :class:`RunState`) told of every run state change.
+        self.listeners: list[Any] = []
 
     # -- composition ---------------------------------------------------------
     def add_block(self, name: str, size: int) -> RamBlock:
@@ -87,24 +88,29 @@ class Machine:
 
     # -- run state -----------------------------------------------------------
     @property
-    def state(self) -> str:
+    def state(self) -> RunState:
         return self._state
 
     @property
     def running(self) -> bool:
-        return self._state == "running"
+        return self._state is RunState.RUNNING
 
-    def set_state(self, new: str) -> None:
-        """Change the run state; leaving "running" waits until every worker parked."""
-        if new not in RUN_STATES:
-            raise ConfigError(f"unknown run state {new!r}")
+    def set_state(self, new: RunState | str) -> None:
+        """Change the run state along :data:`~livemig.engine.states.RUN_STATE_ARCS`.
+
+        The current state again is nothing to do. Any other pair not in the table
+        raises :class:`~livemig.engine.states.TransitionError` (a ``StateError``
+        naming both states) and changes nothing; so does a string that names no
+        run state. Leaving ``running`` waits until every worker parked.
+        """
         with self._cond:
             old = self._state
             if old == new:
                 return
+            new = next_run_state(old, new)
             self._state = new
             self._cond.notify_all()
-            if old == "running":
+            if old is RunState.RUNNING:
                 deadline = time.monotonic() + PARK_TIMEOUT
                 while self._parked < self._workers:
                     left = deadline - time.monotonic()
@@ -112,17 +118,18 @@ class Machine:
                         raise MigrationError(f"{self._workers - self._parked} machine worker(s) did "
                                          f"not stop within {PARK_TIMEOUT:.0f} s")
                     self._cond.wait(left)
-        for d in self.devices:
-            if (old == "running") != (new == "running"):
-                d.on_run_state(new == "running")
+        running = new is RunState.RUNNING
+        if (old is RunState.RUNNING) != running:
+            for d in self.devices:
+                d.on_run_state(running)
         for cb in list(self.listeners):
             cb(old, new)
 
-    def stop(self, state: str = "paused") -> None:
+    def stop(self, state: RunState | str = RunState.PAUSED) -> None:
         self.set_state(state)
 
     def cont(self) -> None:
-        self.set_state("running")
+        self.set_state(RunState.RUNNING)
 
     # -- workers -------------------------------------------------------------
     def register_worker(self) -> None:
@@ -154,17 +161,17 @@ class Machine:
         with self._cond:
             if pause > 0:
                 deadline = time.monotonic() + pause
-                while self._state == "running" and not stop.is_set():
+                while self._state is RunState.RUNNING and not stop.is_set():
                     left = deadline - time.monotonic()
                     if left <= 0:
                         break
                     self._cond.wait(left)
-            if self._state == "running" and not stop.is_set():
+            if self._state is RunState.RUNNING and not stop.is_set():
                 return True
             self._parked += 1
             self._cond.notify_all()
             try:
-                while self._state != "running" and not stop.is_set():
+                while self._state is not RunState.RUNNING and not stop.is_set():
                     self._cond.wait(0.5)
             finally:
                 self._parked -= 1
@@ -189,6 +196,6 @@ class Machine:
         return out
 
     def summary(self) -> dict[str, Any]:
-        return {"machine": self.machine_type, "status": self._state,
+        return {"machine": self.machine_type, "status": self._state.value,
                 "ram": {b.name: b.size for b in self.blocks.values()},
                 "devices": [d.summary() for d in self.devices]}

@@ -1,7 +1,7 @@
 """What an outgoing and an incoming migration of a machine have in common.
 
 Both run in a thread of their own, keep QEMU's MigrationStatus (moved only
-along :data:`~livemig.engine.params.STATUS_ARCS`, with a MIGRATION event per
+along :data:`~livemig.engine.states.STATUS_ARCS`, with a MIGRATION event per
 change when the ``events`` capability is on), count what moved, and end
 through a :class:`~livemig.migration.common.failure.FailureLatch`.
 """
@@ -14,7 +14,8 @@ from collections.abc import Callable
 from typing import Any
 
 from livemig.engine.machine import Machine
-from livemig.engine.params import FINISHED, MigrationSettings, next_status
+from livemig.engine.params import MigrationSettings
+from livemig.engine.states import FINISHED, MigrationStatus, next_status
 from livemig.errors import ConfigError
 from livemig.io.uri import TcpUri, UnixUri, Uri, parse_uri
 from livemig.migration.common.failure import FailureLatch
@@ -37,7 +38,7 @@ class MigrationRun:
         self.emit_event: EventSink = emit or (lambda name, data: None)
         self.latch = FailureLatch()
         self.stats = TransferStats()
-        self.status = "none"
+        self.status: MigrationStatus = MigrationStatus.NONE
         self.error_desc: str | None = None
         self.thread: threading.Thread | None = None
         self.start_time = time.monotonic()
@@ -54,13 +55,17 @@ class MigrationRun:
     def finished(self) -> bool:
         return self.status in FINISHED
 
-    def _set_status(self, new: str) -> None:
+    def _set_status(self, new: MigrationStatus | str) -> None:
         with self._lock:
             self._set_status_locked(new)
 
-    def _set_status_locked(self, new: str) -> None:
+    def _set_status_locked(self, new: MigrationStatus | str) -> None:
+        """Move along an arc of :data:`~livemig.engine.states.STATUS_ARCS` (the
+        current status again is nothing to do); any other pair raises
+        :class:`~livemig.engine.states.TransitionError` and changes nothing. A
+        string is read as its :class:`MigrationStatus`."""
         if self.status == new:
             return
         self.status = next_status(self.status, new)
         if self.caps.get("events"):
-            self.emit_event("MIGRATION", {"status": new})
+            self.emit_event("MIGRATION", {"status": self.status.value})

@@ -40,7 +40,8 @@ import numpy as np
 from livemig.engine.handlers import DeviceHandler, SectionOut
 from livemig.engine.machine import Machine
 from livemig.engine.migration_run import EventSink, MigrationRun
-from livemig.engine.params import FINISHED, MigrationSettings
+from livemig.engine.params import MigrationSettings
+from livemig.engine.states import FINISHED, MigrationStatus, RunState
 from livemig.errors import ConfigError, MigrationError
 from livemig.io.guest_ram import PAGE_SIZE
 from livemig.io.uri import Uri
@@ -117,23 +118,23 @@ class OutgoingMigration(MigrationRun):
 
     # -- control -------------------------------------------------------------
     def start(self) -> None:
-        self._set_status("setup")
+        self._set_status(MigrationStatus.SETUP)
         self.thread = threading.Thread(target=self._run, name="migration")
         self.thread.start()
 
     def cancel(self) -> None:
         with self._lock:
-            if self.status in FINISHED or self.status == "cancelling":
+            if self.status in FINISHED or self.status is MigrationStatus.CANCELLING:
                 return
-            self._set_status_locked("cancelling")
+            self._set_status_locked(MigrationStatus.CANCELLING)
         self.latch.fail(MigrationCancelled("migration cancelled"))
 
     # -- the migration thread ------------------------------------------------
     def _run(self) -> None:
         try:
             self._migrate()
-            self._set_status("completed")
-            self.machine.set_state("postmigrate")
+            self._set_status(MigrationStatus.COMPLETED)
+            self.machine.set_state(RunState.POSTMIGRATE)
         except BaseException as e:
             # _migrate raises the first cause of the whole group (or the destination's
             # refusal, when a write failed only because of it)
@@ -144,10 +145,10 @@ class OutgoingMigration(MigrationRun):
                 self.error_desc = str(first) or repr(first)  # a bug's bare exception too
             self._resume_source()
             with self._lock:
-                if cancelled or self.status == "cancelling":
-                    self._set_status_locked("cancelled")
+                if cancelled or self.status is MigrationStatus.CANCELLING:
+                    self._set_status_locked(MigrationStatus.CANCELLED)
                 else:
-                    self._set_status_locked("failed")
+                    self._set_status_locked(MigrationStatus.FAILED)
             if not isinstance(e, Exception):
                 raise
         finally:
@@ -156,11 +157,11 @@ class OutgoingMigration(MigrationRun):
 
     def _resume_source(self) -> None:
         self.machine.throttle_pct = 0
-        if self._was_running and self.machine.state != "running":
+        if self._was_running and not self.machine.running:
             self.machine.cont()
             self.emit_event("RESUME", None)
-        elif not self._was_running and self.machine.state == "finish-migrate":
-            self.machine.set_state("paused")
+        elif not self._was_running and self.machine.state is RunState.FINISH_MIGRATE:
+            self.machine.set_state(RunState.PAUSED)
 
     def _cleanup(self) -> None:
         for t in self._trackers.values():
@@ -189,7 +190,7 @@ class OutgoingMigration(MigrationRun):
                                            self.latch)
                 self._setup_sections(out)
                 self.setup_time_ms = int((time.monotonic() - self.start_time) * 1000)
-                self._set_status("active")
+                self._set_status(MigrationStatus.ACTIVE)
                 self._start_tracking()
                 while True:
                     self.latch.raise_if_failed()
@@ -367,11 +368,11 @@ class OutgoingMigration(MigrationRun):
     def _complete(self, out: OutgoingStream) -> None:
         m = self.machine
         self._stopped_at = time.monotonic()
-        if m.state == "running":
-            m.set_state("finish-migrate")
+        if m.running:
+            m.set_state(RunState.FINISH_MIGRATE)
             self.emit_event("STOP", None)
         else:
-            m.set_state("finish-migrate")
+            m.set_state(RunState.FINISH_MIGRATE)
         bytes0 = self._bytes()
         dirty = self._collect()
         self.dirty_sync_count += 1
@@ -444,16 +445,16 @@ class OutgoingMigration(MigrationRun):
     def query(self) -> dict[str, Any]:
         """``query-migrate`` as QEMU 10 shapes it."""
         st = self.status
-        out: dict[str, Any] = {"status": st}
-        if st == "none":
+        out: dict[str, Any] = {"status": st.value}
+        if st is MigrationStatus.NONE:
             return out
         now = self.end_time or time.monotonic()
         out["total-time"] = int((now - self.start_time) * 1000)
         if self.setup_time_ms is not None:
             out["setup-time"] = self.setup_time_ms
-        if st == "completed" and self.downtime_ms is not None:
+        if st is MigrationStatus.COMPLETED and self.downtime_ms is not None:
             out["downtime"] = self.downtime_ms
-        elif st == "active" and self.expected_downtime_ms is not None:
+        elif st is MigrationStatus.ACTIVE and self.expected_downtime_ms is not None:
             out["expected-downtime"] = self.expected_downtime_ms
         s = self.stats
         transferred = s.bytes
@@ -479,6 +480,6 @@ class OutgoingMigration(MigrationRun):
         }
         if self.throttle_pct:
             out["cpu-throttle-percentage"] = self.throttle_pct
-        if st == "failed" and self.error_desc:
+        if st is MigrationStatus.FAILED and self.error_desc:
             out["error-desc"] = self.error_desc
         return out

@@ -1,4 +1,4 @@
-"""Migration capabilities, parameters and status, with QEMU's names and defaults.
+"""Migration capabilities and parameters, with QEMU's names and defaults.
 
 The names are QEMU's (``qapi/migration.json``) so that management code
 written for QEMU sets them unchanged; only the ones livemig's engine acts
@@ -45,29 +45,6 @@ _INT_RANGES: dict[str, tuple[int, int]] = {
     "max-cpu-throttle": (1, 99),
     "throttle-trigger-threshold": (1, 100),
 }
-
-#: QEMU's MigrationStatus values livemig reports, and the arcs between them
-#: (``migrate_set_state()`` callers in migration/migration.c).
-STATUS_ARCS: dict[str, frozenset[str]] = {
-    "none": frozenset({"setup", "failed"}),
-    "setup": frozenset({"active", "failed", "cancelling"}),
-    "active": frozenset({"pre-switchover", "device", "completed", "failed", "cancelling"}),
-    "pre-switchover": frozenset({"device", "failed", "cancelling"}),
-    "device": frozenset({"completed", "failed", "cancelling"}),
-    "cancelling": frozenset({"cancelled", "failed"}),
-    "completed": frozenset(),
-    "failed": frozenset(),
-    "cancelled": frozenset(),
-}
-
-FINISHED = frozenset({"completed", "failed", "cancelled"})
-
-
-def next_status(current: str, new: str) -> str:
-    if new not in STATUS_ARCS.get(current, frozenset()):
-        raise ConfigError(f"internal: migration status {current} -> {new} is not an arc")
-    return new
-
 
 @dataclass
 class MigrationSettings:

@@ -19,7 +19,7 @@ import subprocess
 import threading
 import time
 from collections.abc import Callable
-from typing import Protocol
+from typing import Protocol, runtime_checkable
 
 from livemig.errors import ConfigError, StreamFormatError, TransportError
 from livemig.io.uri import ExecUri, FileUri, TcpUri, UnixUri, Uri
@@ -38,7 +38,14 @@ MULTIFD_CONNECT_TIMEOUT = 30.0
 
 
 class ByteSource(Protocol):
-    """What the main-channel loop reads from."""
+    """What the main-channel loop reads from.
+
+    ``readinto`` returns 0 at the end of the stream; ``seek`` moves the read
+    position (a mapped-ram stream skips its page areas), and a source that
+    cannot seek raises ``ConfigError``. What a source can do beyond this is
+    declared by the capability protocols below, which the loader asks for with
+    ``isinstance``.
+    """
 
     name: str
 
@@ -47,7 +54,36 @@ class ByteSource(Protocol):
     def close(self) -> None: ...
 
 
+@runtime_checkable
+class SeekableSource(Protocol):
+    """A :class:`ByteSource` over a regular file (``file:``, a snapshot).
+
+    ``file_fd`` may be read at any offset (``pread``, ``copy_file_range``) while
+    the stream is read: that is how a mapped-ram stream's pages are taken, since
+    they are not in the stream but at fixed places in the file. Sockets and pipes
+    (``exec:``) have no such descriptor.
+    """
+
+    @property
+    def file_fd(self) -> int: ...
+
+
+@runtime_checkable
+class LivenessSource(Protocol):
+    """A :class:`ByteSource` that can tell, without reading, whether its peer is gone.
+
+    ``alive()`` is False once the peer closed its side; it consumes no data. The
+    multifd sync barrier asks it while it waits, so that a source that died does
+    not leave the destination waiting for ``SYNC_TIMEOUT``.
+    """
+
+    def alive(self) -> bool: ...
+
+
 class SocketSource:
+    """The main channel of a tcp: or unix: migration: a :class:`LivenessSource` that
+    also carries the return path (``send``)."""
+
     def __init__(self, sock: socket.socket, name: str = "main channel") -> None:
         self.sock = sock
         self.name = name
@@ -81,6 +117,12 @@ class SocketSource:
 
 
 class FileSource:
+    """A migration stream in a file (``file:PATH[,offset=N]``): a :class:`SeekableSource`.
+
+    A snapshot's device-state trailer is not part of the stream: reading ends
+    where it starts (``trailer``).
+    """
+
     def __init__(self, path: str, offset: int = 0) -> None:
         try:
             self.fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
@@ -117,6 +159,11 @@ class FileSource:
 
     def seek(self, offset: int) -> None:
         self.pos = offset
+
+    @property
+    def file_fd(self) -> int:
+        """The file, for positional reads (:class:`SeekableSource`)."""
+        return self.fd
 
     def close(self) -> None:
         if self.fd >= 0:
@@ -176,6 +223,8 @@ class Listener:
         self.uri = uri
         self._unlink: str | None = None
         self._watching = False
+        #: The thread of :meth:`watch_for_extra`, joined by :meth:`close`.
+        self._watch_thread: threading.Thread | None = None
         try:
             if isinstance(uri, TcpUri):
                 fam = socket.AF_INET6 if ":" in uri.host else socket.AF_INET
@@ -281,7 +330,7 @@ class Listener:
 
     def close(self) -> None:
         self._watching = False
-        t = getattr(self, "_watch_thread", None)
+        t = self._watch_thread
         if t is not None and t is not threading.current_thread():
             try:
                 self.sock.shutdown(socket.SHUT_RDWR)  # wakes the blocked accept()

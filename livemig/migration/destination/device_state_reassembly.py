@@ -48,7 +48,7 @@ import threading
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from typing import Protocol, TypeVar
+from typing import Protocol, TypeVar, runtime_checkable
 
 from livemig.errors import LimitExceeded, MigrationError, StreamFormatError, TransportError
 from livemig.wire.vfio_packet import (
@@ -63,6 +63,7 @@ __all__ = [
     "ABORT_JOIN_TIMEOUT",
     "DEFAULT_MAX_BUFFERED",
     "DEFAULT_STALL_TIMEOUT",
+    "CancellableLoadTarget",
     "DeviceKey",
     "DeviceLoadStats",
     "DeviceLoadTarget",
@@ -105,8 +106,8 @@ class DeviceLoadTarget(Protocol):
     ``write_data`` writes all of a chunk to the device's data fd (blocking);
     ``load_config`` loads the config state (the bytes between ``DEV_CONFIG_STATE``
     and ``END_OF_STATE``). Both run on the device's load thread and raise to fail
-    the load. ``cancel`` (optional) unblocks a ``write_data`` stuck on a device
-    that stopped reading; :meth:`DeviceStateReassembler.abort` calls it.
+    the load. A target that can also unblock a stuck ``write_data`` is a
+    :class:`CancellableLoadTarget`.
     """
 
     def write_data(self, data: memoryview) -> None: ...
@@ -114,8 +115,23 @@ class DeviceLoadTarget(Protocol):
     def load_config(self, config: memoryview) -> None: ...
 
 
+@runtime_checkable
+class CancellableLoadTarget(Protocol):
+    """A :class:`DeviceLoadTarget` whose ``write_data`` can be unblocked.
+
+    ``cancel()`` makes a ``write_data`` stuck on a device that stopped reading
+    return (or raise), from another thread. :meth:`DeviceStateReassembler.abort`
+    calls it for a load thread that did not stop within half of
+    ``ABORT_JOIN_TIMEOUT``; an exception from it is ignored, as the load is being
+    abandoned anyway.
+    """
+
+    def cancel(self) -> None: ...
+
+
 class FdLoadTarget:
-    """A :class:`DeviceLoadTarget` that writes to a data fd (e.g. VFIO's RESUMING fd)."""
+    """A :class:`CancellableLoadTarget` that writes to a data fd (e.g. VFIO's RESUMING
+    fd); ``cancel`` calls the ``cancel`` given, if any."""
 
     def __init__(self, fd: int, load_config: Callable[[memoryview], None],
                  cancel: Callable[[], None] | None = None) -> None:
@@ -418,10 +434,9 @@ class DeviceStateReassembler:
                 continue
             dev.thread.join(ABORT_JOIN_TIMEOUT / 2)
             if dev.thread.is_alive():
-                cancel = getattr(dev.target, "cancel", None)
-                if cancel is not None:
+                if isinstance(dev.target, CancellableLoadTarget):
                     with contextlib.suppress(Exception):  # best effort on the way out
-                        cancel()
+                        dev.target.cancel()
                 dev.thread.join(ABORT_JOIN_TIMEOUT / 2)
                 if dev.thread.is_alive():
                     stuck.append(dev.label)

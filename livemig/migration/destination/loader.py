@@ -19,16 +19,14 @@ import struct
 import zlib
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Protocol
-
-import numpy as np
 
 from livemig import limits
 from livemig.errors import ConfigError, MigrationError, StreamFormatError, TruncatedStream
-from livemig.io.channels import ByteSource
+from livemig.io.channels import ByteSource, LivenessSource, SeekableSource
 from livemig.migration.common.failure import FailureLatch
-from livemig.migration.destination.multifd_receiver import MultifdReceiver
 from livemig.migration.common.stats import TransferStats
+from livemig.migration.destination.multifd_receiver import MultifdReceiver
+from livemig.migration.destination.sinks import RamSink, SnapshotSink
 from livemig.wire.constants import Command, ReturnPathMessage, SectionType
 from livemig.wire.events import (
     CommandRecord,
@@ -57,16 +55,6 @@ from livemig.wire.stream import (
 )
 
 PS = limits.TARGET_PAGE_SIZE
-
-
-class RamSink(Protocol):
-    def set_layout(self, config: Configuration | None, ram_section_id: int,
-                   blocks: tuple[RamBlockInfo, ...]) -> None: ...
-    def write_pages(self, block: str, offsets: np.ndarray, data: np.ndarray) -> None: ...
-    def write_page_bytes(self, block: str, offset: int, page: bytes | bytearray) -> None: ...
-    def zero_pages(self, block: str, offsets: np.ndarray, fill: int = 0) -> None: ...
-    def read_page(self, block: str, offset: int) -> bytearray: ...
-    def copy_mapped_ram_block(self, src_fd: int, info: RamBlockInfo) -> int: ...
 
 
 @dataclass
@@ -133,9 +121,17 @@ class MainChannelLoader:
         """``observer`` sees every record except pages, after the loader handled
         it (a relay forwards them from there). ``section_lengths`` lets a
         destination that knows its devices split their sections itself
-        (:class:`~livemig.wire.stream.MainStreamDecoder`)."""
+        (:class:`~livemig.wire.stream.MainStreamDecoder`).
+
+        What the source and the sink can do beyond their protocols is declared
+        by the capability protocols they implement: a
+        :class:`~livemig.migration.destination.sinks.SnapshotSink` needs the
+        configuration section, a :class:`~livemig.io.channels.SeekableSource`
+        can give mapped-ram pages, a :class:`~livemig.io.channels.LivenessSource`
+        tells the sync barrier when the source hung up."""
         self.observer = observer
-        self.requires_configuration = hasattr(sink, "commit")
+        self.requires_configuration = isinstance(sink, SnapshotSink)
+        self._alive = source.alive if isinstance(source, LivenessSource) else None
         self.source = source
         self.sink = sink
         self.stats = stats
@@ -341,9 +337,10 @@ class MainChannelLoader:
         if self.multifd is not None:
             self.multifd.set_blocks({b.name: b.length for b in ev.blocks})
         if any(b.mapped_ram for b in ev.blocks):
-            fd = getattr(self.source, "fd", None)
-            if fd is None:
-                raise ConfigError("a mapped-ram stream can only be read from a file")
+            if not isinstance(self.source, SeekableSource):
+                raise ConfigError(f"{self.where}: a mapped-ram stream can only be read from "
+                                  "a file")
+            fd = self.source.file_fd
             for b in ev.blocks:
                 self.stats.add_pages(self.sink.copy_mapped_ram_block(fd, b))
 
@@ -356,8 +353,7 @@ class MainChannelLoader:
             self.multifd.barrier.main_sync(self.where, self._main_alive)
 
     def _main_alive(self) -> bool:
-        alive = getattr(self.source, "alive", None)
-        return alive() if alive is not None else True
+        return self._alive() if self._alive is not None else True
 
     def _command(self, ev: CommandRecord) -> None:
         r = self.result
