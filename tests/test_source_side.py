@@ -242,16 +242,24 @@ def test_send_relay_engine_write_the_same_stream(tmp_path: Path, machine_type: s
 
     want = skeleton(bytes(e_streams[0]))
     assert skeleton(bytes(s_streams[0])) == want
-    assert skeleton(bytes(r_streams[0])) == want
+    # The relay passes pages on while they arrive: pages of the next section may reach
+    # it before the source's EOS does, and it then syncs once more before that EOS.
+    # Apart from such extra MULTIFD_FLUSH records its stream is the same.
+    relayed_skel = skeleton(bytes(r_streams[0]))
+    assert [r for r in relayed_skel if r[0] != "RamMultifdFlush"] == \
+        [r for r in want if r[0] != "RamMultifdFlush"]
     mode = SyncMode.for_machine(machine_type)
-    markers = [r for r in want if r[0] in ("RamMultifdFlush", "RamEndOfSection")]
-    assert markers, "no sync marker in the stream"
-    for streams in (e_streams, s_streams, r_streams):
+    marker = "RamMultifdFlush" if mode is SyncMode.PER_ROUND else "RamEndOfSection"
+    # setup, the bulk pass and END each end a round (without channels per-round
+    # destinations need no marker at all)
+    assert sum(r[0] == marker for r in want) == (3 if channels or mode is SyncMode.PER_SECTION
+                                                 else 0)
+    for streams, skel in ((e_streams, want), (s_streams, want), (r_streams, relayed_skel)):
         assert len(streams) == 1 + channels
-        counts = {syncs(bytes(c)) for c in streams[1:]}
         if channels:
-            # setup, the bulk pass and the END section each sync once
-            assert counts == {3}, (mode, counts)
+            # every sync marker on the main channel has its SYNC on every channel
+            counts = {syncs(bytes(c)) for c in streams[1:]}
+            assert counts == {sum(r[0] == marker for r in skel)}, (mode, counts)
     expect = bytes(next(iter(m.blocks.values())).view)
     for snap in (e_snap, s_snap, r_snap):
         assert ram_of(snap, tmp_path) == expect
