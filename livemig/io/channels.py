@@ -16,7 +16,6 @@ from __future__ import annotations
 import os
 import socket
 import subprocess
-import threading
 import time
 from collections.abc import Callable
 from typing import Protocol
@@ -61,8 +60,13 @@ class SocketSource:
     def seek(self, offset: int) -> None:
         raise ConfigError(f"{self.name}: a mapped-ram stream can only be read from a file")
 
+    def fileno(self) -> int:
+        """The socket, for a caller that polls it for the peer's hang-up (``POLLRDHUP``)."""
+        return self.sock.fileno()
+
     def alive(self) -> bool:
-        """False once the peer has closed its side (without consuming any data)."""
+        """False once the peer has closed its side and nothing it sent is left unread
+        (no data is consumed)."""
         try:
             return self.sock.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT) != b""
         except BlockingIOError:
@@ -170,12 +174,18 @@ def _close_socket(sock: socket.socket) -> None:
 
 
 class Listener:
-    """A listening socket for tcp: or unix:, removed again on close."""
+    """A listening socket for tcp: or unix:, removed again on close.
+
+    No thread here: :meth:`wait_for_extra` blocks, and its caller runs it in a thread
+    it owns. :meth:`shutdown` (from any thread, or a
+    :class:`~livemig.migration.common.failure.FailureLatch` the socket is registered
+    with) wakes a blocked :meth:`accept_migration` or :meth:`wait_for_extra`;
+    :meth:`close` frees the socket once nothing waits on it any more.
+    """
 
     def __init__(self, uri: Uri) -> None:
         self.uri = uri
         self._unlink: str | None = None
-        self._watching = False
         try:
             if isinstance(uri, TcpUri):
                 fam = socket.AF_INET6 if ":" in uri.host else socket.AF_INET
@@ -211,8 +221,15 @@ class Listener:
 
     def accept_migration(self, multifd_channels: int, *,
                          timeout: float = DEFAULT_ACCEPT_TIMEOUT,
+                         on_accept: Callable[[socket.socket], None] | None = None,
                          ) -> tuple[socket.socket, list[socket.socket]]:
-        """Accept the main channel and ``multifd_channels`` more, classified by content."""
+        """Accept the main channel and ``multifd_channels`` more, classified by content.
+
+        ``on_accept`` sees each connection before its first bytes are awaited (an owner
+        registers it with its failure latch, so that a cancel also ends the wait for a
+        silent connection). :meth:`shutdown` ends the wait with a
+        :class:`~livemig.errors.TransportError`.
+        """
         main: socket.socket | None = None
         multifd: list[socket.socket] = []
         deadline = time.monotonic() + timeout
@@ -231,7 +248,12 @@ class Listener:
                     conn, _ = self.sock.accept()
                 except TimeoutError:
                     continue
+                except OSError as e:
+                    raise TransportError(f"{self.address}: stopped accepting the migration's "
+                                         f"connections ({e.strerror or e})") from e
                 conn.settimeout(None)
+                if on_accept is not None:
+                    on_accept(conn)
                 _tune(conn)
                 kind = _classify(conn, left)
                 if kind == "main":
@@ -254,47 +276,41 @@ class Listener:
             raise
         return main, multifd
 
-    def watch_for_extra(self, on_extra: Callable[[str], None]) -> threading.Thread:
-        """Keep accepting after the migration's channels arrived: QEMU opens all of its
-        channels at once, so one more connection means the source uses more multifd
-        channels than we were told (the extra channel would otherwise just be ignored
-        and the migration would fail later, for a less obvious reason)."""
-        self._watching = True
+    def wait_for_extra(self) -> str | None:
+        """Keep accepting after the migration's channels arrived, until :meth:`shutdown`
+        (then None). QEMU opens all of its channels at once, so one more connection means
+        the source uses more multifd channels than we were told (the extra channel would
+        otherwise just be ignored and the migration would fail later, for a less obvious
+        reason): that connection is closed and the reason returned."""
+        self.sock.settimeout(None)
+        try:
+            conn, _ = self.sock.accept()
+        except OSError:
+            return None  # shut down: the migration's channels are all there is
+        conn.close()
+        return (f"{self.address}: the source opened more connections than the main channel "
+                "and the expected multifd channels (does it use more multifd-channels than "
+                "this side, or multifd at all?)")
 
-        def loop() -> None:
-            self.sock.settimeout(None)
-            while self._watching:
-                try:
-                    conn, _ = self.sock.accept()
-                except OSError:
-                    return  # close() shut the listening socket down
-                conn.close()
-                on_extra(f"{self.address}: the source opened more connections than the main "
-                         "channel and the expected multifd channels (does it use more "
-                         "multifd-channels than this side, or multifd at all?)")
-                return
-
-        t = threading.Thread(target=loop, name="listener-watch")
-        t.start()
-        self._watch_thread = t
-        return t
+    def shutdown(self) -> None:
+        """Stop accepting: a thread blocked in accept() returns (any thread may call this)."""
+        try:
+            self.sock.shutdown(socket.SHUT_RDWR)
+        except OSError:
+            pass
 
     def close(self) -> None:
-        self._watching = False
-        t = getattr(self, "_watch_thread", None)
-        if t is not None and t is not threading.current_thread():
-            try:
-                self.sock.shutdown(socket.SHUT_RDWR)  # wakes the blocked accept()
-            except OSError:
-                pass
-            t.join()
-            self._watch_thread = None
+        """Close the socket and remove a unix socket's path. Call it only once no thread
+        waits in :meth:`accept_migration` or :meth:`wait_for_extra` (:meth:`shutdown`
+        first, then join that thread)."""
+        self.shutdown()
         self.sock.close()
         if self._unlink:
             try:
                 os.unlink(self._unlink)
             except OSError:
                 pass
+            self._unlink = None
 
 
 def _is_socket(path: str) -> bool:

@@ -19,7 +19,7 @@ import struct
 import zlib
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import Protocol, cast
 
 import numpy as np
 
@@ -27,7 +27,7 @@ from livemig import limits
 from livemig.errors import ConfigError, MigrationError, StreamFormatError, TruncatedStream
 from livemig.io.channels import ByteSource
 from livemig.migration.common.failure import FailureLatch
-from livemig.migration.destination.multifd_receiver import MultifdReceiver
+from livemig.migration.destination.multifd_receiver import MainChannelWatch, MultifdReceiver
 from livemig.migration.common.stats import TransferStats
 from livemig.wire.constants import Command, ReturnPathMessage, SectionType
 from livemig.wire.events import (
@@ -260,7 +260,7 @@ class MainChannelLoader:
                 self._flush_in_section = True
                 r.multifd_sync_mode = "per-round"
                 if self.multifd is not None:
-                    self.multifd.barrier.main_sync(self.where, self._main_alive)
+                    self.multifd.barrier.main_sync(self.where, self._main_watch())
             elif t is SectionHeader:
                 self._section = ev
                 self._flush_in_section = False
@@ -322,11 +322,14 @@ class MainChannelLoader:
                 and self.multifd is not None):
             r.multifd_sync_mode = "per-round" if self._flush_in_section else "per-section"
         if self.multifd is not None and r.multifd_sync_mode == "per-section":
-            self.multifd.barrier.main_sync(self.where, self._main_alive)
+            self.multifd.barrier.main_sync(self.where, self._main_watch())
 
-    def _main_alive(self) -> bool:
-        alive = getattr(self.source, "alive", None)
-        return alive() if alive is not None else True
+    def _main_watch(self) -> MainChannelWatch | None:
+        """The main channel, if it is a socket whose hang-up the sync barrier can watch."""
+        src = self.source
+        if hasattr(src, "alive") and hasattr(src, "fileno"):
+            return cast(MainChannelWatch, src)
+        return None
 
     def _command(self, ev: CommandRecord) -> None:
         r = self.result
