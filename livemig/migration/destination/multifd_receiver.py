@@ -50,6 +50,13 @@ PS = limits.TARGET_PAGE_SIZE
 #: mean a dead or mismatched source.
 SYNC_TIMEOUT = 600.0
 
+#: How long the main stream still waits at a sync point once the source has
+#: closed its main channel. That alone is no failure: a source without a return
+#: path closes it right after the last byte, and the channels' SYNC packets, sent
+#: before the marker, may still be on their way (or being read behind a large
+#: packet). Channels that have not arrived by then never will.
+MAIN_HANGUP_GRACE = 1.0
+
 
 class PageSink(Protocol):
     def write_pages(self, block: str, offsets: np.ndarray, data: np.ndarray) -> None: ...
@@ -121,7 +128,8 @@ class SyncBarrier:
 
         With ``main``, a source that hangs up its main channel while we wait (and
         left nothing unread on it) ends the wait with
-        :class:`~livemig.errors.TruncatedStream`: its channels would never come.
+        :class:`~livemig.errors.TruncatedStream` once :data:`MAIN_HANGUP_GRACE` has
+        passed without the channels: its channels would never come.
         """
         deadline = time.monotonic() + SYNC_TIMEOUT
         poller = select.poll()
@@ -129,24 +137,28 @@ class SyncBarrier:
         main_fd = main.fileno() if main is not None else -1
         if main_fd >= 0:
             poller.register(main_fd, select.POLLRDHUP)
+        hung_up: float | None = None
         while True:
             with self.cond:
                 if self._settled_locked():
                     break
-            left = deadline - time.monotonic()
-            if left <= 0:
+            now = time.monotonic()
+            if hung_up is not None and now >= hung_up + MAIN_HANGUP_GRACE:
+                raise TruncatedStream(
+                    f"the source closed the {where} while the multifd channels were at a "
+                    f"sync point ({self.arrived} of {self.n} had reached it)")
+            until = deadline if hung_up is None else min(deadline, hung_up + MAIN_HANGUP_GRACE)
+            if now >= deadline:
                 break
-            for fd, _ in poller.poll(math.ceil(left * 1000)):
+            for fd, _ in poller.poll(math.ceil((until - now) * 1000)):
                 if fd == self._wake_fd:
                     _drain_eventfd(fd)
                 elif not self.latch.failed:  # (a failure shuts the socket down: not a hang-up)
                     assert main is not None
                     if not main.alive():
-                        raise TruncatedStream(
-                            f"the source closed the {where} while the multifd channels were "
-                            f"at a sync point ({self.arrived} of {self.n} had reached it)")
-                    # Closed after sending more than we have read: nothing changes on
-                    # this socket until the main thread reads it, so stop watching it.
+                        hung_up = time.monotonic()
+                    # Either way nothing changes on this socket until the main thread
+                    # reads it (a source that closed after sending more is not gone).
                     poller.unregister(main_fd)
         with self.cond:
             self.latch.raise_if_failed()
