@@ -8,15 +8,15 @@ from dataclasses import dataclass
 from livemig.io.channels import DEFAULT_ACCEPT_TIMEOUT, FileSource
 from livemig.io.snapshot import SnapshotWriter, trailer_packets, trailer_payload
 from livemig.io.uri import Uri, parse_uri
+from livemig.migration.common.failure import FailureLatch
+from livemig.migration.common.stats import TransferStats
 from livemig.migration.destination.device_state_capture import (
     DEVICE_STATE_DRAIN,
     DeviceStateRecorder,
     multifd_devices,
 )
-from livemig.migration.common.failure import FailureLatch
 from livemig.migration.destination.incoming_stream import IncomingMigration, multifd_settings
 from livemig.migration.destination.loader import LoadResult
-from livemig.migration.common.stats import TransferStats
 from livemig.wire.constants import MultifdCompression
 
 

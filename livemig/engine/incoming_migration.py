@@ -28,8 +28,8 @@ from livemig.engine.params import MigrationSettings
 from livemig.errors import ConfigError, MigrationError, StreamFormatError
 from livemig.io.guest_ram import PAGE_SIZE
 from livemig.io.uri import Uri
-from livemig.migration.destination.device_state_reassembly import DeviceStateReassembler
 from livemig.migration.common.thread_group import ThreadGroup
+from livemig.migration.destination.device_state_reassembly import DeviceStateReassembler
 from livemig.migration.destination.incoming_stream import IncomingMigration
 from livemig.wire.constants import Command
 from livemig.wire.events import CommandRecord, Configuration, DeviceSection, RamBlockInfo

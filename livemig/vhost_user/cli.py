@@ -11,10 +11,8 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import os
 import signal
 import sys
-import threading
 from types import FrameType
 
 
@@ -74,12 +72,5 @@ def run(args: argparse.Namespace) -> int:
     except _Stop:
         pass
     finally:
-        server.shutdown()
-    if threading.active_count() > 1:
-        # A transfer thread still blocked on a pipe whose front-end is gone: the
-        # conventions want a prompt exit, so do not wait for it at interpreter exit.
-        logging.shutdown()
-        sys.stdout.flush()
-        sys.stderr.flush()
-        os._exit(0)
+        server.shutdown()  # (also cancels a transfer still running: its thread ends now)
     return 0

@@ -62,7 +62,7 @@ class ChannelInput(enum.Enum):
 
 
 S = ChannelState
-I = ChannelInput  # noqa: E741 - the table reads better with short names
+I = ChannelInput
 
 #: ``(state, input) -> next state``; a pair not in the table is a protocol error.
 RECV_CHANNEL_TRANSITIONS: Final[dict[tuple[ChannelState, ChannelInput], ChannelState]] = {

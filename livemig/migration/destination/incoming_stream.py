@@ -18,10 +18,10 @@ from livemig.errors import ConfigError, MigrationError, TransportError
 from livemig.io.channels import ByteSource, ExecSource, Listener, SocketSource, open_source
 from livemig.io.uri import ExecUri, FileUri, TcpUri, UnixUri, Uri
 from livemig.migration.common.failure import FailureLatch
-from livemig.migration.destination.loader import LoadResult, MainChannelLoader, RamSink, rp_message
-from livemig.migration.destination.multifd_receiver import DeviceStateCallback, MultifdReceiver
 from livemig.migration.common.stats import TransferStats
 from livemig.migration.common.thread_group import ThreadGroup
+from livemig.migration.destination.loader import LoadResult, MainChannelLoader, RamSink, rp_message
+from livemig.migration.destination.multifd_receiver import DeviceStateCallback, MultifdReceiver
 from livemig.wire.constants import MultifdCompression, ReturnPathMessage
 from livemig.wire.stream import SectionLengths
 

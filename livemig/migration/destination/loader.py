@@ -27,8 +27,8 @@ from livemig import limits
 from livemig.errors import ConfigError, MigrationError, StreamFormatError, TruncatedStream
 from livemig.io.channels import ByteSource
 from livemig.migration.common.failure import FailureLatch
-from livemig.migration.destination.multifd_receiver import MainChannelWatch, MultifdReceiver
 from livemig.migration.common.stats import TransferStats
+from livemig.migration.destination.multifd_receiver import MainChannelWatch, MultifdReceiver
 from livemig.wire.constants import Command, ReturnPathMessage, SectionType
 from livemig.wire.events import (
     CommandRecord,

@@ -333,7 +333,7 @@ class MultifdReceiver:
         except MigrationError as e:
             if not self.finishing:
                 self.latch.fail(e)
-        except Exception as e:  # a bug must still end the migration, with its cause
+        except Exception as e:  # noqa: BLE001 - a bug must still end the migration, too
             self.latch.fail(e)
         finally:
             self.channels[conn_index].close()
