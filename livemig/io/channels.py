@@ -13,9 +13,12 @@ connects the main channel first, which the same rule handles.
 
 from __future__ import annotations
 
+import math
 import os
+import select
 import socket
 import subprocess
+import threading
 import time
 from collections.abc import Callable
 from typing import Protocol
@@ -176,24 +179,36 @@ def _close_socket(sock: socket.socket) -> None:
 class Listener:
     """A listening socket for tcp: or unix:, removed again on close.
 
-    No thread here: :meth:`wait_for_extra` blocks, and its caller runs it in a thread
-    it owns. :meth:`shutdown` (from any thread, or a
-    :class:`~livemig.migration.common.failure.FailureLatch` the socket is registered
-    with) wakes a blocked :meth:`accept_migration` or :meth:`wait_for_extra`;
-    :meth:`close` frees the socket once nothing waits on it any more.
+    No thread here: :meth:`accept_migration` and :meth:`wait_for_extra` block, and
+    their caller runs them in a thread it owns. :meth:`shutdown` (from any thread,
+    e.g. as a :class:`~livemig.migration.common.failure.FailureLatch` callback) wakes
+    either of them through an eventfd they wait on with the socket: ``shutdown(2)``
+    alone does not wake a ``poll`` on a listening unix socket. :meth:`close` frees
+    the socket once nothing waits on it any more.
     """
 
     def __init__(self, uri: Uri) -> None:
         self.uri = uri
         self._unlink: str | None = None
+        self._lock = threading.Lock()
+        self._stopped = False
+        self._closed = False
         try:
             if isinstance(uri, TcpUri):
                 fam = socket.AF_INET6 if ":" in uri.host else socket.AF_INET
                 self.sock = socket.socket(fam, socket.SOCK_STREAM)
-                self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-                self.sock.bind((uri.host, uri.port))
             elif isinstance(uri, UnixUri):
                 self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            else:
+                raise ConfigError(f"cannot listen on {uri}")
+        except OSError as e:
+            raise TransportError(f"cannot listen on {uri}: {e.strerror or e}") from e
+        try:
+            if isinstance(uri, TcpUri):
+                self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+                self.sock.bind((uri.host, uri.port))
+            else:
+                assert isinstance(uri, UnixUri)
                 if os.path.exists(uri.path) and _is_socket(uri.path):
                     os.unlink(uri.path)
                 # Listen under a temporary name and rename: the path appears only
@@ -206,10 +221,11 @@ class Listener:
                 if tmp != uri.path:
                     os.rename(tmp, uri.path)
                 self._unlink = uri.path
-            else:
-                raise ConfigError(f"cannot listen on {uri}")
             self.sock.listen(256)
+            self.sock.setblocking(False)  # waits are in poll, with the wake-up
+            self._wake = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
         except OSError as e:
+            self.sock.close()
             raise TransportError(f"cannot listen on {uri}: {e.strerror or e}") from e
 
     @property
@@ -218,6 +234,32 @@ class Listener:
             host, port = self.sock.getsockname()[:2]
             return str(TcpUri(host, port))
         return str(self.uri)
+
+    def _accept(self, deadline: float | None) -> socket.socket | None:
+        """One connection (blocking), or None at ``deadline``; a
+        :class:`~livemig.errors.TransportError` once :meth:`shutdown` was called."""
+        poller = select.poll()
+        poller.register(self.sock, select.POLLIN)
+        poller.register(self._wake, select.POLLIN)
+        while True:
+            if self._stopped:
+                raise TransportError(f"{self.address}: stopped accepting connections")
+            try:
+                conn, _ = self.sock.accept()
+            except (BlockingIOError, InterruptedError):
+                pass
+            except OSError as e:
+                raise TransportError(f"{self.address}: accept failed: {e.strerror or e}") from e
+            else:
+                conn.setblocking(True)
+                return conn
+            if deadline is None:
+                poller.poll()
+                continue
+            left = deadline - time.monotonic()
+            if left <= 0:
+                return None
+            poller.poll(math.ceil(left * 1000))
 
     def accept_migration(self, multifd_channels: int, *,
                          timeout: float = DEFAULT_ACCEPT_TIMEOUT,
@@ -236,22 +278,14 @@ class Listener:
         try:
             while main is None or len(multifd) < multifd_channels:
                 left = deadline - time.monotonic()
-                if left <= 0:
+                conn = self._accept(deadline) if left > 0 else None
+                if conn is None:
                     have = "no connection" if main is None and not multifd else (
                         f"the main channel {'and' if main else 'missing,'} "
                         f"{len(multifd)} of {multifd_channels} multifd channels")
                     raise TransportError(f"{self.address}: timed out waiting for the migration "
                                          f"({have}); do both sides use the same "
                                          "multifd-channels?")
-                self.sock.settimeout(left)
-                try:
-                    conn, _ = self.sock.accept()
-                except TimeoutError:
-                    continue
-                except OSError as e:
-                    raise TransportError(f"{self.address}: stopped accepting the migration's "
-                                         f"connections ({e.strerror or e})") from e
-                conn.settimeout(None)
                 if on_accept is not None:
                     on_accept(conn)
                 _tune(conn)
@@ -282,20 +316,25 @@ class Listener:
         the source uses more multifd channels than we were told (the extra channel would
         otherwise just be ignored and the migration would fail later, for a less obvious
         reason): that connection is closed and the reason returned."""
-        self.sock.settimeout(None)
         try:
-            conn, _ = self.sock.accept()
-        except OSError:
+            conn = self._accept(None)
+        except TransportError:
             return None  # shut down: the migration's channels are all there is
+        assert conn is not None
         conn.close()
         return (f"{self.address}: the source opened more connections than the main channel "
                 "and the expected multifd channels (does it use more multifd-channels than "
                 "this side, or multifd at all?)")
 
     def shutdown(self) -> None:
-        """Stop accepting: a thread blocked in accept() returns (any thread may call this)."""
+        """Stop accepting (any thread, any time): a blocked :meth:`accept_migration` or
+        :meth:`wait_for_extra` returns, and no connection is accepted any more."""
+        with self._lock:
+            self._stopped = True
+            if not self._closed:
+                os.eventfd_write(self._wake, 1)
         try:
-            self.sock.shutdown(socket.SHUT_RDWR)
+            self.sock.shutdown(socket.SHUT_RDWR)  # refuses connections from now on
         except OSError:
             pass
 
@@ -304,6 +343,10 @@ class Listener:
         waits in :meth:`accept_migration` or :meth:`wait_for_extra` (:meth:`shutdown`
         first, then join that thread)."""
         self.shutdown()
+        with self._lock:
+            if not self._closed:
+                self._closed = True
+                os.close(self._wake)
         self.sock.close()
         if self._unlink:
             try:

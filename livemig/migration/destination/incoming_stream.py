@@ -92,7 +92,7 @@ class IncomingMigration:
             self.source = open_source(u)
             return
         self.listener = Listener(u)
-        self.latch.add_socket(self.listener.sock)  # a cancel wakes accept()
+        self.latch.on_failure(self.listener.shutdown)  # a cancel wakes the accept
         if on_listening is not None:
             on_listening(self.listener.address)
         main, chans = self.listener.accept_migration(self.channels, timeout=accept_timeout,
