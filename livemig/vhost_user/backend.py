@@ -298,10 +298,15 @@ class _Transfer:
             self.done.set()
 
     def cancel(self) -> None:
-        """Make the worker's next wait on the pipe fail (any thread, any time)."""
-        with self._lock:
-            if not self._joined:
-                os.eventfd_write(self._cancel, 1)
+        """Make the worker's next wait on the pipe fail (any thread, any time; also a
+        signal handler, so the lock is only tried: whoever holds it is joining the
+        transfer or cancelling it already)."""
+        if self._lock.acquire(blocking=False):
+            try:
+                if not self._joined:
+                    os.eventfd_write(self._cancel, 1)
+            finally:
+                self._lock.release()
 
     def join(self, timeout: float) -> BaseException | None:
         """Wait up to ``timeout`` seconds for the transfer, then cancel it, join the
@@ -361,11 +366,15 @@ class BackendConnection:
         finally:
             self.close()
 
-    def cancel_transfer(self) -> None:
-        """End a running save or load at its next wait on the pipe (any thread)."""
+    def stop(self) -> None:
+        """End the connection now (any thread, or a signal handler): a running save or
+        load is cancelled, and the message loop sees the connection end."""
+        self.stopping.set()
         t = self.transfer
         if t is not None:
             t.cancel()
+        with contextlib.suppress(OSError):
+            self.channel.sock.shutdown(socket.SHUT_RDWR)
 
     def close(self) -> None:
         t = self.transfer
@@ -683,6 +692,8 @@ class BackendServer:
         where = f"vhost-user front-end #{self.connections}"
         c = self.connection = BackendConnection(self.backend, conn, reply_fd=self.reply_fd,
                                                 where=where, stopping=self._stop)
+        if self._stop.is_set():  # a shutdown that came before self.connection was set
+            c.stop()
         try:
             c.run()
             log.info("%s: disconnected", where)
@@ -693,13 +704,13 @@ class BackendServer:
 
     def shutdown(self) -> None:
         """Stop accepting (from a signal handler or another thread) and remove the path.
-        A connection being served ends when its front-end goes, or at once if the caller
-        interrupts it (the CLI raises from its SIGTERM handler); a transfer still running
-        is cancelled (its worker leaves its next wait on the pipe) and joined."""
+        A connection being served ends at once: its socket is shut down and a transfer
+        still running is cancelled (its worker leaves its next wait on the pipe); the
+        thread in :meth:`serve_forever` then joins that worker and returns."""
         self._stop.set()
         c = self.connection
         if c is not None:
-            c.cancel_transfer()
+            c.stop()
         with contextlib.suppress(OSError):
             self.sock.shutdown(socket.SHUT_RDWR)
         with contextlib.suppress(OSError):

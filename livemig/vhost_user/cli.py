@@ -16,10 +16,6 @@ import sys
 from types import FrameType
 
 
-class _Stop(BaseException):
-    pass
-
-
 def add_arguments(p: argparse.ArgumentParser) -> None:
     where = p.add_mutually_exclusive_group()
     where.add_argument("--socket-path", metavar="PATH",
@@ -58,8 +54,9 @@ def run(args: argparse.Namespace) -> int:
                            reply_fd=args.reply_fd)
 
     def terminate(signum: int, frame: FrameType | None) -> None:
+        # No exception from here: everything serve_forever() waits on is woken by the
+        # shutdown, and it returns once it has joined what it started.
         server.shutdown()
-        raise _Stop
 
     signal.signal(signal.SIGTERM, terminate)
     signal.signal(signal.SIGINT, terminate)
@@ -69,8 +66,6 @@ def run(args: argparse.Namespace) -> int:
         args.socket_path or f"fd {args.fd}", info.size, info.sha256[:16])
     try:
         server.serve_forever()
-    except _Stop:
-        pass
     finally:
-        server.shutdown()  # (also cancels a transfer still running: its thread ends now)
+        server.shutdown()
     return 0
