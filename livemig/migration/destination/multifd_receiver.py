@@ -8,6 +8,19 @@ in between; zlib and zstd release the GIL, so channels inflate in parallel).
 The barrier is what keeps an old copy of a page from winning: a channel that
 reads a SYNC packet stops until the main stream reaches the matching sync
 marker and every channel has reached its SYNC (spec/ram.md §6.1).
+
+Each channel follows the table of :mod:`livemig.wire.multifd_channel`
+(HANDSHAKE -> AWAIT_LAYOUT -> PACKETS <-> AT_SYNC -> ENDED): the thread tells
+it what arrived and an input the table does not allow is a
+:class:`~livemig.errors.StreamFormatError` naming the channel and the packet.
+
+Threads: one per channel, in the owner's
+:class:`~livemig.migration.common.thread_group.ThreadGroup` (or the receiver's
+own). Nothing waits by polling: a channel blocked in ``recv`` is woken by its
+socket being shut down (the latch on failure, :meth:`MultifdReceiver.finish`
+at the end), one waiting for the block list or at the barrier by an event or
+condition, and the main thread at a sync point by an eventfd together with
+the main socket's hang-up (``POLLRDHUP``).
 """
 
 from __future__ import annotations
