@@ -8,15 +8,15 @@ from dataclasses import dataclass
 from livemig.io.channels import DEFAULT_ACCEPT_TIMEOUT, FileSource
 from livemig.io.snapshot import SnapshotWriter, trailer_packets, trailer_payload
 from livemig.io.uri import Uri, parse_uri
+from livemig.migration.common.failure import FailureLatch
+from livemig.migration.common.stats import TransferStats
 from livemig.migration.destination.device_state_capture import (
     DEVICE_STATE_DRAIN,
     DeviceStateRecorder,
     multifd_devices,
 )
-from livemig.migration.common.failure import FailureLatch
 from livemig.migration.destination.incoming_stream import IncomingMigration, multifd_settings
 from livemig.migration.destination.loader import LoadResult
-from livemig.migration.common.stats import TransferStats
 from livemig.wire.constants import MultifdCompression
 
 
@@ -45,14 +45,17 @@ def receive(uri: str | Uri, output: str, *, multifd_channels: int = 0,
     stats = stats or TransferStats()
     latch = FailureLatch()
     writer = SnapshotWriter(output)
-    incoming = IncomingMigration(u, multifd_channels, comp, writer, latch, stats)
     devices = DeviceStateRecorder(writer.store_device_state)
+    latch.on_failure(devices.wake)
+    try:
+        incoming = IncomingMigration(u, multifd_channels, comp, writer, latch, stats,
+                                     on_device_state=devices.on_packet,
+                                     on_channels_ended=devices.channels_ended)
+    except BaseException:
+        writer.abort()  # (its writeback thread too)
+        raise
     try:
         incoming.connect(accept_timeout=accept_timeout, on_listening=on_listening)
-        if incoming.multifd is not None:
-            incoming.multifd.on_device_state = devices.on_packet
-            incoming.multifd.on_channels_ended = devices.channels_ended
-        latch.on_failure(devices.wake)
         stats.phase = "receiving"
 
         def drain(result: LoadResult) -> None:

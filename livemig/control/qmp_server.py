@@ -7,10 +7,14 @@ streaming, errors included) and :mod:`~livemig.control.qmp_session`
 Threads and ownership
 ---------------------
 :meth:`QmpServer.start` starts one accept thread; it starts one thread per
-client. All of them belong to the server: :meth:`QmpServer.close` wakes them
-(an eventfd each), joins them and then re-raises the first unexpected error
-any of them met. A handler's exception is not such an error: it becomes the
-client's error reply, as in QEMU.
+client. All of them run in the server's
+:class:`~livemig.migration.common.thread_group.ThreadGroup` and none is a daemon:
+:meth:`QmpServer.close` wakes them (an eventfd each), joins them and then
+re-raises the first unexpected error any of them met, so a process that closes
+its server (``livemig run`` does on every way out: ``quit``, SIGTERM, Ctrl-C, an
+error) exits at once. A handler's exception is not such an error: it becomes the
+client's error reply, as in QEMU; an unexpected error of one client's thread
+does not stop the others either (it is kept for :meth:`QmpServer.close`).
 
 Output never blocks a caller on a client
 ----------------------------------------
@@ -46,6 +50,7 @@ from livemig.control.qmp_json import InputTooLarge, ParsedItem, QmpInputParser
 from livemig.control.qmp_session import Handler, QmpError, QmpSession, check_arguments
 from livemig.errors import ConfigError, StateError, TransportError
 from livemig.io.uri import TcpUri, UnixUri, parse_uri
+from livemig.migration.common.thread_group import ThreadGroup
 
 __all__ = ["Handler", "QmpError", "QmpServer", "check_arguments"]
 
@@ -70,8 +75,10 @@ LISTEN_BACKLOG = 16
 #: to the "quit" that made the engine close the server, say).
 CLOSE_FLUSH_TIMEOUT = 1.0
 
-#: Seconds close() waits for one thread. A client thread ends at once unless a
-#: command handler is still running, and handlers may block only briefly.
+#: Seconds close() waits for the server's threads before it reports the ones still
+#: running (they stay the server's: calling close() again waits for them again). A
+#: client thread ends at once unless a command handler is still running, and
+#: handlers may block only briefly.
 THREAD_JOIN_TIMEOUT = 10.0
 
 #: Seconds the accept thread pauses when accept() fails for lack of
@@ -234,6 +241,7 @@ class QmpServer:
         self._lock = threading.Lock()
         self._state = "bound"
         self._closing = False
+        self._threads = ThreadGroup("qmp")
         self._clients: dict[_Client, threading.Thread] = {}
         self._finished: list[threading.Thread] = []
         self._errors: list[BaseException] = []
@@ -324,52 +332,62 @@ class QmpServer:
             if self._state != "bound":
                 raise StateError(self._state, "bound")
             self._state = "serving"
-            self._accept_thread = threading.Thread(
-                target=self._run_owned, args=(self._accept_loop,),
-                name=f"qmp-accept {self.address}", daemon=True)
-            # daemon: a process that dies without close() must still exit; close() joins.
-            self._accept_thread.start()
+            self._accept_thread = self._threads.start(self._run_owned, self._accept_loop,
+                                                      name=f"accept {self.address}")
 
     def close(self) -> None:
         """Stop accepting, let clients take their last output, close every socket, join
         every thread, remove the unix socket; then raise the first error a server thread
         met, if any. Calling it again does nothing. Not from a command handler (it would
-        wait for its own thread): signal another thread to close the server instead."""
+        wait for its own thread): signal another thread to close the server instead.
+
+        A thread still running after :data:`THREAD_JOIN_TIMEOUT` (a command handler that
+        does not return) is named in a :class:`~livemig.errors.TransportError`; the
+        server then stays "closing" and a later close() waits for it again."""
         with self._lock:
             if self._state == "closed":
                 return
             own = {self._accept_thread, *self._clients.values()}
             if threading.current_thread() in own:
                 raise StateError("inside a QMP server thread", "a thread of the server's owner")
-            self._state = "closed"
+            self._state = "closing"
             self._closing = True
             clients = list(self._clients)
         os.eventfd_write(self._wake, 1)
         for client in clients:
             client.wakeup()
+        stuck = self._join_threads(time.monotonic() + THREAD_JOIN_TIMEOUT)
+        if stuck:  # they may still use the sockets: those stay open for them
+            raise TransportError(f"QMP server threads did not end within "
+                                 f"{THREAD_JOIN_TIMEOUT:.0f}s (a command handler still "
+                                 f"running?): {', '.join(stuck)}")
+        self._threads.join(close=True)  # all have ended; and no thread can start any more
+        with self._lock:
+            self._state = "closed"
+        self._sock.close()
+        os.close(self._wake)
+        self._unlink_unix()
+        if self._errors:
+            raise self._errors[0]
+
+    def _join_threads(self, deadline: float) -> list[str]:
+        """Join the accept thread, then every client thread, until ``deadline``; the
+        names of those still running."""
         stuck: list[str] = []
-        deadline = time.monotonic() + THREAD_JOIN_TIMEOUT
         if self._accept_thread is not None:
             self._accept_thread.join(max(0.0, deadline - time.monotonic()))
             if self._accept_thread.is_alive():
-                stuck.append(self._accept_thread.name)
-        with self._lock:
+                return [self._accept_thread.name]
+        with self._lock:  # the accept thread has ended: no client thread is added now
             threads = [*self._clients.values(), *self._finished]
-            self._finished.clear()
         for thread in threads:
             thread.join(max(0.0, deadline - time.monotonic()))
             if thread.is_alive():
                 stuck.append(thread.name)
-        if not stuck:  # a stuck thread may still use them
-            self._sock.close()
-            os.close(self._wake)
-        self._unlink_unix()
-        if stuck:
-            raise TransportError(f"QMP server threads did not end within "
-                                 f"{THREAD_JOIN_TIMEOUT:.0f}s (a command handler still "
-                                 f"running?): {', '.join(stuck)}")
-        if self._errors:
-            raise self._errors[0]
+        if not stuck:
+            with self._lock:
+                self._finished.clear()
+        return stuck
 
     def _unlink_unix(self) -> None:
         """Remove our socket file, unless another server has replaced it since."""
@@ -458,18 +476,17 @@ class QmpServer:
             return False
         conn.setblocking(False)
         self._serial += 1
-        name = f"qmp-client-{self._serial} {peer or self.address}"
+        name = f"client-{self._serial} {peer or self.address}"
         try:
             client = _Client(conn, name, QmpSession(self._commands, self._version,
                                                     self._package))
         except OSError:  # no descriptor for the eventfd
             conn.close()
             return False
-        thread = threading.Thread(target=self._run_owned, args=(self._serve, client),
-                                  name=name, daemon=True)
         with self._lock:
+            # (under the lock: _serve looks its own thread up here as soon as it ends)
+            thread = self._threads.start(self._run_owned, self._serve, client, name=name)
             self._clients[client] = thread
-        thread.start()
         return True
 
     def _reap(self) -> None:

@@ -30,6 +30,7 @@ like a NIC receiving packets), parked by the machine's gate when it stops.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import threading
 from collections.abc import Iterator
@@ -37,7 +38,8 @@ from typing import Any
 
 from livemig.engine.handlers import DeviceHandler, SectionOut
 from livemig.engine.machine import Machine
-from livemig.errors import ConfigError, StreamFormatError
+from livemig.errors import ConfigError, StateError, StreamFormatError
+from livemig.migration.common.thread_group import ThreadGroup
 from livemig.migration.source.device_state_packets import (
     OutgoingDeviceStatePacket,
     device_state_packets,
@@ -92,6 +94,8 @@ class VfioSimHandler(DeviceHandler):
         self.mutating = mutate
         self._init_sent = False
         self._stop = threading.Event()
+        # The worker (one thread); close() joins it and raises its error, if it had one.
+        self._workers = ThreadGroup(f"{self.dev.name}-worker")
         self._worker: threading.Thread | None = None
         self.state_bytes = 0
         self.verified: bool | None = None
@@ -121,25 +125,29 @@ class VfioSimHandler(DeviceHandler):
             self._enter_stop_copy()
         if running and self.mutating and self._worker is None:
             self.machine.register_worker()
-            self._worker = threading.Thread(target=self._mutate, name=f"{self.dev.name}-worker")
-            self._worker.start()
+            self._worker = self._workers.start(self._mutate, name="mutate")
 
     def _mutate(self) -> None:
         worked = 0.0
         try:
             while self.machine.gate(worked, self._stop, MUTATE_PERIOD):
                 if self.dev.state in (S.RUNNING, S.RUNNING_P2P, S.PRE_COPY, S.PRE_COPY_P2P):
-                    self.dev.mutate(MUTATE_FRACTION)
+                    # the device may have stopped since the check; the gate parks us next
+                    with contextlib.suppress(StateError):
+                        self.dev.mutate(MUTATE_FRACTION)
         finally:
             self.machine.unregister_worker()
 
     def close(self) -> None:
+        """Stop and join the worker, release the device; then raise the worker's error."""
         self._stop.set()
         self.machine.wake_workers()
-        if self._worker is not None:
-            self._worker.join()
-        self._close_fd()
-        self.dev.close()
+        try:
+            self._workers.join(close=True)
+        finally:
+            self._close_fd()
+            self.dev.close()
+        self._workers.raise_if_failed()
 
     def _close_fd(self) -> None:
         if self.fd is not None:

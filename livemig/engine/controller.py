@@ -185,9 +185,10 @@ class MachineController:
 
     def close(self) -> None:
         self.migrate_cancel()
-        for mig in (self.outgoing, self.incoming):
-            if mig is not None:
-                mig.join(30)
+        if self.outgoing is not None:
+            self.outgoing.join(30)
+        if self.incoming is not None:
+            self.incoming.join()  # cancelled above: every thread of it ends now
         w = self.workload()
         if w is not None:
             w.stop()

@@ -14,7 +14,6 @@ SHUT 0 and the machine runs (if it was started to run, QEMU's autostart).
 from __future__ import annotations
 
 import contextlib
-import socket
 import threading
 import time
 from collections.abc import Callable
@@ -30,6 +29,7 @@ from livemig.engine.states import MigrationStatus, RunState
 from livemig.errors import ConfigError, MigrationError, StreamFormatError
 from livemig.io.guest_ram import PAGE_SIZE
 from livemig.io.uri import Uri
+from livemig.migration.common.thread_group import ThreadGroup
 from livemig.migration.destination.device_state_reassembly import DeviceStateReassembler
 from livemig.migration.destination.incoming_stream import IncomingMigration
 from livemig.wire.constants import Command
@@ -131,13 +131,21 @@ class IncomingMachineMigration(MigrationRun):
         self.listening = threading.Event()
         self.reassembler: DeviceStateReassembler | None = None
         self.incoming: IncomingMigration | None = None
+        #: ``main`` (the migration) and ``prefault``; a failure of either fails the latch.
+        self.threads = ThreadGroup("incoming-migration", self.latch)
 
     def start(self) -> None:
         self.machine.set_state(RunState.INMIGRATE)
-        self._prefault = threading.Thread(target=self._populate, name="prefault")
-        self._prefault.start()
-        self.thread = threading.Thread(target=self._run, name="incoming-migration")
-        self.thread.start()
+        self._prefault = self.threads.start(self._populate, name="prefault")
+        self.thread = self.threads.start(self._run, name="main")
+
+    def join(self, timeout: float | None = None) -> bool:
+        """Wait for the migration's threads (the incoming thread joins ``prefault``
+        itself); True once they have all ended. :meth:`cancel` ends them promptly."""
+        if timeout is None:
+            self.threads.join()
+            return True
+        return super().join(timeout)
 
     def _populate(self) -> None:
         """Fault guest RAM in while the source is not there yet (the kernel does
@@ -148,12 +156,9 @@ class IncomingMachineMigration(MigrationRun):
             b.populate()
 
     def cancel(self) -> None:
-        """End the incoming migration, also while it still waits for its source."""
+        """End the incoming migration, also while it still waits for its source (the
+        latch shuts the listening socket and every channel down)."""
         self.latch.fail(MigrationError("incoming migration cancelled"))
-        inc = self.incoming
-        if inc is not None and inc.listener is not None:
-            with contextlib.suppress(OSError):
-                inc.listener.sock.shutdown(socket.SHUT_RDWR)  # wakes a blocked accept()
 
     def _listening(self, address: str) -> None:
         self.address = address
@@ -161,12 +166,16 @@ class IncomingMachineMigration(MigrationRun):
         if self.on_listening is not None:
             self.on_listening(address)
 
+    def _device_state(self, idstr: str, instance_id: int, payload: memoryview,
+                      channel: int) -> None:
+        """A multifd device-state packet, from a channel thread (only with a reassembler)."""
+        assert self.reassembler is not None
+        self.reassembler.on_packet(idstr, instance_id, payload, channel, owned=True)
+
     def _run(self) -> None:
         sink = MachineSink(self.machine)
-        inc = IncomingMigration(self.uri, self.channels, self.compression, sink, self.latch,
-                                self.stats)
-        self.incoming = inc
         reassembler: DeviceStateReassembler | None = None
+        inc: IncomingMigration | None = None
         try:
             for d in self.machine.devices:
                 d.configure_migration(self.channels)
@@ -176,12 +185,12 @@ class IncomingMachineMigration(MigrationRun):
             if targets:
                 reassembler = DeviceStateReassembler(targets)
                 self.reassembler = reassembler
+            inc = IncomingMigration(self.uri, self.channels, self.compression, sink,
+                                    self.latch, self.stats,
+                                    on_device_state=self._device_state if targets else None)
+            self.incoming = inc
             self._set_status(MigrationStatus.SETUP)
             inc.connect(accept_timeout=ACCEPT_TIMEOUT, on_listening=self._listening)
-            if reassembler is not None and inc.multifd is not None:
-                inc.multifd.on_device_state = (
-                    lambda idstr, inst, payload, ch: reassembler.on_packet(
-                        idstr, inst, payload, ch, owned=True))
             self.start_time = time.monotonic()
             self._set_status(MigrationStatus.ACTIVE)
             inc.load(observer=self._observe, section_lengths=self._section_lengths)
@@ -200,11 +209,13 @@ class IncomingMachineMigration(MigrationRun):
             else:
                 self.machine.set_state(RunState.PAUSED)
         except BaseException as e:
-            inc.refuse()  # first: the latch shuts the main channel down
+            if inc is not None:
+                inc.refuse()  # first: the latch shuts the main channel down
             self.latch.fail(e)
             first = self.latch.error
             self.error_desc = str(first) or repr(first)  # a bug's bare exception too
-            inc.abort()
+            if inc is not None:
+                inc.abort()
             if reassembler is not None:
                 reassembler.abort()
             self._set_status(MigrationStatus.FAILED)
@@ -217,7 +228,8 @@ class IncomingMachineMigration(MigrationRun):
             self.listening.set()
             self.end_time = time.monotonic()
             self._prefault.join()
-            inc.close()
+            if inc is not None:
+                inc.close()
             for d in self.machine.devices:
                 with contextlib.suppress(Exception):  # one device must not hide the cause
                     d.load_cleanup()

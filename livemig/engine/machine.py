@@ -151,7 +151,8 @@ class Machine:
         throttle's share, parks while the machine is stopped, and returns
         False once ``stop`` is set (the worker must end). Every sleep here is
         cut short by a run state change, so a stop never waits for a sleeping
-        worker.
+        worker. Whoever sets ``stop`` calls :meth:`wake_workers` afterwards:
+        nothing here polls it.
         """
         pct = self.throttle_pct
         pause = idle
@@ -172,7 +173,7 @@ class Machine:
             self._cond.notify_all()
             try:
                 while self._state is not RunState.RUNNING and not stop.is_set():
-                    self._cond.wait(0.5)
+                    self._cond.wait()  # set_state() and wake_workers() notify
             finally:
                 self._parked -= 1
         return not stop.is_set()
@@ -182,10 +183,18 @@ class Machine:
             self._cond.notify_all()
 
     def close(self) -> None:
+        """Close every device (each joins its threads) and free guest RAM; then raise
+        the first error a device's close raised."""
+        first: BaseException | None = None
         for d in self.devices:
-            d.close()
+            try:
+                d.close()
+            except Exception as e:  # noqa: BLE001 - the others still close; raised below
+                first = first or e
         for b in self.blocks.values():
             b.close()
+        if first is not None:
+            raise first
 
     def migration_blockers(self) -> list[str]:
         out = []

@@ -27,6 +27,8 @@ from livemig.engine.handlers import DeviceHandler, SectionOut, blob_payload
 from livemig.engine.machine import Machine
 from livemig.errors import ConfigError, StreamFormatError
 from livemig.io.guest_ram import PAGE_SIZE
+from livemig.migration.common.failure import FailureLatch
+from livemig.migration.common.thread_group import ThreadGroup
 
 #: Pages incremented between two gate checks: small enough that a stop is
 #: obeyed within about a millisecond, large enough that numpy, not Python,
@@ -72,31 +74,42 @@ class DirtyPagesWorkload(DeviceHandler):
         self.errors = 0
         self.first_error: str | None = None
         self._stop = threading.Event()
-        self._threads: list[threading.Thread] = []
+        # The workers: the first one to fail stops the others (query-workload reports
+        # it as ``failure``); stop() joins them.
+        self._latch = FailureLatch()
+        self._latch.on_failure(self._stop_workers)
+        self._group = ThreadGroup("workload", self._latch)
+        self._running = 0
         self._lock = threading.Lock()
-        self.failure: BaseException | None = None
 
     # -- running -------------------------------------------------------------
+    @property
+    def failure(self) -> BaseException | None:
+        """The first error of a worker (the workers stop at the first one)."""
+        return self._latch.error
+
     def start(self) -> None:
-        if self._threads:
+        if self._running or self._latch.failed:
             return
         self._stop.clear()
         for i, r in enumerate(self.ranges):
             self.machine.register_worker()
-            t = threading.Thread(target=self._run, args=(r,), name=f"workload-{i}")
-            self._threads.append(t)
-            t.start()
+            self._running += 1
+            self._group.start(self._run, r, name=str(i))
 
-    def stop(self) -> None:
+    def _stop_workers(self) -> None:
         self._stop.set()
         self.machine.wake_workers()
-        for t in self._threads:
-            t.join()
-        self._threads = []
+
+    def stop(self) -> None:
+        """Stop the workers and join them."""
+        self._stop_workers()
+        self._group.join()
+        self._running = 0
 
     @property
     def running(self) -> bool:
-        return bool(self._threads) and self.machine.running
+        return bool(self._running) and self.machine.running
 
     def _run(self, r: _Range) -> None:
         pages = self.block.pages
@@ -118,8 +131,6 @@ class DirtyPagesWorkload(DeviceHandler):
                     r.pos = b
                 worked = time.monotonic() - t0
                 idle = max(0.0, (b - a) * PAGE_SIZE / per_worker - worked) if per_worker else 0.0
-        except BaseException as e:  # noqa: BLE001 - reported by query-workload, never lost
-            self.failure = e
         finally:
             self.machine.unregister_worker()
 

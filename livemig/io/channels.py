@@ -13,7 +13,9 @@ connects the main channel first, which the same rule handles.
 
 from __future__ import annotations
 
+import math
 import os
+import select
 import socket
 import subprocess
 import threading
@@ -97,8 +99,13 @@ class SocketSource:
     def seek(self, offset: int) -> None:
         raise ConfigError(f"{self.name}: a mapped-ram stream can only be read from a file")
 
+    def fileno(self) -> int:
+        """The socket, for a caller that polls it for the peer's hang-up (``POLLRDHUP``)."""
+        return self.sock.fileno()
+
     def alive(self) -> bool:
-        """False once the peer has closed its side (without consuming any data)."""
+        """False once the peer has closed its side and nothing it sent is left unread
+        (no data is consumed)."""
         try:
             return self.sock.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT) != b""
         except BlockingIOError:
@@ -217,22 +224,38 @@ def _close_socket(sock: socket.socket) -> None:
 
 
 class Listener:
-    """A listening socket for tcp: or unix:, removed again on close."""
+    """A listening socket for tcp: or unix:, removed again on close.
+
+    No thread here: :meth:`accept_migration` and :meth:`wait_for_extra` block, and
+    their caller runs them in a thread it owns. :meth:`shutdown` (from any thread,
+    e.g. as a :class:`~livemig.migration.common.failure.FailureLatch` callback) wakes
+    either of them through an eventfd they wait on with the socket: ``shutdown(2)``
+    alone does not wake a ``poll`` on a listening unix socket. :meth:`close` frees
+    the socket once nothing waits on it any more.
+    """
 
     def __init__(self, uri: Uri) -> None:
         self.uri = uri
         self._unlink: str | None = None
-        self._watching = False
-        #: The thread of :meth:`watch_for_extra`, joined by :meth:`close`.
-        self._watch_thread: threading.Thread | None = None
+        self._lock = threading.Lock()
+        self._stopped = False
+        self._closed = False
         try:
             if isinstance(uri, TcpUri):
                 fam = socket.AF_INET6 if ":" in uri.host else socket.AF_INET
                 self.sock = socket.socket(fam, socket.SOCK_STREAM)
-                self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-                self.sock.bind((uri.host, uri.port))
             elif isinstance(uri, UnixUri):
                 self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            else:
+                raise ConfigError(f"cannot listen on {uri}")
+        except OSError as e:
+            raise TransportError(f"cannot listen on {uri}: {e.strerror or e}") from e
+        try:
+            if isinstance(uri, TcpUri):
+                self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+                self.sock.bind((uri.host, uri.port))
+            else:
+                assert isinstance(uri, UnixUri)
                 if os.path.exists(uri.path) and _is_socket(uri.path):
                     os.unlink(uri.path)
                 # Listen under a temporary name and rename: the path appears only
@@ -245,10 +268,11 @@ class Listener:
                 if tmp != uri.path:
                     os.rename(tmp, uri.path)
                 self._unlink = uri.path
-            else:
-                raise ConfigError(f"cannot listen on {uri}")
             self.sock.listen(256)
+            self.sock.setblocking(False)  # waits are in poll, with the wake-up
+            self._wake = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
         except OSError as e:
+            self.sock.close()
             raise TransportError(f"cannot listen on {uri}: {e.strerror or e}") from e
 
     @property
@@ -258,29 +282,59 @@ class Listener:
             return str(TcpUri(host, port))
         return str(self.uri)
 
+    def _accept(self, deadline: float | None) -> socket.socket | None:
+        """One connection (blocking), or None at ``deadline``; a
+        :class:`~livemig.errors.TransportError` once :meth:`shutdown` was called."""
+        poller = select.poll()
+        poller.register(self.sock, select.POLLIN)
+        poller.register(self._wake, select.POLLIN)
+        while True:
+            if self._stopped:
+                raise TransportError(f"{self.address}: stopped accepting connections")
+            try:
+                conn, _ = self.sock.accept()
+            except (BlockingIOError, InterruptedError):
+                pass
+            except OSError as e:
+                raise TransportError(f"{self.address}: accept failed: {e.strerror or e}") from e
+            else:
+                conn.setblocking(True)
+                return conn
+            if deadline is None:
+                poller.poll()
+                continue
+            left = deadline - time.monotonic()
+            if left <= 0:
+                return None
+            poller.poll(math.ceil(left * 1000))
+
     def accept_migration(self, multifd_channels: int, *,
                          timeout: float = DEFAULT_ACCEPT_TIMEOUT,
+                         on_accept: Callable[[socket.socket], None] | None = None,
                          ) -> tuple[socket.socket, list[socket.socket]]:
-        """Accept the main channel and ``multifd_channels`` more, classified by content."""
+        """Accept the main channel and ``multifd_channels`` more, classified by content.
+
+        ``on_accept`` sees each connection before its first bytes are awaited (an owner
+        registers it with its failure latch, so that a cancel also ends the wait for a
+        silent connection). :meth:`shutdown` ends the wait with a
+        :class:`~livemig.errors.TransportError`.
+        """
         main: socket.socket | None = None
         multifd: list[socket.socket] = []
         deadline = time.monotonic() + timeout
         try:
             while main is None or len(multifd) < multifd_channels:
                 left = deadline - time.monotonic()
-                if left <= 0:
+                conn = self._accept(deadline) if left > 0 else None
+                if conn is None:
                     have = "no connection" if main is None and not multifd else (
                         f"the main channel {'and' if main else 'missing,'} "
                         f"{len(multifd)} of {multifd_channels} multifd channels")
                     raise TransportError(f"{self.address}: timed out waiting for the migration "
                                          f"({have}); do both sides use the same "
                                          "multifd-channels?")
-                self.sock.settimeout(left)
-                try:
-                    conn, _ = self.sock.accept()
-                except TimeoutError:
-                    continue
-                conn.settimeout(None)
+                if on_accept is not None:
+                    on_accept(conn)
                 _tune(conn)
                 kind = _classify(conn, left)
                 if kind == "main":
@@ -303,47 +357,50 @@ class Listener:
             raise
         return main, multifd
 
-    def watch_for_extra(self, on_extra: Callable[[str], None]) -> threading.Thread:
-        """Keep accepting after the migration's channels arrived: QEMU opens all of its
-        channels at once, so one more connection means the source uses more multifd
-        channels than we were told (the extra channel would otherwise just be ignored
-        and the migration would fail later, for a less obvious reason)."""
-        self._watching = True
+    def wait_for_extra(self) -> str | None:
+        """Keep accepting after the migration's channels arrived, until :meth:`shutdown`
+        (then None). QEMU opens all of its channels at once, so one more connection means
+        the source uses more multifd channels than we were told (the extra channel would
+        otherwise just be ignored and the migration would fail later, for a less obvious
+        reason): that connection is closed and the reason returned."""
+        try:
+            conn = self._accept(None)
+        except TransportError:
+            return None  # shut down: the migration's channels are all there is
+        assert conn is not None
+        conn.close()
+        return (f"{self.address}: the source opened more connections than the main channel "
+                "and the expected multifd channels (does it use more multifd-channels than "
+                "this side, or multifd at all?)")
 
-        def loop() -> None:
-            self.sock.settimeout(None)
-            while self._watching:
-                try:
-                    conn, _ = self.sock.accept()
-                except OSError:
-                    return  # close() shut the listening socket down
-                conn.close()
-                on_extra(f"{self.address}: the source opened more connections than the main "
-                         "channel and the expected multifd channels (does it use more "
-                         "multifd-channels than this side, or multifd at all?)")
-                return
-
-        t = threading.Thread(target=loop, name="listener-watch")
-        t.start()
-        self._watch_thread = t
-        return t
+    def shutdown(self) -> None:
+        """Stop accepting (any thread, any time): a blocked :meth:`accept_migration` or
+        :meth:`wait_for_extra` returns, and no connection is accepted any more."""
+        with self._lock:
+            self._stopped = True
+            if not self._closed:
+                os.eventfd_write(self._wake, 1)
+        try:
+            self.sock.shutdown(socket.SHUT_RDWR)  # refuses connections from now on
+        except OSError:
+            pass
 
     def close(self) -> None:
-        self._watching = False
-        t = self._watch_thread
-        if t is not None and t is not threading.current_thread():
-            try:
-                self.sock.shutdown(socket.SHUT_RDWR)  # wakes the blocked accept()
-            except OSError:
-                pass
-            t.join()
-            self._watch_thread = None
+        """Close the socket and remove a unix socket's path. Call it only once no thread
+        waits in :meth:`accept_migration` or :meth:`wait_for_extra` (:meth:`shutdown`
+        first, then join that thread)."""
+        self.shutdown()
+        with self._lock:
+            if not self._closed:
+                self._closed = True
+                os.close(self._wake)
         self.sock.close()
         if self._unlink:
             try:
                 os.unlink(self._unlink)
             except OSError:
                 pass
+            self._unlink = None
 
 
 def _is_socket(path: str) -> bool:

@@ -37,7 +37,10 @@ source's at the time it stopped (the END record carries both digests).
 
 Threads: the feeder and consumer are owned by the session that started them and
 joined when the session ends (:meth:`set_state`, :meth:`reset`, :meth:`close`);
-an error in one is kept and raised by the transition that ends the session.
+an error in one is kept and raised by the transition that ends the session. They
+never poll: the feeder waits on the device's condition (notified by every change
+it looks at) and both wait in ``select`` with the session's wake-up pipe, which
+ending the session writes to; so that join has no time limit.
 """
 
 from __future__ import annotations
@@ -68,7 +71,6 @@ __all__ = [
     "DEFAULT_CHUNK_SIZE",
     "MAX_SIM_MEMORY",
     "MIN_SIM_MEMORY",
-    "SESSION_JOIN_TIMEOUT",
     "VfioSimDevice",
     "read_data",
 ]
@@ -90,9 +92,6 @@ MAX_CONFIG_SIZE = 64 << 10
 #: read can return a full buffer. Without the privilege to raise it the default
 #: 64 KiB is kept.
 PIPE_SIZE = 1 << 20
-#: How long ending a session waits for the device's thread (it only waits on
-#: poll with a wake-up fd, so this is a safety net, not a delay).
-SESSION_JOIN_TIMEOUT = 10.0
 #: The consumer's read size.
 _READ_SIZE = 1 << 20
 _F_SETPIPE_SZ = 1031
@@ -158,9 +157,7 @@ class _Session:
     def end(self) -> None:
         self.wake()
         if self.thread is not None and self.thread is not threading.current_thread():
-            self.thread.join(SESSION_JOIN_TIMEOUT)
-            if self.thread.is_alive():
-                raise MigrationError("vfio-sim: the device's data thread did not stop")
+            self.thread.join()  # it waits only where the wake-up reaches it
         self.close_dev_end()
         for fd in (self.user_dup, self.wake_r, self.wake_w):
             os.close(fd)
@@ -530,7 +527,7 @@ class VfioSimDevice:
             while True:
                 with self._lock:
                     while not sess.stop and (item := self._take()) is None:
-                        self._changed.wait(0.5)
+                        self._changed.wait()  # mutate, STOP_COPY and the session's end notify
                     if sess.stop:
                         return
                     assert item is not None

@@ -16,6 +16,12 @@ bigger than the pipe buffer. ``CHECK_DEVICE_STATE`` joins the thread and answers
 or 1 if the save or load failed (a load that fails validation leaves the device with
 its previous state: that is the device's contract, see :meth:`load_state`).
 
+The worker belongs to its connection, which always joins it. Its end of the pipe is
+non-blocking and every wait on it also watches a cancel eventfd, so a transfer whose
+front-end stopped reading or writing can be ended: at once when the server shuts
+down, after :data:`TRANSFER_JOIN_TIMEOUT` otherwise (the device then sees an
+``OSError`` from the pipe, and the transfer counts as failed).
+
 One connection is served at a time (a front-end owns the back-end); when it ends,
 every descriptor it brought is closed and the server accepts the next one.
 """
@@ -23,8 +29,10 @@ every descriptor it brought is closed and the server accepts the next one.
 from __future__ import annotations
 
 import contextlib
+import io
 import logging
 import os
+import select
 import socket
 import stat
 import threading
@@ -64,13 +72,11 @@ R = Request
 TRANSFER_BUFFER = 1 << 20
 
 #: How long CHECK_DEVICE_STATE (or the end of a connection) waits for the save/load
-#: thread. QEMU sends CHECK only after EOF on the pipe, so the thread is nearly done; a
-#: device that takes longer than this has failed.
+#: thread before cancelling it. QEMU sends CHECK only after EOF on the pipe, so the
+#: thread is nearly done; a device that takes longer than this has failed. (A
+#: connection closed by a shutdown, SIGTERM, cancels at once: the program conventions
+#: ask for a prompt exit, and the front-end is being abandoned anyway.)
 TRANSFER_JOIN_TIMEOUT = 300.0
-
-#: How long a connection closed by a shutdown (SIGTERM) waits for a running transfer: the
-#: program conventions ask for a prompt exit, and the front-end is being abandoned anyway.
-SHUTDOWN_JOIN_TIMEOUT = 2.0
 
 #: Rings a back-end accepts: the ring index is 8 bits in SET_VRING_KICK/CALL/ERR.
 MAX_VRINGS = VHOST_USER_VRING_IDX_MASK + 1
@@ -193,6 +199,59 @@ class VhostUserBackend:
         return vring.base
 
 
+class TransferCancelled(OSError):
+    """The transfer was cancelled while it waited on the state pipe."""
+
+
+class _CancellablePipe(io.RawIOBase):
+    """The back-end's end of the state pipe for a worker thread: non-blocking, and every
+    wait for it to become readable or writable also waits for ``cancel_fd``, after
+    which each read or write raises :class:`TransferCancelled`."""
+
+    def __init__(self, fd: int, cancel_fd: int, *, writing: bool) -> None:
+        super().__init__()
+        os.set_blocking(fd, False)
+        self._fd = fd
+        self._writing = writing
+        self._poller = select.poll()
+        self._poller.register(fd, select.POLLOUT if writing else select.POLLIN)
+        self._poller.register(cancel_fd, select.POLLIN)
+        self._cancel_fd = cancel_fd
+
+    def readable(self) -> bool:
+        return not self._writing
+
+    def writable(self) -> bool:
+        return self._writing
+
+    def fileno(self) -> int:
+        return self._fd
+
+    def _wait(self) -> None:
+        for fd, _ in self._poller.poll():
+            if fd == self._cancel_fd:
+                raise TransferCancelled("device state transfer cancelled")
+
+    def readinto(self, b: Any) -> int:
+        while True:
+            try:
+                return os.readv(self._fd, [b])
+            except BlockingIOError:
+                self._wait()
+
+    def write(self, b: Any) -> int:
+        while True:
+            try:
+                return os.write(self._fd, b)
+            except BlockingIOError:
+                self._wait()
+
+    def close(self) -> None:
+        if not self.closed:
+            os.close(self._fd)
+        super().close()
+
+
 class _Transfer:
     """One save or load running in a worker thread owned by the connection."""
 
@@ -202,19 +261,29 @@ class _Transfer:
         self.direction = direction
         self.fd = fd
         self.error: BaseException | None = None
+        self.done = threading.Event()
+        self._cancel = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
+        self._lock = threading.Lock()  # cancel() against the eventfd's close
+        self._joined = False
         self.thread = threading.Thread(target=self._run, name=f"{where} {direction.name}")
-        self.thread.start()
+        try:
+            self.thread.start()
+        except BaseException:
+            close_fds([fd, self._cancel])
+            raise
 
     def _run(self) -> None:
         fd = self.fd
         try:
             if self.direction is DeviceStateDirection.SAVE:
-                with open(fd, "wb", buffering=TRANSFER_BUFFER, closefd=True) as w:
-                    fd = -1
+                raw = _CancellablePipe(fd, self._cancel, writing=True)
+                fd = -1
+                with io.BufferedWriter(raw, TRANSFER_BUFFER) as w:
                     self.backend.save_state(w)
             else:
-                with open(fd, "rb", buffering=TRANSFER_BUFFER, closefd=True) as r:
-                    fd = -1
+                raw = _CancellablePipe(fd, self._cancel, writing=False)
+                fd = -1
+                with io.BufferedReader(raw, TRANSFER_BUFFER) as r:
                     try:
                         self.backend.load_state(r)
                     finally:
@@ -226,12 +295,33 @@ class _Transfer:
         finally:
             if fd >= 0:
                 close_fds([fd])
+            self.done.set()
+
+    def cancel(self) -> None:
+        """Make the worker's next wait on the pipe fail (any thread, any time; also a
+        signal handler, so the lock is only tried: whoever holds it is joining the
+        transfer or cancelling it already)."""
+        if self._lock.acquire(blocking=False):
+            try:
+                if not self._joined:
+                    os.eventfd_write(self._cancel, 1)
+            finally:
+                self._lock.release()
 
     def join(self, timeout: float) -> BaseException | None:
-        self.thread.join(timeout)
-        if self.thread.is_alive():
+        """Wait up to ``timeout`` seconds for the transfer, then cancel it, join the
+        thread and return its error (a timeout is one)."""
+        late = not self.done.wait(timeout)
+        if late:
+            self.cancel()
+        self.thread.join()  # a cancelled worker leaves its next wait on the pipe at once
+        with self._lock:
+            if not self._joined:
+                self._joined = True
+                os.close(self._cancel)
+        if late:
             return TimeoutError(f"device state {self.direction.name.lower()} still running "
-                                f"after {timeout:.0f} s")
+                                f"after {timeout:.0f} s (cancelled)")
         return self.error
 
 
@@ -276,11 +366,24 @@ class BackendConnection:
         finally:
             self.close()
 
+    def stop(self) -> None:
+        """End the connection now (any thread, or a signal handler): a running save or
+        load is cancelled, and the message loop sees the connection end."""
+        self.stopping.set()
+        t = self.transfer
+        if t is not None:
+            t.cancel()
+        with contextlib.suppress(OSError):
+            self.channel.sock.shutdown(socket.SHUT_RDWR)
+
     def close(self) -> None:
-        if self.transfer is not None:
-            t, self.transfer = self.transfer, None
-            err = t.join(SHUTDOWN_JOIN_TIMEOUT if self.stopping.is_set()
-                         else TRANSFER_JOIN_TIMEOUT)
+        t = self.transfer
+        if t is not None:
+            # (self.transfer stays set until joined: a shutdown meanwhile cancels it)
+            if self.stopping.is_set():
+                t.cancel()
+            err = t.join(TRANSFER_JOIN_TIMEOUT)
+            self.transfer = None
             self.transfers.append((t.direction, err))
             if err is not None:
                 log.warning("%s: %s without CHECK_DEVICE_STATE failed: %s", self.where,
@@ -500,9 +603,10 @@ class BackendConnection:
         self.transfer = _Transfer(self.backend, direction, mine, self.where)
 
     def _on_check_device_state(self, msg: Message) -> None:
-        t, self.transfer = self.transfer, None
+        t = self.transfer
         assert t is not None
         err = t.join(TRANSFER_JOIN_TIMEOUT)
+        self.transfer = None
         self.transfers.append((t.direction, err))
         if err is not None:
             log.warning("%s: device state %s failed: %s", self.where,
@@ -588,6 +692,8 @@ class BackendServer:
         where = f"vhost-user front-end #{self.connections}"
         c = self.connection = BackendConnection(self.backend, conn, reply_fd=self.reply_fd,
                                                 where=where, stopping=self._stop)
+        if self._stop.is_set():  # a shutdown that came before self.connection was set
+            c.stop()
         try:
             c.run()
             log.info("%s: disconnected", where)
@@ -598,10 +704,13 @@ class BackendServer:
 
     def shutdown(self) -> None:
         """Stop accepting (from a signal handler or another thread) and remove the path.
-        A connection being served ends when its front-end goes, or at once if the caller
-        interrupts it (the CLI raises from its SIGTERM handler); a transfer still running
-        then is waited for :data:`SHUTDOWN_JOIN_TIMEOUT` seconds only."""
+        A connection being served ends at once: its socket is shut down and a transfer
+        still running is cancelled (its worker leaves its next wait on the pipe); the
+        thread in :meth:`serve_forever` then joins that worker and returns."""
         self._stop.set()
+        c = self.connection
+        if c is not None:
+            c.stop()
         with contextlib.suppress(OSError):
             self.sock.shutdown(socket.SHUT_RDWR)
         with contextlib.suppress(OSError):

@@ -11,15 +11,9 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import os
 import signal
 import sys
-import threading
 from types import FrameType
-
-
-class _Stop(BaseException):
-    pass
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -60,8 +54,9 @@ def run(args: argparse.Namespace) -> int:
                            reply_fd=args.reply_fd)
 
     def terminate(signum: int, frame: FrameType | None) -> None:
+        # No exception from here: everything serve_forever() waits on is woken by the
+        # shutdown, and it returns once it has joined what it started.
         server.shutdown()
-        raise _Stop
 
     signal.signal(signal.SIGTERM, terminate)
     signal.signal(signal.SIGINT, terminate)
@@ -71,15 +66,6 @@ def run(args: argparse.Namespace) -> int:
         args.socket_path or f"fd {args.fd}", info.size, info.sha256[:16])
     try:
         server.serve_forever()
-    except _Stop:
-        pass
     finally:
         server.shutdown()
-    if threading.active_count() > 1:
-        # A transfer thread still blocked on a pipe whose front-end is gone: the
-        # conventions want a prompt exit, so do not wait for it at interpreter exit.
-        logging.shutdown()
-        sys.stdout.flush()
-        sys.stderr.flush()
-        os._exit(0)
     return 0

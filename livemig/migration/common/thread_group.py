@@ -67,6 +67,9 @@ class ThreadGroup:
         with self._lock:
             if self._closed:
                 raise RuntimeError(f"thread group {self.name} has already been joined")
+            # A long-lived group (a server's, one thread per client) forgets the threads
+            # that have ended: a thread that is no longer alive needs no join.
+            self._threads = [x for x in self._threads if x.is_alive()]
             self._threads.append(t)
         t.start()
         return t

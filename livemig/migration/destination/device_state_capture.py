@@ -150,8 +150,9 @@ class DeviceStateRecorder:
                       failed: Callable[[], bool]) -> None:
         """Wait until each of ``devices`` has all its packets (they can still be on
         the channels when the main stream ends); raise naming what is missing after
-        ``timeout`` seconds. Returns early once ``failed()`` (call :meth:`wake`) or
-        once the channels ended (:meth:`channels_ended`)."""
+        ``timeout`` seconds. Returns early once ``failed()`` or once the channels ended
+        (:meth:`channels_ended`). Nothing here polls: whoever makes ``failed()`` true
+        must call :meth:`wake` (``latch.on_failure(recorder.wake)``)."""
         deadline = time.monotonic() + timeout
         with self._changed:
             while not failed() and not self._ended:
@@ -169,7 +170,7 @@ class DeviceStateRecorder:
                     raise StreamFormatError(f"device state over multifd incomplete "
                                             f"{timeout:g} s after the main stream ended: {why}",
                                             where="multifd device state")
-                self._changed.wait(min(left, 0.5))
+                self._changed.wait(left)
 
     def wake(self) -> None:
         with self._changed:

@@ -36,8 +36,14 @@ buffered data than :data:`DEFAULT_MAX_BUFFERED` while no device makes progress
 error names the device, the packet's idx and the channel. After the first error
 the reassembler is poisoned: later packets raise that error, load threads stop.
 
-Threads: the load threads are started by :meth:`main_stream_complete` and
-joined by :meth:`finish` or :meth:`abort`; nothing here is a daemon thread.
+Threads: the load threads run in a
+:class:`~livemig.migration.common.thread_group.ThreadGroup` of the reassembler,
+started by :meth:`main_stream_complete` and joined by :meth:`finish` or
+:meth:`abort`. Nothing waits by polling: a load thread waits for its next packet
+on a condition, a channel held for room waits on one until the deadline of its
+rule, and a load thread stuck in a device write is woken by the target's
+``cancel()``, which :meth:`abort` (and a failing :meth:`finish`) calls at once for
+every device still writing.
 """
 
 from __future__ import annotations
@@ -51,6 +57,8 @@ from dataclasses import dataclass
 from typing import Protocol, TypeVar, runtime_checkable
 
 from livemig.errors import LimitExceeded, MigrationError, StreamFormatError, TransportError
+from livemig.migration.common.failure import FailureLatch
+from livemig.migration.common.thread_group import ThreadGroup
 from livemig.wire.vfio_packet import (
     VFIO_DEVICE_STATE_PACKET_HEADER_SIZE,
     decode_vfio_packet_header,
@@ -60,7 +68,6 @@ from livemig.wire.vfio_packet import (
 from livemig.wire.vfio_section import decode_config_blob
 
 __all__ = [
-    "ABORT_JOIN_TIMEOUT",
     "DEFAULT_MAX_BUFFERED",
     "DEFAULT_STALL_TIMEOUT",
     "CancellableLoadTarget",
@@ -89,11 +96,6 @@ STUCK_GRACE = 0.05
 #: which no device took any buffered data.
 DEFAULT_STALL_TIMEOUT = 10.0
 
-#: How long :meth:`DeviceStateReassembler.abort` waits for each load thread. A
-#: thread stuck in a device write is released by the target's ``cancel()``; if it
-#: still has not returned by then, it is named in the error and left.
-ABORT_JOIN_TIMEOUT = 10.0
-
 _E = TypeVar("_E", bound=MigrationError)
 
 #: ``(idstr, instance_id)`` as the multifd device-state header names the handler.
@@ -107,7 +109,9 @@ class DeviceLoadTarget(Protocol):
     ``load_config`` loads the config state (the bytes between ``DEV_CONFIG_STATE``
     and ``END_OF_STATE``). Both run on the device's load thread and raise to fail
     the load. A target that can also unblock a stuck ``write_data`` is a
-    :class:`CancellableLoadTarget`.
+    :class:`CancellableLoadTarget`: :meth:`DeviceStateReassembler.abort` cancels a
+    device that is writing. A target whose write can block indefinitely must be one
+    (the reassembler joins its load threads without a time limit).
     """
 
     def write_data(self, data: memoryview) -> None: ...
@@ -121,9 +125,9 @@ class CancellableLoadTarget(Protocol):
 
     ``cancel()`` makes a ``write_data`` stuck on a device that stopped reading
     return (or raise), from another thread. :meth:`DeviceStateReassembler.abort`
-    calls it for a load thread that did not stop within half of
-    ``ABORT_JOIN_TIMEOUT``; an exception from it is ignored, as the load is being
-    abandoned anyway.
+    calls it at once for a device that is writing, then joins its thread without a
+    time limit; an exception from it is ignored, as the load is being abandoned
+    anyway.
     """
 
     def cancel(self) -> None: ...
@@ -175,7 +179,6 @@ class _Device:
         self.done = False
         self.loading = False  # the load thread is writing a packet to the device
         self.ready = threading.Condition(lock)
-        self.thread: threading.Thread | None = None
         self.stats = DeviceLoadStats()
 
 
@@ -202,6 +205,9 @@ class DeviceStateReassembler:
         self._stopping = False
         self._error: MigrationError | None = None
         self._changed = threading.Condition(self._lock)
+        # The load threads catch their own errors (:meth:`_fail`): the group only owns
+        # and joins them.
+        self._threads = ThreadGroup("vfio-load", FailureLatch())
 
     # ------------------------------------------------------------------ properties
 
@@ -284,6 +290,8 @@ class DeviceStateReassembler:
                 dev.stats.data_bytes += size
             dev.stats.packets += 1
             dev.ready.notify()
+            if idx == dev.next_idx:
+                self._changed.notify_all()  # a held channel's "no device can move" ends
 
     # ------------------------------------------------------------------ main stream
 
@@ -296,10 +304,9 @@ class DeviceStateReassembler:
             if self._started or self._error is not None:
                 return
             self._started = True
+            self._changed.notify_all()  # held channels: the "no device can move" rule applies
             for dev in self._devices.values():
-                dev.thread = threading.Thread(target=self._load, args=(dev,),
-                                              name=f"vfio-load {dev.key[0]}")
-                dev.thread.start()
+                self._threads.start(self._load, dev, name=dev.key[0])
 
     def no_more_packets(self) -> None:
         """Every multifd channel has ended: a device still missing packets fails now."""
@@ -344,11 +351,7 @@ class DeviceStateReassembler:
     def abort(self) -> None:
         """Stop the load threads and drop buffered data; never raises."""
         with self._lock:
-            if self._error is None:
-                self._error = MigrationError("device-state loading was aborted")
-            self._stopping = True
-            for dev in self._devices.values():
-                dev.ready.notify_all()
+            self._fail(MigrationError("device-state loading was aborted"))
         self._join()
 
     # ------------------------------------------------------------------ internals
@@ -384,6 +387,15 @@ class DeviceStateReassembler:
             if self._stopping:
                 raise MigrationError("device-state loading was aborted")
             now = time.monotonic()
+            if self._buffered != last:  # (a device that moves on takes some)
+                last, since = self._buffered, now
+            elif now - since >= self.stall_timeout:
+                raise self._fail(LimitExceeded(
+                    f"{size} more bytes would make {self._buffered + size} bytes of "
+                    f"device state waiting to be loaded, above the limit "
+                    f"{self.max_buffered}, and the devices took none of it for "
+                    f"{self.stall_timeout:g} s", where=_where(channel, dev, idx)))
+            wake_at = since + self.stall_timeout
             if self._started and not any(d.loading or d.next_idx in d.bufs
                                          for d in self._devices.values() if not d.done):
                 stuck_since = now if stuck_since is None else stuck_since
@@ -395,18 +407,12 @@ class DeviceStateReassembler:
                         f"device state waiting to be loaded, above the limit "
                         f"{self.hard_limit}, and no device has the packet it needs next",
                         where=_where(channel, dev, idx)))
+                wake_at = min(wake_at, stuck_since + STUCK_GRACE)
             else:
                 stuck_since = None
-            self._changed.wait(min(STUCK_GRACE, self.stall_timeout))
-            now = time.monotonic()
-            if self._buffered != last:  # (a device that moves on takes some)
-                last, since = self._buffered, now
-            elif now - since >= self.stall_timeout:
-                raise self._fail(LimitExceeded(
-                    f"{size} more bytes would make {self._buffered + size} bytes of "
-                    f"device state waiting to be loaded, above the limit "
-                    f"{self.max_buffered}, and the devices took none of it for "
-                    f"{self.stall_timeout:g} s", where=_where(channel, dev, idx)))
+            # Woken when a device takes data or gets its next packet, or at the
+            # deadline of the rule that applies.
+            self._changed.wait(max(0.0, wake_at - now))
         if self._error is not None:
             raise self._error
 
@@ -422,31 +428,28 @@ class DeviceStateReassembler:
         return f"idx {idx_ranges(gaps)} never arrived (config packet idx {dev.config_idx})"
 
     def _join(self) -> None:
+        """Stop the load threads and join them; drop what is still buffered.
+
+        A thread that is writing to its device may wait there forever (a device
+        that stopped reading): the target's ``cancel()`` is its wake-up, called at
+        once, as the latch shuts a socket down.
+        """
         with self._lock:
             self._stopping = True
             for dev in self._devices.values():
                 dev.ready.notify_all()
-            threads = [d for d in self._devices.values() if d.thread is not None]
-        stuck = []
-        for dev in threads:
-            assert dev.thread is not None
-            if dev.thread is threading.current_thread():
-                continue
-            dev.thread.join(ABORT_JOIN_TIMEOUT / 2)
-            if dev.thread.is_alive():
-                if isinstance(dev.target, CancellableLoadTarget):
-                    with contextlib.suppress(Exception):  # best effort on the way out
-                        dev.target.cancel()
-                dev.thread.join(ABORT_JOIN_TIMEOUT / 2)
-                if dev.thread.is_alive():
-                    stuck.append(dev.label)
+            self._changed.notify_all()  # channels held for room leave
+            writing = [d for d in self._devices.values() if d.loading]
+        for dev in writing:
+            if isinstance(dev.target, CancellableLoadTarget):
+                with contextlib.suppress(Exception):  # best effort on the way out
+                    dev.target.cancel()
+        self._threads.join()
         with self._lock:
             for dev in self._devices.values():
                 for buf in dev.bufs.values():
                     self._buffered -= len(buf)
                 dev.bufs.clear()
-            if stuck and self._error is None:
-                self._error = TransportError("load threads did not stop: " + ", ".join(stuck))
 
     def _load(self, dev: _Device) -> None:
         idx = -1

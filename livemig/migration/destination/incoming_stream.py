@@ -19,8 +19,9 @@ from livemig.io.channels import ByteSource, ExecSource, Listener, SocketSource, 
 from livemig.io.uri import ExecUri, FileUri, TcpUri, UnixUri, Uri
 from livemig.migration.common.failure import FailureLatch
 from livemig.migration.common.stats import TransferStats
+from livemig.migration.common.thread_group import ThreadGroup
 from livemig.migration.destination.loader import LoadResult, MainChannelLoader, rp_message
-from livemig.migration.destination.multifd_receiver import MultifdReceiver
+from livemig.migration.destination.multifd_receiver import DeviceStateCallback, MultifdReceiver
 from livemig.migration.destination.sinks import RamSink
 from livemig.wire.constants import MultifdCompression, ReturnPathMessage
 from livemig.wire.stream import SectionLengths
@@ -46,9 +47,24 @@ def multifd_settings(channels: int, compression: str | MultifdCompression,
 
 
 class IncomingMigration:
+    """The accepting side of one migration; owns its threads (see the module docstring).
+
+    ``on_device_state`` and ``on_channels_ended`` go to the
+    :class:`~livemig.migration.destination.multifd_receiver.MultifdReceiver` (multifd
+    device-state packets, and the end of the last channel).
+
+    Threads: the multifd channel threads and ``listener-watch`` (which fails the
+    migration if the source opens one connection too many) run in :attr:`threads`,
+    sharing ``latch``. :meth:`load` joins them on success, :meth:`abort` after a
+    failure, and :meth:`close` in any case; the latch wakes them (it shuts the
+    listening socket and every channel down).
+    """
+
     def __init__(self, uri: Uri, channels: int, compression: MultifdCompression,
                  sink: RamSink, latch: FailureLatch, stats: TransferStats, *,
-                 main_name: str = "main channel") -> None:
+                 main_name: str = "main channel",
+                 on_device_state: DeviceStateCallback | None = None,
+                 on_channels_ended: Callable[[], None] | None = None) -> None:
         if channels and not isinstance(uri, (TcpUri, UnixUri)):
             raise ConfigError(f"multifd needs a tcp: or unix: URI, not {uri}")
         self.uri = uri
@@ -58,6 +74,9 @@ class IncomingMigration:
         self.latch = latch
         self.stats = stats
         self.main_name = main_name
+        self.on_device_state = on_device_state
+        self.on_channels_ended = on_channels_ended
+        self.threads = ThreadGroup("incoming", latch)
         self.listener: Listener | None = None
         self.source: ByteSource | None = None
         self.multifd: MultifdReceiver | None = None
@@ -65,23 +84,35 @@ class IncomingMigration:
 
     def connect(self, *, accept_timeout: float,
                 on_listening: Callable[[str], None] | None = None) -> None:
-        """Listen and accept (tcp:, unix:) or open (exec:, file:) the source."""
+        """Listen and accept (tcp:, unix:) or open (exec:, file:) the source.
+
+        A failure of the latch (a cancel) ends the wait for the source at once.
+        """
         u = self.uri
         if isinstance(u, (ExecUri, FileUri)):
             self.source = open_source(u)
             return
         self.listener = Listener(u)
+        self.latch.on_failure(self.listener.shutdown)  # a cancel wakes the accept
         if on_listening is not None:
             on_listening(self.listener.address)
-        main, chans = self.listener.accept_migration(self.channels, timeout=accept_timeout)
+        main, chans = self.listener.accept_migration(self.channels, timeout=accept_timeout,
+                                                     on_accept=self.latch.add_socket)
         self.stats.started = time.monotonic()
-        self.listener.watch_for_extra(lambda msg: self.latch.fail(TransportError(msg)))
-        self.latch.add_socket(main)
         self.source = SocketSource(main, self.main_name)
+        self.threads.start(self._watch_for_extra, self.listener, name="listener-watch")
         if chans:
             self.multifd = MultifdReceiver(chans, self.compression, self.sink, self.latch,
-                                           self.stats)
+                                           self.stats, on_device_state=self.on_device_state,
+                                           on_channels_ended=self.on_channels_ended,
+                                           group=self.threads)
             self.multifd.start()
+
+    @staticmethod
+    def _watch_for_extra(listener: Listener) -> None:
+        extra = listener.wait_for_extra()
+        if extra is not None:
+            raise TransportError(extra)  # the group fails the migration with it
 
     def load(self, observer: Callable[[object], None] | None = None,
              section_lengths: SectionLengths | None = None,
@@ -101,14 +132,19 @@ class IncomingMigration:
         result = self.loader.run()
         if drain is not None:
             drain(result)
-        if self.multifd is not None:
-            self.multifd.finish()
+        self._stop_threads()
         if isinstance(self.source, ExecSource):
             self.source.check_exit()
-        if self.listener is not None:
-            self.listener.close()
         self.latch.raise_if_failed()
         return result
+
+    def _stop_threads(self) -> None:
+        """End the channel threads and the listener's watch, and join every thread."""
+        if self.multifd is not None:
+            self.multifd.finish()
+        if self.listener is not None:
+            self.listener.shutdown()
+        self.threads.join()
 
     @property
     def _return_path(self) -> bool:
@@ -129,13 +165,14 @@ class IncomingMigration:
                 pass
 
     def abort(self) -> None:
-        """After ``latch.fail``: end the channel threads."""
-        if self.multifd is not None:
-            self.multifd.finishing = True
-            self.multifd.barrier.release_all()
-            self.multifd.join()
+        """After ``latch.fail``: end the threads and join them."""
+        self._stop_threads()
 
     def close(self) -> None:
+        """Join whatever still runs (nothing, after :meth:`load` or :meth:`abort`), then
+        close the listener and the main channel."""
+        self._stop_threads()
+        self.threads.join(close=True)
         if self.listener is not None:
             self.listener.close()
         if self.source is not None:

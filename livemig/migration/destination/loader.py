@@ -25,7 +25,7 @@ from livemig.errors import ConfigError, MigrationError, StreamFormatError, Trunc
 from livemig.io.channels import ByteSource, LivenessSource, SeekableSource
 from livemig.migration.common.failure import FailureLatch
 from livemig.migration.common.stats import TransferStats
-from livemig.migration.destination.multifd_receiver import MultifdReceiver
+from livemig.migration.destination.multifd_receiver import MainChannelWatch, MultifdReceiver
 from livemig.migration.destination.sinks import RamSink, SnapshotSink
 from livemig.wire.constants import Command, ReturnPathMessage, SectionType
 from livemig.wire.events import (
@@ -287,7 +287,7 @@ class MainChannelLoader:
                 self._flush_in_section = True
                 r.multifd_sync_mode = "per-round"
                 if self.multifd is not None:
-                    self.multifd.barrier.main_sync(self.where, self._main_alive)
+                    self.multifd.barrier.main_sync(self.where, self._main_watch())
             elif t is SectionHeader:
                 self._section = ev
                 self._flush_in_section = False
@@ -350,10 +350,12 @@ class MainChannelLoader:
                 and self.multifd is not None):
             r.multifd_sync_mode = "per-round" if self._flush_in_section else "per-section"
         if self.multifd is not None and r.multifd_sync_mode == "per-section":
-            self.multifd.barrier.main_sync(self.where, self._main_alive)
+            self.multifd.barrier.main_sync(self.where, self._main_watch())
 
-    def _main_alive(self) -> bool:
-        return self._alive() if self._alive is not None else True
+    def _main_watch(self) -> MainChannelWatch | None:
+        """The main channel, if it is a socket whose hang-up the sync barrier can watch."""
+        src = self.source
+        return src if isinstance(src, MainChannelWatch) else None
 
     def _command(self, ev: CommandRecord) -> None:
         r = self.result
