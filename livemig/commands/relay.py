@@ -275,15 +275,15 @@ def relay(listen: str | Uri, dest: str | Uri, *, in_multifd_channels: int = 0,
                          main_name="destination main channel")
     sink = _RelaySink(out, writer)
     fwd = _Forwarder(out, sink)
+    if writer is not None and in_multifd_channels:
+        fwd.recorder = DeviceStateRecorder(writer.store_device_state)
     incoming = IncomingMigration(lu, in_multifd_channels, in_comp, sink, latch, stats,
-                                 main_name="source main channel")
+                                 main_name="source main channel",
+                                 on_device_state=fwd.device_state)
     try:
         incoming.connect(accept_timeout=accept_timeout, on_listening=on_listening)
         if incoming.multifd is not None:
             fwd.uuid_source = incoming.multifd.source_uuid
-            incoming.multifd.on_device_state = fwd.device_state
-            if writer is not None:
-                fwd.recorder = DeviceStateRecorder(writer.store_device_state)
         stats.phase = "relaying"
         result = incoming.load(observer=fwd)
         stats.phase = "waiting for the destination"
