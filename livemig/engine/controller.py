@@ -186,7 +186,7 @@ class MachineController:
     def close(self) -> None:
         self.migrate_cancel()
         if self.outgoing is not None:
-            self.outgoing.join(30)
+            self.outgoing.join()  # cancelled above: the latch wakes every thread of it
         if self.incoming is not None:
             self.incoming.join()  # cancelled above: every thread of it ends now
         w = self.workload()

@@ -41,6 +41,7 @@ from livemig.errors import ChannelError, MigrationError, StreamFormatError, Trun
 from livemig.migration.common.failure import FailureLatch
 from livemig.migration.common.stats import TransferStats
 from livemig.migration.common.thread_group import ThreadGroup
+from livemig.migration.destination.sinks import PageViewSink
 from livemig.wire.constants import MultifdCompression
 from livemig.wire.multifd import (
     COMMON_HEADER_SIZE,
@@ -391,8 +392,9 @@ class MultifdReceiver:
         cbuf = bytearray(limits.MAX_MULTIFD_COMPRESSED_PAYLOAD)
         cview = memoryview(cbuf)
         pages = np.frombuffer(bounce, dtype=np.uint8).reshape(-1, PS)
-        direct = (getattr(self.sink, "page_views", None)
-                  if self.compression is MultifdCompression.NONE else None)
+        direct = (self.sink.page_views
+                  if self.compression is MultifdCompression.NONE
+                  and isinstance(self.sink, PageViewSink) else None)
         offset = INIT_PACKET_SIZE
         nbytes = INIT_PACKET_SIZE
         while True:
