@@ -887,3 +887,49 @@ def test_stream_bytes_in_an_error_stay_on_one_line() -> None:
     assert "\n" not in text and "\r" not in text and "\x1b" not in text
     assert text == ("m.stream\\x1b[2J, offset 0x42: RAM block \\x0a/rom@etc\\x0d\\x7f length "
                     "0x3 is not a multiple")
+
+
+# --------------------------------------------------------------------------------------------
+# Work that grows with the input only linearly
+# --------------------------------------------------------------------------------------------
+
+
+def test_vmdescription_search_is_linear_in_the_tail(tmp_path: Path,
+                                                    monkeypatch: pytest.MonkeyPatch) -> None:
+    """16 MiB of ``}`` after a device section arrive in 1 MiB reads; every read asks
+    whether the tail now ends with a complete description. The bytes searched over the
+    whole tail must stay proportional to the tail (before: the last 64 MiB were searched
+    again after every read, and 320 MiB of ``}`` took 94 s to be refused).
+
+    The work is counted, not timed: the loader's scanner counts the bytes it searches,
+    and a one-shot ``find_vmdescription`` costs the window it searches."""
+    from livemig.commands import inspect as inspect_cmd
+    from livemig.limits import MAX_VMDESC_JSON
+    from livemig.migration.destination import loader
+    from livemig.wire import stream
+
+    searched = [0]
+    plain = stream.find_vmdescription
+
+    def counted_find(buf: bytes | bytearray | memoryview, *, exact: bool = True
+                     ) -> tuple[int, int, int] | None:
+        searched[0] += len(buf) if not exact else min(len(buf), MAX_VMDESC_JSON + 6)
+        return plain(buf, exact=exact)
+
+    scanners: list[stream.VmDescriptionScanner] = []
+    base = getattr(stream, "VmDescriptionScanner", None)  # (a loader without one: see above)
+    if base is not None:
+        class CountedScanner(base):  # type: ignore[valid-type, misc]
+            def __init__(self) -> None:
+                super().__init__()
+                scanners.append(self)
+
+        monkeypatch.setattr(loader, "VmDescriptionScanner", CountedScanner, raising=False)
+    monkeypatch.setattr(loader, "find_vmdescription", counted_find)
+    tail = 16 << 20
+    bad = tmp_path / "braces.stream"
+    bad.write_bytes(build_stream(eof=b"", vmdesc=b"}" * tail))
+    with pytest.raises(StreamFormatError, match="vmstate description"):
+        inspect_cmd.load_file(str(bad))
+    total = searched[0] + sum(s.bytes_scanned for s in scanners)
+    assert 0 < total <= 2 * tail + (1 << 20), f"{total} bytes searched for a {tail}-byte tail"

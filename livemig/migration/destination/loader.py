@@ -50,6 +50,7 @@ from livemig.wire.ram import xbzrle_decode
 from livemig.wire.stream import (
     MainStreamDecoder,
     SectionLengths,
+    VmDescriptionScanner,
     find_vmdescription,
     fork_for_tail,
 )
@@ -206,8 +207,10 @@ class MainChannelLoader:
         cview = memoryview(chunk)
         last_error: StreamFormatError | None = None
         self.stats.phase = "device state"
+        # looks at each byte of the tail once, however many reads it takes
+        scanner = VmDescriptionScanner()
         while True:
-            loc = find_vmdescription(tail)
+            loc = scanner.find(tail)
             if loc is not None:
                 try:
                     events = self._parse_tail(tail, tail_base, loc[1])
