@@ -48,7 +48,8 @@ def multifd_settings(channels: int, compression: str | MultifdCompression,
 class IncomingMigration:
     def __init__(self, uri: Uri, channels: int, compression: MultifdCompression,
                  sink: RamSink, latch: FailureLatch, stats: TransferStats, *,
-                 main_name: str = "main channel") -> None:
+                 main_name: str = "main channel",
+                 max_ram: int = limits.DEFAULT_MAX_GUEST_RAM) -> None:
         if channels and not isinstance(uri, (TcpUri, UnixUri)):
             raise ConfigError(f"multifd needs a tcp: or unix: URI, not {uri}")
         self.uri = uri
@@ -58,6 +59,7 @@ class IncomingMigration:
         self.latch = latch
         self.stats = stats
         self.main_name = main_name
+        self.max_ram = max_ram
         self.listener: Listener | None = None
         self.source: ByteSource | None = None
         self.multifd: MultifdReceiver | None = None
@@ -97,7 +99,8 @@ class IncomingMigration:
         self.loader = MainChannelLoader(self.source, self.sink, stats=self.stats,
                                         latch=self.latch, multifd=self.multifd,
                                         send_return_path=send_rp, observer=observer,
-                                        section_lengths=section_lengths)
+                                        section_lengths=section_lengths,
+                                        max_ram=self.max_ram)
         result = self.loader.run()
         if drain is not None:
             drain(result)
