@@ -998,3 +998,18 @@ def test_terabyte_snapshot_costs_constant_memory(tmp_path: Path) -> None:
         f.seek(TiB - PS)
         assert f.read(PS) == b"\xaa" * PS
     assert raw.stat().st_blocks * 512 < 64 << 20  # sparse: holes where nothing was sent
+
+
+def test_an_allocation_the_host_refuses_is_one_line(tmp_path: Path) -> None:
+    """With the limit raised to 1 TiB but an address space that cannot hold the 256 MiB
+    page bitmap of such a snapshot: livemig's own one-line error naming the allocation
+    (before: a numpy MemoryError traceback), and nothing left behind."""
+    src = tmp_path / "tb.stream"
+    src.write_bytes(_terabyte_stream())
+    r = run_cli(["receive", f"file:{src}", "-o", str(tmp_path / OUT), "--max-ram", "1T"],
+                address_space=384 << 20)
+    assert r.rc == 1, r.stderr
+    lines = r.stderr.strip().splitlines()
+    assert lines == [("livemig receive: error: out of memory allocating the page bitmap "
+                      "of RAM block pc.ram (256.0 MiB)")], r.stderr
+    assert leftovers(tmp_path, OUT) == []
