@@ -31,12 +31,14 @@ that livemig's errors are one line, that memory stays bounded over the whole cam
 
 from __future__ import annotations
 
+import atexit
 import contextlib
 import io
 import itertools
 import json
 import os
 import random
+import shutil
 import struct
 import tempfile
 import time
@@ -546,12 +548,13 @@ def test_mutated_multifd_payloads(name: str, data: st.DataObject) -> None:
 @cache
 def snapshot_seeds() -> dict[str, Path]:
     """A livemig snapshot of a real QEMU 10 capture with a device-state trailer added, and
-    QEMU 10's own mapped-ram file, in a folder that lives as long as the test process."""
+    QEMU 10's own mapped-ram file, in a folder removed when the test process exits."""
     from livemig.commands.receive import receive
     from livemig.migration.source.device_state_packets import device_state_packets
     from livemig.wire.device_state_trailer import encode_trailer_footer, encode_trailer_header
 
     folder = Path(tempfile.mkdtemp(prefix="livemig-fuzz-seeds-"))
+    atexit.register(shutil.rmtree, folder, True)
     stream = folder / "precopy.stream"
     stream.write_bytes(capture("qemu10.0-precopy.stream"))
     snap = folder / "livemig.snap"
