@@ -13,12 +13,14 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
+from livemig import limits as _limits
 from livemig.errors import (
     ChannelError,
     ConfigError,
     KernelTrackingUnavailable,
     LimitExceeded,
     MigrationError,
+    OutOfMemory,
     PeerError,
     StateError,
     StreamFormatError,
@@ -50,7 +52,8 @@ def receive(uri: str | Uri, output: str, *, multifd_channels: int = 0,
             stats: TransferStats | None = None,
             accept_timeout: float = _ACCEPT_TIMEOUT,
             device_state_drain: float = _DEVICE_STATE_DRAIN,
-            on_listening: Callable[[str], None] | None = None) -> ReceiveResult:
+            on_listening: Callable[[str], None] | None = None,
+            max_ram: int = _limits.DEFAULT_MAX_GUEST_RAM) -> ReceiveResult:
     """Receive one migration on ``uri`` and write it to ``output`` as a mapped-ram snapshot.
 
     ``uri`` is where the source comes from: ``tcp:HOST:PORT`` or ``unix:PATH`` (livemig
@@ -64,6 +67,9 @@ def receive(uri: str | Uri, output: str, *, multifd_channels: int = 0,
     ``device_state_drain`` the wait, after the main stream has ended, for device state
     still in flight on the multifd channels. ``on_listening`` is called with the address
     once livemig accepts connections (for ``tcp:HOST:0``, the port it bound).
+    ``max_ram`` is the most guest RAM the source may declare (256 GiB unless raised, at
+    most 1 TiB): a larger VM is refused with :class:`LimitExceeded` before anything is
+    sized for it.
 
     Returns a :class:`~livemig.commands.receive.ReceiveResult` (``snapshot``,
     ``snapshot_bytes``, ``load``, ``stats``) once the snapshot is fsynced and renamed
@@ -81,7 +87,7 @@ def receive(uri: str | Uri, output: str, *, multifd_channels: int = 0,
     return _receive(uri, output, multifd_channels=multifd_channels,
                     multifd_compression=multifd_compression, stats=stats,
                     accept_timeout=accept_timeout, device_state_drain=device_state_drain,
-                    on_listening=on_listening)
+                    on_listening=on_listening, max_ram=max_ram)
 
 
 def send(snapshot: str, uri: str | Uri, *, multifd_channels: int = 0,
@@ -148,33 +154,37 @@ def relay(listen: str | Uri, dest: str | Uri, *, in_multifd_channels: int = 0,
                   accept_timeout=accept_timeout, on_listening=on_listening)
 
 
-def inspect(path: str, *, fields: bool = False) -> dict[str, Any]:
+def inspect(path: str, *, fields: bool = False,
+            max_ram: int = _limits.DEFAULT_MAX_GUEST_RAM) -> dict[str, Any]:
     """Describe a snapshot or a single-channel stream file, as ``livemig inspect --json``.
 
     The result is JSON-ready: the machine type and capabilities, every RAM block with
     how many pages hold data, are zero, or (in a stream) were never sent, every device
     section with its size and SHA-256 (with ``fields``, also its vmstate fields decoded
     with the file's own JSON description), and the multifd device state a snapshot
-    holds. A snapshot's pages are not read, only its bitmaps.
+    holds. A snapshot's pages are not read, only its bitmaps, piece by piece.
+    ``max_ram``: the most guest RAM the file may declare (as for :func:`receive`).
 
-    Raises :class:`StreamFormatError` for a damaged file, :class:`TransportError` if it
-    cannot be read.
+    Raises :class:`StreamFormatError` for a damaged file (:class:`LimitExceeded` for
+    more guest RAM than ``max_ram``), :class:`TransportError` if it cannot be read.
     """
     from livemig.commands.inspect import inspect_file
 
-    return inspect_file(path, fields=fields)
+    return inspect_file(path, fields=fields, max_ram=max_ram)
 
 
-def extract(snapshot: str, block: str, output: str) -> int:
+def extract(snapshot: str, block: str, output: str, *,
+            max_ram: int = _limits.DEFAULT_MAX_GUEST_RAM) -> int:
     """Write the RAM block named ``block`` (e.g. "pc.ram") of ``snapshot`` to ``output``
     as a raw image, pages that were never written as zeros; returns its size in bytes.
 
     Raises :class:`ConfigError` if ``snapshot`` is a stream rather than a snapshot or
-    has no such block, :class:`StreamFormatError` for a damaged file.
+    has no such block, :class:`StreamFormatError` for a damaged file (``max_ram`` as
+    for :func:`inspect`).
     """
     from livemig.commands.inspect import extract as _extract
 
-    return _extract(snapshot, block, output)
+    return _extract(snapshot, block, output, max_ram=max_ram)
 
 
 __all__ = [
@@ -183,6 +193,7 @@ __all__ = [
     "KernelTrackingUnavailable",
     "LimitExceeded",
     "MigrationError",
+    "OutOfMemory",
     "PeerError",
     "StateError",
     "StreamFormatError",

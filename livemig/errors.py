@@ -111,6 +111,41 @@ class PeerError(MigrationError):
     """The peer reported a failure of its own (QEMU's error text is kept)."""
 
 
+class OutOfMemory(MigrationError):
+    """The host refused memory that livemig asked for within its limits.
+
+    The message names what was being allocated and how much, so that the user
+    can tell a host limit (``ulimit -v``, a cgroup) from a bug.
+    """
+
+
+class allocating:  # noqa: N801 (used as ``with allocating(...)``, like a function)
+    """``with allocating("per-page state of pc.ram", size):`` turns a MemoryError
+    inside into :class:`OutOfMemory` naming what and how much."""
+
+    __slots__ = ("size", "what")
+
+    def __init__(self, what: str, size: int) -> None:
+        self.what = what
+        self.size = size
+
+    def __enter__(self) -> None:
+        return None
+
+    def __exit__(self, kind: type[BaseException] | None, value: BaseException | None,
+                 tb: object) -> None:
+        if kind is not None and issubclass(kind, MemoryError):
+            raise OutOfMemory(f"out of memory allocating {self.what} "
+                              f"({_bytes(self.size)})") from None
+
+
+def _bytes(n: int) -> str:
+    for unit, shift in (("GiB", 30), ("MiB", 20), ("KiB", 10)):
+        if n >= 1 << shift:
+            return f"{n / (1 << shift):.1f} {unit}"
+    return f"{n} bytes"
+
+
 class KernelTrackingUnavailable(TransportError):
     """This kernel cannot track written pages for livemig (uffd-wp async + PAGEMAP_SCAN).
 

@@ -34,6 +34,20 @@ MAX_RAM_BLOCK_BYTES = 1 << 40
 #: state of all blocks together (256 MiB at the limit).
 MAX_RAM_TOTAL_BYTES = 1 << 40
 
+#: Guest RAM (all blocks of the block list together) that a destination takes by
+#: default. The block list is a few hundred bytes whatever it declares, and
+#: livemig sizes a sparse snapshot and per-page state (one byte per page,
+#: 64 MiB at this limit) after it: without a limit below the decoder's 1 TiB, a
+#: 352-byte stream made ``receive`` write a 1 TiB snapshot. 256 GiB is above the
+#: guests livemig captures; ``--max-ram`` (``max_ram=``) moves it up to
+#: :data:`MAX_RAM_TOTAL_BYTES`.
+DEFAULT_MAX_GUEST_RAM = 256 << 30
+
+#: Pages of a mapped-ram bitmap read, counted and turned into runs at once
+#: (8 KiB of bitmap for 256 MiB of guest RAM): the temporaries of one chunk stay
+#: below a few MiB however large the block, and one run list at most 32 Ki entries.
+BITMAP_CHUNK_PAGES = 1 << 16
+
 #: The vmstate JSON description: ~100 KB for a pc guest; 64 MiB leaves room for
 #: machines with thousands of devices while bounding the buffer.
 MAX_VMDESC_JSON = 64 << 20

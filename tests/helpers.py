@@ -64,6 +64,12 @@ def livemig_env(**extra: str) -> dict[str, str]:
 # --------------------------------------------------------------------------------------------
 
 
+def rss_bytes() -> int:
+    """This process's resident set size now, from ``/proc/self/statm``."""
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * resource.getpagesize()
+
+
 def tcp_listening(port: int) -> bool:
     """True if a TCP socket on ``port`` (any address, v4 or v6) is in the listening state."""
     for table in ("/proc/net/tcp", "/proc/net/tcp6"):

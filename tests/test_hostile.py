@@ -887,3 +887,129 @@ def test_stream_bytes_in_an_error_stay_on_one_line() -> None:
     assert "\n" not in text and "\r" not in text and "\x1b" not in text
     assert text == ("m.stream\\x1b[2J, offset 0x42: RAM block \\x0a/rom@etc\\x0d\\x7f length "
                     "0x3 is not a multiple")
+
+
+# --------------------------------------------------------------------------------------------
+# Work that grows with the input only linearly
+# --------------------------------------------------------------------------------------------
+
+
+def test_vmdescription_search_is_linear_in_the_tail(tmp_path: Path,
+                                                    monkeypatch: pytest.MonkeyPatch) -> None:
+    """16 MiB of ``}`` after a device section arrive in 1 MiB reads; every read asks
+    whether the tail now ends with a complete description. The bytes searched over the
+    whole tail must stay proportional to the tail (before: the last 64 MiB were searched
+    again after every read, and 320 MiB of ``}`` took 94 s to be refused).
+
+    The work is counted, not timed: the loader's scanner counts the bytes it searches,
+    and a one-shot ``find_vmdescription`` costs the window it searches."""
+    from livemig.commands import inspect as inspect_cmd
+    from livemig.limits import MAX_VMDESC_JSON
+    from livemig.migration.destination import loader
+    from livemig.wire import stream
+
+    searched = [0]
+    plain = stream.find_vmdescription
+
+    def counted_find(buf: bytes | bytearray | memoryview, *, exact: bool = True
+                     ) -> tuple[int, int, int] | None:
+        searched[0] += len(buf) if not exact else min(len(buf), MAX_VMDESC_JSON + 6)
+        return plain(buf, exact=exact)
+
+    scanners: list[stream.VmDescriptionScanner] = []
+    base = getattr(stream, "VmDescriptionScanner", None)  # (a loader without one: see above)
+    if base is not None:
+        class CountedScanner(base):  # type: ignore[valid-type, misc]
+            def __init__(self) -> None:
+                super().__init__()
+                scanners.append(self)
+
+        monkeypatch.setattr(loader, "VmDescriptionScanner", CountedScanner, raising=False)
+    monkeypatch.setattr(loader, "find_vmdescription", counted_find)
+    tail = 16 << 20
+    bad = tmp_path / "braces.stream"
+    bad.write_bytes(build_stream(eof=b"", vmdesc=b"}" * tail))
+    with pytest.raises(StreamFormatError, match="vmstate description"):
+        inspect_cmd.load_file(str(bad))
+    total = searched[0] + sum(s.bytes_scanned for s in scanners)
+    assert 0 < total <= 2 * tail + (1 << 20), f"{total} bytes searched for a {tail}-byte tail"
+
+
+# --------------------------------------------------------------------------------------------
+# Declared sizes: a few hundred bytes may declare a terabyte
+# --------------------------------------------------------------------------------------------
+
+TiB = 1 << 40
+
+
+def _terabyte_stream() -> bytes:
+    """A 8.4 KB stream that declares a 1 TiB pc.ram and sends two pages of it, one at
+    each end (the block list alone is a few hundred bytes)."""
+    return build_stream(start=ram_start((("pc.ram", TiB),)),
+                        part=ram_part(page_record("pc.ram", 0) + page_record(None, TiB - PS)
+                                      + EOS))
+
+
+def test_declared_ram_above_the_limit_is_refused(tmp_path: Path) -> None:
+    """Before: ``receive`` exited 0 with a 1 TiB sparse snapshot, and ``inspect`` sized
+    its per-page state for a terabyte."""
+    results = _run_both(tmp_path, _terabyte_stream(), address_space=ADDRESS_SPACE)
+    for cmd in ("receive", "inspect"):
+        r = results[cmd]
+        assert r.rc == 1, f"{cmd}: rc {r.rc}: {r.stderr}"
+        lines = r.stderr.strip().splitlines()
+        assert len(lines) == 1 and lines[0].startswith(f"livemig {cmd}: error: "), r.stderr
+        assert "declares 1.0 TiB of guest RAM, more than the 256.0 GiB" in lines[0], lines[0]
+        assert "--max-ram" in lines[0], lines[0]
+
+
+def test_max_ram_is_a_size(tmp_path: Path) -> None:
+    for bad in ("lots", "0", "2T", "nan", "1e400"):
+        r = run_cli(["inspect", "--max-ram", bad, str(tmp_path / "x")])
+        assert r.rc == 2 and "--max-ram" in r.stderr and "Traceback" not in r.stderr, r.stderr
+
+
+def test_terabyte_snapshot_costs_constant_memory(tmp_path: Path) -> None:
+    """With the limit raised, the 1 TiB VM is captured; reading its snapshot back
+    (``inspect``, ``extract``) works in pieces, so it fits in a small address space
+    (before: an int64 temporary per page, 2.6 GB at the peak, and a MemoryError
+    traceback under ``ulimit -v``)."""
+    src = tmp_path / "tb.stream"
+    src.write_bytes(_terabyte_stream())
+    snap = tmp_path / OUT
+    r = run_cli(["receive", f"file:{src}", "-o", str(snap), "--max-ram", "1T", "--json"],
+                address_space=ADDRESS_SPACE)
+    assert r.rc == 0, r.stderr
+    small = 512 << 20
+    r = run_cli(["inspect", "--json", "--max-ram", "1T", str(snap)], address_space=small)
+    assert r.rc == 0, r.stderr
+    (block,) = json.loads(r.stdout)["ram_blocks"]
+    assert (block["name"], block["pages"], block["pages_present"]) == ("pc.ram", TiB // PS, 2)
+    # without the option the snapshot is refused, as the stream was
+    r = run_cli(["inspect", str(snap)], address_space=small)
+    assert r.rc == 1 and "--max-ram" in r.stderr, r.stderr
+    raw = tmp_path / "pc.ram.raw"
+    r = run_cli(["extract", "--max-ram", "1T", "--block", "pc.ram", "-o", str(raw), str(snap)],
+                address_space=small)
+    assert r.rc == 0, r.stderr
+    assert raw.stat().st_size == TiB
+    with raw.open("rb") as f:
+        assert f.read(PS) == b"\xaa" * PS
+        f.seek(TiB - PS)
+        assert f.read(PS) == b"\xaa" * PS
+    assert raw.stat().st_blocks * 512 < 64 << 20  # sparse: holes where nothing was sent
+
+
+def test_an_allocation_the_host_refuses_is_one_line(tmp_path: Path) -> None:
+    """With the limit raised to 1 TiB but an address space that cannot hold the 256 MiB
+    page bitmap of such a snapshot: livemig's own one-line error naming the allocation
+    (before: a numpy MemoryError traceback), and nothing left behind."""
+    src = tmp_path / "tb.stream"
+    src.write_bytes(_terabyte_stream())
+    r = run_cli(["receive", f"file:{src}", "-o", str(tmp_path / OUT), "--max-ram", "1T"],
+                address_space=384 << 20)
+    assert r.rc == 1, r.stderr
+    lines = r.stderr.strip().splitlines()
+    assert lines == [("livemig receive: error: out of memory allocating the page bitmap "
+                      "of RAM block pc.ram (256.0 MiB)")], r.stderr
+    assert leftovers(tmp_path, OUT) == []

@@ -68,9 +68,11 @@ def test_extract_signature() -> None:
     assert [(n, k) for n, k, _ in _params(livemig.extract)] == [
         ("snapshot", inspect.Parameter.POSITIONAL_OR_KEYWORD),
         ("block", inspect.Parameter.POSITIONAL_OR_KEYWORD),
-        ("output", inspect.Parameter.POSITIONAL_OR_KEYWORD)]
+        ("output", inspect.Parameter.POSITIONAL_OR_KEYWORD),
+        ("max_ram", inspect.Parameter.KEYWORD_ONLY)]
     assert [k for _, k, _ in _params(PUBLIC["extract"])] == [
-        inspect.Parameter.POSITIONAL_OR_KEYWORD] * 3
+        inspect.Parameter.POSITIONAL_OR_KEYWORD] * 3 + [inspect.Parameter.KEYWORD_ONLY]
+    assert _params(livemig.extract)[3] == _params(PUBLIC["extract"])[3]
 
 
 def test_import_stays_light() -> None:

@@ -15,6 +15,7 @@ from typing import Any
 
 import numpy as np
 import pytest
+from helpers import rss_bytes
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -688,6 +689,21 @@ def test_decompression_bomb_is_bounded(compression: MultifdCompression) -> None:
     assert len(payload) < MAX_MULTIFD_COMPRESSED_PAYLOAD
     with pytest.raises(StreamFormatError, match="more than the 4096 bytes"):
         make_decompressor(compression).decompress(payload, PAGE_SIZE)
+
+
+@pytest.mark.parametrize("compression", [ZLIB, ZSTD])
+def test_refused_payloads_do_not_leak(compression: MultifdCompression) -> None:
+    # Each refusal needs a fresh decompressor (a failed one fails fast). Before the
+    # fix every zstd refusal kept about 1 MiB: the stream writer's output buffer
+    # (leaked by python-zstandard when the sink raised) and the poisoned
+    # decompressor kept alive by its own error's traceback.
+    payload = make_compressor(compression).compress(pages(MULTIFD_PAGES_PER_PACKET))
+    before = rss_bytes()
+    for _ in range(300):
+        with pytest.raises(StreamFormatError, match="more than the 4096 bytes") as info:
+            make_decompressor(compression).decompress(payload, PAGE_SIZE)
+        del info
+    assert rss_bytes() - before < 24 * MiB
 
 
 @pytest.mark.parametrize("compression", [ZLIB, ZSTD])

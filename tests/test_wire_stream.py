@@ -969,3 +969,23 @@ def test_refusals_in_sections() -> None:
     assert isinstance(e, LimitExceeded) and "vmstate description length" in e.message
     e = _fail(build_stream(vmdesc=b"\x06\x00\x00\x00\x10{}"))
     assert isinstance(e, TruncatedStream)
+
+
+@settings(max_examples=200, deadline=None)
+@given(data=st.data())
+def test_vmdescription_scanner_matches_the_one_shot_search(data: st.DataObject) -> None:
+    """Fed a tail piece by piece, the scanner answers what ``find_vmdescription`` answers
+    for the whole tail so far, and searches each byte once."""
+    from livemig.wire.stream import VmDescriptionScanner, find_vmdescription
+
+    body = data.draw(st.binary(max_size=64))
+    json_text = data.draw(st.sampled_from([b"{}", b'{"a": 1}', b"}", b"{\x00}"]))
+    tail = body + b"\x00" + encode_vmdescription(json_text)
+    tail += data.draw(st.binary(max_size=8))
+    cuts = sorted(data.draw(st.lists(st.integers(0, len(tail)), max_size=8)))
+    scanner = VmDescriptionScanner()
+    buf = bytearray()
+    for cut in [*cuts, len(tail)]:
+        buf += tail[len(buf):max(cut, len(buf))]
+        assert scanner.find(buf) == find_vmdescription(bytes(buf))
+    assert scanner.bytes_scanned <= len(tail)

@@ -32,6 +32,31 @@ def _accept_timeout_option(p: argparse.ArgumentParser) -> None:
                    help="give up if no source connects within this time (default: 3600)")
 
 
+def _max_ram_size(text: str) -> int:
+    from livemig.errors import ConfigError
+    from livemig.io.uri import parse_size
+    from livemig.limits import MAX_RAM_TOTAL_BYTES
+
+    try:
+        value = parse_size(text)
+    except (ConfigError, ValueError, OverflowError):
+        raise argparse.ArgumentTypeError(f"not a size: {text!r} (examples: 64G, 1T)") from None
+    if not 0 < value <= MAX_RAM_TOTAL_BYTES:
+        raise argparse.ArgumentTypeError(
+            f"{text!r} is outside 1 byte .. {MAX_RAM_TOTAL_BYTES >> 40}T")
+    return value
+
+
+def _max_ram_option(p: argparse.ArgumentParser) -> None:
+    from livemig.limits import DEFAULT_MAX_GUEST_RAM
+
+    p.add_argument("--max-ram", type=_max_ram_size, default=DEFAULT_MAX_GUEST_RAM,
+                   metavar="SIZE",
+                   help="refuse a VM that declares more guest RAM than this, before "
+                        f"anything is sized for it (default: {DEFAULT_MAX_GUEST_RAM >> 30}G; "
+                        "at most 1T)")
+
+
 def _output_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("-q", "--quiet", action="store_true", help="no progress, no summary")
     p.add_argument("--json", action="store_true", help="print the summary as JSON")
@@ -63,6 +88,7 @@ def _build_parser() -> argparse.ArgumentParser:
     _multifd_options(r, "", "expect N multifd channels (QEMU's multifd capability with "
                             "multifd-channels=N)")
     _accept_timeout_option(r)
+    _max_ram_option(r)
     _output_options(r)
 
     s = sub.add_parser(
@@ -112,6 +138,7 @@ def _build_parser() -> argparse.ArgumentParser:
     i.add_argument("--json", action="store_true", help="machine-readable output")
     i.add_argument("--fields", action="store_true",
                    help="also decode every device section's vmstate fields")
+    _max_ram_option(i)
 
     e = sub.add_parser(
         "extract", help="write one RAM block of a snapshot as a raw image",
@@ -120,6 +147,7 @@ def _build_parser() -> argparse.ArgumentParser:
     e.add_argument("snapshot", metavar="SNAPSHOT")
     e.add_argument("--block", required=True, metavar="NAME", help="RAM block name, e.g. pc.ram")
     e.add_argument("-o", "--output", required=True, metavar="RAWFILE")
+    _max_ram_option(e)
 
     v = sub.add_parser(
         "vhost-user-backend", help="run a virtio-fs vhost-user back-end with a migratable state",
@@ -162,7 +190,8 @@ def _cmd_receive(args: argparse.Namespace) -> int:
     with ProgressDisplay(stats, quiet=args.quiet):
         res = receive(args.uri, args.output, multifd_channels=args.multifd_channels,
                       multifd_compression=args.multifd_compression, stats=stats,
-                      accept_timeout=args.accept_timeout, on_listening=listening)
+                      accept_timeout=args.accept_timeout, on_listening=listening,
+                      max_ram=args.max_ram)
     summary = {
         "snapshot": res.snapshot,
         "snapshot_bytes": res.snapshot_bytes,
@@ -281,7 +310,7 @@ def _cmd_inspect(args: argparse.Namespace) -> int:
 
     if not os.path.exists(args.path):
         raise _UsageError(f"{args.path}: no such file")
-    r = inspect_file(args.path, fields=args.fields)
+    r = inspect_file(args.path, fields=args.fields, max_ram=args.max_ram)
     if args.json:
         print(json.dumps(r, indent=2))
     else:
@@ -294,7 +323,7 @@ def _cmd_extract(args: argparse.Namespace) -> int:
 
     if not os.path.exists(args.snapshot):
         raise _UsageError(f"{args.snapshot}: no such file")
-    n = extract(args.snapshot, args.block, args.output)
+    n = extract(args.snapshot, args.block, args.output, max_ram=args.max_ram)
     print(f"livemig: wrote {args.block} ({_fmt_size(n)}) to {args.output}", file=sys.stderr)
     return EXIT_OK
 
@@ -390,6 +419,13 @@ def main(argv: list[str] | None = None) -> int:
         if args.debug:
             raise
         print(f"livemig {args.command}: error: {e}", file=sys.stderr)
+        return EXIT_FAILED
+    except MemoryError:
+        # an allocation livemig did not name (those become OutOfMemory above)
+        if args.debug:
+            raise
+        print(f"livemig {args.command}: error: out of memory (the host refused an "
+              "allocation; --debug shows where)", file=sys.stderr)
         return EXIT_FAILED
 
 

@@ -18,9 +18,9 @@ from typing import Any
 import numpy as np
 
 from livemig import limits
-from livemig.errors import ConfigError, StreamFormatError
+from livemig.errors import ConfigError, StreamFormatError, allocating
 from livemig.io.channels import FileSource
-from livemig.io.snapshot import extract_block, read_bitmap, trailer_packets
+from livemig.io.snapshot import bitmap_chunks, extract_block, trailer_packets
 from livemig.migration.destination.device_state_capture import DeviceStateRecorder
 from livemig.migration.common.failure import FailureLatch
 from livemig.migration.destination.loader import LoadResult, MainChannelLoader
@@ -28,6 +28,8 @@ from livemig.migration.common.stats import TransferStats
 from livemig.wire.constants import SectionType
 from livemig.wire.device_state_trailer import TrailerPacket
 from livemig.wire.events import Configuration, RamBlockInfo
+from livemig.wire.mapped_ram import pack_bitmap, unpack_bitmap
+from livemig.wire.ram import bitmap_bytes
 
 PS = limits.TARGET_PAGE_SIZE
 class PageState(enum.IntEnum):
@@ -44,22 +46,71 @@ _NEVER, _DATA, _ZERO = PageState.NEVER, PageState.DATA, PageState.ZERO
 @dataclass
 class _BlockCount:
     info: RamBlockInfo
-    state: np.ndarray
+    _state: np.ndarray | None = None
     page_records: int = 0
     zero_records: int = 0
+    #: for a mapped-ram snapshot, counted from its bitmap: no per-page state at all
+    mapped: tuple[int, int] | None = None  # (present, zero)
+    #: the snapshot's bitmap (1 bit per page), kept only for :attr:`state`
+    bitmap: bytearray | None = None
+
+    @property
+    def pages(self) -> int:
+        return self.info.length // PS
+
+    @property
+    def state(self) -> np.ndarray:
+        """One byte per page, made on the first page record: a snapshot's blocks
+        are only counted from their bitmaps and never need it. Untouched parts
+        are not resident."""
+        if self._state is None:
+            if self.mapped is not None and self.bitmap is None:
+                raise ConfigError(f"the per-page state of RAM block {self.info.name} was not "
+                                  "kept (load_file(keep_page_state=False))")
+            with allocating(f"the per-page state of RAM block {self.info.name}", self.pages):
+                self._state = np.zeros(self.pages, dtype=np.int8)
+            if self.bitmap is not None:
+                step = limits.BITMAP_CHUNK_PAGES
+                for first in range(0, self.pages, step):
+                    count = min(step, self.pages - first)
+                    raw = memoryview(self.bitmap)[first // 8:(first + count + 7) // 8]
+                    piece = self._state[first:first + count]
+                    piece[:] = _ZERO
+                    piece[unpack_bitmap(raw, count)] = _DATA
+        return self._state
+
+    def counts(self) -> tuple[int, int, int]:
+        """``(present, zero, never sent)`` pages, counted piece by piece (no
+        temporary as large as the block)."""
+        if self.mapped is not None:
+            return self.mapped[0], self.mapped[1], 0
+        if self._state is None:
+            return 0, 0, self.pages
+        data = zero = 0
+        step = limits.BITMAP_CHUNK_PAGES
+        for first in range(0, self.pages, step):
+            piece = self._state[first:first + step]
+            data += int(np.count_nonzero(piece == _DATA))
+            zero += int(np.count_nonzero(piece == _ZERO))
+        return data, zero, self.pages - data - zero
 
 
 class CountingSink:
     """A RamSink that remembers what each page is, without its bytes."""
 
-    def __init__(self) -> None:
+    def __init__(self, *, keep_page_state: bool = True) -> None:
+        """``keep_page_state=False``: a snapshot's blocks are only counted, and
+        :attr:`_BlockCount.state` is not available for them (memory does not
+        grow with the declared RAM); with True their bitmaps are kept (1 bit per
+        page) and turned into per-page state on demand."""
         self.blocks: dict[str, _BlockCount] = {}
         self.mapped_ram = False
+        self.keep_page_state = keep_page_state
 
     def set_layout(self, config: Configuration | None, ram_section_id: int,
                    blocks: tuple[RamBlockInfo, ...]) -> None:
         for b in blocks:
-            self.blocks[b.name] = _BlockCount(b, np.zeros(b.length // PS, dtype=np.int8))
+            self.blocks[b.name] = _BlockCount(b)
 
     def write_pages(self, block: str, offsets: np.ndarray, data: np.ndarray) -> None:
         b = self.blocks[block]
@@ -83,10 +134,18 @@ class CountingSink:
 
     def copy_mapped_ram_block(self, src_fd: int, info: RamBlockInfo) -> int:
         self.mapped_ram = True
-        present = read_bitmap(src_fd, info)
         b = self.blocks[info.name]
-        b.state[:] = np.where(present, _DATA, _ZERO)
-        return int(np.count_nonzero(present))
+        if self.keep_page_state:
+            with allocating(f"the page bitmap of RAM block {info.name}", bitmap_bytes(b.pages)):
+                b.bitmap = bytearray(bitmap_bytes(b.pages))
+        present = 0
+        for first, chunk in bitmap_chunks(src_fd, info):
+            present += int(np.count_nonzero(chunk))
+            if b.bitmap is not None:
+                packed = pack_bitmap(chunk)
+                b.bitmap[first // 8:first // 8 + len(packed)] = packed
+        b.mapped = (present, b.pages - present)
+        return present
 
 
 @dataclass
@@ -99,11 +158,16 @@ class Inspection:
     report: dict[str, Any] = field(default_factory=dict, repr=False)
 
 
-def load_file(path: str) -> tuple[LoadResult, CountingSink]:
+def load_file(path: str, *, max_ram: int = limits.DEFAULT_MAX_GUEST_RAM,
+              keep_page_state: bool = True) -> tuple[LoadResult, CountingSink]:
+    """Run the loader over a file. ``max_ram``: the most guest RAM the file may
+    declare; ``keep_page_state``: see :class:`CountingSink` (``inspect`` and
+    ``extract`` only count, and pass False)."""
     source = FileSource(path)
-    sink = CountingSink()
+    sink = CountingSink(keep_page_state=keep_page_state)
     try:
-        loader = MainChannelLoader(source, sink, stats=TransferStats(), latch=FailureLatch())
+        loader = MainChannelLoader(source, sink, stats=TransferStats(), latch=FailureLatch(),
+                                   max_ram=max_ram)
         result = loader.run()
         result.trailer_offset = source.trailer
         return result, sink
@@ -163,9 +227,12 @@ def device_state_report(path: str, trailer: int) -> list[dict[str, Any]]:
         os.close(fd)
 
 
-def inspect_file(path: str, *, fields: bool = False) -> dict[str, Any]:
-    """A JSON-ready account of a snapshot or a single-channel stream file."""
-    load, sink = load_file(path)
+def inspect_file(path: str, *, fields: bool = False,
+                 max_ram: int = limits.DEFAULT_MAX_GUEST_RAM) -> dict[str, Any]:
+    """A JSON-ready account of a snapshot or a single-channel stream file.
+
+    ``max_ram``: the most guest RAM the file may declare (see :func:`load_file`)."""
+    load, sink = load_file(path, max_ram=max_ram, keep_page_state=False)
     cfg = load.configuration
     desc = None
     if load.vmdesc_json is not None:
@@ -173,15 +240,16 @@ def inspect_file(path: str, *, fields: bool = False) -> dict[str, Any]:
         desc = parse_vmdescription(load.vmdesc_json)
     blocks = []
     for b in sink.blocks.values():
+        present, zero, never = b.counts()
         entry: dict[str, Any] = {
             "name": b.info.name,
             "size": b.info.length,
-            "pages": int(b.state.size),
-            "pages_present": int(np.count_nonzero(b.state == _DATA)),
-            "zero_pages": int(np.count_nonzero(b.state == _ZERO)),
+            "pages": b.pages,
+            "pages_present": present,
+            "zero_pages": zero,
         }
         if not sink.mapped_ram:
-            entry["pages_never_sent"] = int(np.count_nonzero(b.state == _NEVER))
+            entry["pages_never_sent"] = never
             entry["page_records"] = b.page_records
             entry["zero_records"] = b.zero_records
         blocks.append(entry)
@@ -222,8 +290,9 @@ def inspect_file(path: str, *, fields: bool = False) -> dict[str, Any]:
     }
 
 
-def extract(path: str, block: str, output: str) -> int:
-    load, sink = load_file(path)
+def extract(path: str, block: str, output: str, *,
+            max_ram: int = limits.DEFAULT_MAX_GUEST_RAM) -> int:
+    load, sink = load_file(path, max_ram=max_ram, keep_page_state=False)
     if not sink.mapped_ram:
         raise ConfigError(f"{path} is a migration stream, not a snapshot; capture it first with "
                           f"'livemig receive file:{path} -o SNAPSHOT'")

@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass
 
+from livemig import limits
 from livemig.io.channels import DEFAULT_ACCEPT_TIMEOUT, FileSource
 from livemig.io.snapshot import SnapshotWriter, trailer_packets, trailer_payload
 from livemig.io.uri import Uri, parse_uri
@@ -33,11 +34,14 @@ def receive(uri: str | Uri, output: str, *, multifd_channels: int = 0,
             stats: TransferStats | None = None,
             accept_timeout: float = DEFAULT_ACCEPT_TIMEOUT,
             device_state_drain: float = DEVICE_STATE_DRAIN,
-            on_listening: Callable[[str], None] | None = None) -> ReceiveResult:
+            on_listening: Callable[[str], None] | None = None,
+            max_ram: int = limits.DEFAULT_MAX_GUEST_RAM) -> ReceiveResult:
     """Receive one migration on ``uri`` and write it to ``output`` as a mapped-ram snapshot.
 
     ``multifd_channels`` and ``multifd_compression`` mirror QEMU's parameters
-    and must match the source's. Returns once the snapshot is on disk; on any
+    and must match the source's. ``max_ram`` is the most guest RAM the
+    source may declare (a larger VM is refused before anything is sized for
+    it). Returns once the snapshot is on disk; on any
     failure nothing is left at ``output`` and the first cause is raised.
     """
     u = parse_uri(uri) if isinstance(uri, str) else uri
@@ -50,7 +54,8 @@ def receive(uri: str | Uri, output: str, *, multifd_channels: int = 0,
     try:
         incoming = IncomingMigration(u, multifd_channels, comp, writer, latch, stats,
                                      on_device_state=devices.on_packet,
-                                     on_channels_ended=devices.channels_ended)
+                                     on_channels_ended=devices.channels_ended,
+                                     max_ram=max_ram)
     except BaseException:
         writer.abort()  # (its writeback thread too)
         raise

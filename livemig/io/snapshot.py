@@ -20,12 +20,19 @@ import ctypes.util
 import os
 import struct
 import threading
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 import numpy as np
 
 from livemig import limits
-from livemig.errors import ConfigError, MigrationError, StreamFormatError, TransportError
+from livemig.errors import (
+    ConfigError,
+    MigrationError,
+    StreamFormatError,
+    TransportError,
+    allocating,
+)
 from livemig.wire.constants import Command, RamFlag, SectionType
 from livemig.wire.device_state_trailer import (
     FOOTER_SIZE,
@@ -120,9 +127,11 @@ class SnapshotWriter:
             self._pwrite(entry, off)
         for b in layout.blocks:
             assert b.info.mapped_ram is not None
+            # one byte per page, untouched (so not resident) until a page arrives
+            with allocating(f"the page bitmap of RAM block {b.info.name}", b.pages):
+                present = np.zeros(b.pages, dtype=np.bool_)
             self.blocks[b.info.name] = _Block(b.info, b.header.pages_offset,
-                                              b.header.bitmap_offset,
-                                              np.zeros(b.pages, dtype=np.bool_))
+                                              b.header.bitmap_offset, present)
         self._end = layout.end
         try:
             os.ftruncate(self.fd, self._end)
@@ -227,13 +236,16 @@ class SnapshotWriter:
         b = self._block(info.name)
         hdr = info.mapped_ram
         assert hdr is not None
-        present = read_bitmap(src_fd, info)
-        for first, count in bitmap_runs(present):
+        copied = 0
+        for first, chunk in bitmap_chunks(src_fd, info):
+            if chunk.any():  # the rest of the bitmap stays untouched, so not resident
+                b.present[first:first + len(chunk)] |= chunk
+        for first, count in present_runs(src_fd, info):
             _copy_range(src_fd, hdr.pages_offset + first * PS, self.fd,
                         b.pages_offset + first * PS, count * PS)
             self._account(count * PS)
-        b.present |= present
-        return int(np.count_nonzero(present))
+            copied += count
+        return copied
 
     # -- device state over multifd -------------------------------------------
 
@@ -367,6 +379,43 @@ def trailer_payload(fd: int, packet: TrailerPacket, *, with_header: bool = False
     return raw
 
 
+def bitmap_chunks(fd: int, info: RamBlockInfo) -> Iterator[tuple[int, np.ndarray]]:
+    """A block's bitmap as ``(first page, bool per page)`` pieces of at most
+    :data:`~livemig.limits.BITMAP_CHUNK_PAGES` pages, read one piece at a time:
+    the memory it takes does not grow with the block."""
+    hdr = info.mapped_ram
+    assert hdr is not None
+    pages = info.length // PS
+    step = limits.BITMAP_CHUNK_PAGES  # a multiple of 64: pieces start on a bitmap word
+    for first in range(0, pages, step):
+        count = min(step, pages - first)
+        n = (count + 7) // 8
+        at = hdr.bitmap_offset + first // 8
+        raw = os.pread(fd, n, at)
+        if len(raw) != n:
+            raise StreamFormatError(f"mapped-ram block {info.name}: bitmap at "
+                                    f"{hdr.bitmap_offset:#x} is cut off by the end of the file",
+                                    offset=hdr.bitmap_offset)
+        yield first, unpack_bitmap(raw, count)
+
+
+def present_runs(fd: int, info: RamBlockInfo) -> Iterator[tuple[int, int]]:
+    """Runs of present pages ``(first page, page count)`` of a block, from its
+    bitmap read piece by piece; a run that crosses pieces comes out whole."""
+    start = length = 0
+    for base, chunk in bitmap_chunks(fd, info):
+        for first, count in bitmap_runs(chunk):
+            page = base + first
+            if length and start + length == page:
+                length += count
+                continue
+            if length:
+                yield start, length
+            start, length = page, count
+    if length:
+        yield start, length
+
+
 def read_bitmap(fd: int, info: RamBlockInfo) -> np.ndarray:
     hdr = info.mapped_ram
     assert hdr is not None
@@ -414,10 +463,9 @@ def extract_block(src_path: str, blocks: dict[str, RamBlockInfo], name: str,
         os.close(src)
         raise ConfigError(f"cannot create {out_path}: {e.strerror}") from e
     try:
-        present = read_bitmap(src, info)
         hdr = info.mapped_ram
         assert hdr is not None
-        for first, count in bitmap_runs(present):
+        for first, count in present_runs(src, info):
             _copy_range(src, hdr.pages_offset + first * PS, dst, first * PS, count * PS)
         os.ftruncate(dst, info.length)
         os.fsync(dst)
@@ -435,5 +483,6 @@ def extract_block(src_path: str, blocks: dict[str, RamBlockInfo], name: str,
     return info.length
 
 
-__all__ = ["MigrationError", "SnapshotWriter", "extract_block", "read_bitmap",
+__all__ = ["MigrationError", "SnapshotWriter", "bitmap_chunks", "extract_block",
+           "present_runs", "read_bitmap",
            "trailer_packets", "trailer_payload"]

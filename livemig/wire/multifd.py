@@ -148,6 +148,13 @@ ZSTD_MAX_WINDOW = 1 << 27
 #: a full chunk always means "more than the packet announced".
 _ZSTD_OUT_CHUNK = 2 * MULTIFD_PACKET_BYTES
 
+#: Compressed bytes handed to libzstd per call. Output past a packet's
+#: announced length is dropped, not refused from inside libzstd (see
+#: ``_BoundedSink``), so a bomb is only noticed between calls: 16 KiB of
+#: RLE blocks (4 bytes each for 128 KiB) decode to at most 512 MiB of
+#: discarded output, a fraction of a second of CPU, before the refusal.
+_ZSTD_IN_CHUNK = 16 << 10
+
 _INIT = struct.Struct(">II16sB7x32x")
 _COMMON = struct.Struct(">III")
 # magic, version, flags, pages_alloc, normal_pages, next_packet_size,
@@ -690,17 +697,21 @@ class _Poisonable:
     _name = "multifd"
 
     def __init__(self) -> None:
-        self._failed: StreamFormatError | None = None
+        # Only the message is kept, not the error: a raised error's traceback
+        # holds the frame that holds this decompressor, and that cycle would
+        # keep libzstd's context and window (about 1 MiB, invisible to the
+        # garbage collector's thresholds) alive after every refusal.
+        self._failed: str | None = None
 
     def _check_alive(self) -> None:
         if self._failed is not None:
             raise StreamFormatError(
-                f"{self._name} stream of this channel already failed: {self._failed.message}"
+                f"{self._name} stream of this channel already failed: {self._failed}"
             )
 
     def _fail(self, message: str, payload: Buffer) -> StreamFormatError:
         err = StreamFormatError(f"{self._name} payload: {message}", raw=bytes(payload[:16]))
-        self._failed = err
+        self._failed = err.message
         return err
 
 
@@ -757,7 +768,14 @@ class ZlibChannelDecompressor(_Poisonable):
 
 
 class _BoundedSink:
-    """Collects libzstd's output and refuses more than one packet announced."""
+    """Collects libzstd's output up to one packet's announced length.
+
+    It never raises: python-zstandard's ``stream_writer`` leaks its output
+    buffer (``write_size`` bytes, 1 MiB here) each time the writer's
+    ``write`` raises, which a hostile source could repeat until memory runs
+    out. Output past the limit is dropped and only counted; the caller feeds
+    the payload in slices and stops at the first slice that overflowed.
+    """
 
     __slots__ = ("buf", "limit", "overflow")
 
@@ -767,15 +785,12 @@ class _BoundedSink:
         self.overflow = False
 
     def write(self, data: bytes) -> int:
-        if self.overflow or len(self.buf) + len(data) > self.limit:
-            self.overflow = True
-            raise _ZstdOverflow
-        self.buf += data
+        if not self.overflow:
+            if len(self.buf) + len(data) > self.limit:
+                self.overflow = True
+            else:
+                self.buf += data
         return len(data)
-
-
-class _ZstdOverflow(Exception):
-    """Internal: the output passed the announced length."""
 
 
 class ZstdChannelDecompressor(_Poisonable):
@@ -784,7 +799,8 @@ class ZstdChannelDecompressor(_Poisonable):
     Uses libzstd's streaming decoder through ``stream_writer`` rather than
     ``decompressobj``: the writer hands output over in bounded chunks, so a
     payload that expands beyond the packet's page count is refused after at
-    most one chunk instead of being decompressed in full.
+    most one input slice (``_ZSTD_IN_CHUNK``) instead of being decompressed in
+    full, and never holds more than the announced length.
     """
 
     _name = "zstd"
@@ -801,13 +817,18 @@ class ZstdChannelDecompressor(_Poisonable):
         sink = self._sink
         sink.buf = bytearray()
         sink.limit = expected_len
+        sink.overflow = False
+        view = memoryview(payload).cast("B")
         try:
-            self._w.write(payload)
-        except _ZstdOverflow:
-            pass
+            for at in range(0, len(view), _ZSTD_IN_CHUNK):
+                self._w.write(view[at:at + _ZSTD_IN_CHUNK])
+                if sink.overflow:
+                    break
         except zstandard.ZstdError as e:
             raise self._fail(f"{e} (payloads only decode in order on one stream per "
                              "channel)", payload) from e
+        finally:
+            view.release()
         if sink.overflow:
             raise self._fail(f"decompresses to more than the {expected_len} bytes the "
                              "packet announced", payload)

@@ -526,17 +526,53 @@ def find_vmdescription(buf: bytes | bytearray | memoryview, *,
         return None
     if n < 7 or mv[n - 1] != ord("}"):
         return None
-    last_nul = bytes(mv[max(0, n - limits.MAX_VMDESC_JSON - 6):]).rfind(b"\x00")
-    if last_nul < 0:
+    whole = buf if isinstance(buf, bytes | bytearray) else bytes(mv)
+    return VmDescriptionScanner().find(whole)
+
+
+class VmDescriptionScanner:
+    """:func:`find_vmdescription` (exact) over a tail that only grows, in linear time.
+
+    The loader asks after every read whether the tail now ends with a complete
+    description. Searching the last :data:`~livemig.limits.MAX_VMDESC_JSON`
+    bytes for their last NUL on every read cost O(64 MiB) per MiB read (a
+    tail of ``}`` bytes took minutes to refuse); this scanner remembers the
+    last NUL seen and looks at each byte once. ``bytes_scanned`` counts the
+    bytes searched, so that the bound can be tested.
+
+    The buffer passed to :meth:`find` must be the same one each time, only
+    ever appended to.
+    """
+
+    def __init__(self) -> None:
+        self.scanned = 0  # bytes of the buffer already searched for NUL
+        self.last_nul = -1  # position of the last NUL in buf[:scanned]
+        self.bytes_scanned = 0
+
+    def find(self, buf: bytes | bytearray) -> tuple[int, int, int] | None:
+        """``(eof_offset, json_offset, json_end)`` if ``buf`` ends a stream, else None."""
+        n = len(buf)
+        if n < self.scanned:
+            raise ValueError("VmDescriptionScanner: the buffer shrank")
+        # bytes before the window can never hold the EOF byte of a description
+        # that ends at n or later, so they need not be searched at all
+        window = max(0, n - limits.MAX_VMDESC_JSON - 6)
+        start = max(self.scanned, window)
+        found = buf.rfind(b"\x00", start, n)
+        self.bytes_scanned += n - start
+        self.scanned = n
+        if found >= 0:
+            self.last_nul = found
+        if n < 7 or buf[n - 1] != ord("}") or self.last_nul < window:
+            return None
+        last_nul = self.last_nul
+        for c in range(max(0, last_nul - 5), last_nul + 1):
+            if c + 6 >= n or buf[c] != 0 or buf[c + 1] != SectionType.VMDESCRIPTION:
+                continue
+            (length,) = struct.unpack_from(">I", buf, c + 2)
+            if c + 6 + length == n and buf[c + 6] == ord("{"):
+                return c, c + 6, n
         return None
-    last_nul += max(0, n - limits.MAX_VMDESC_JSON - 6)
-    for c in range(max(0, last_nul - 5), last_nul + 1):
-        if c + 6 >= n or mv[c] != 0 or mv[c + 1] != SectionType.VMDESCRIPTION:
-            continue
-        (length,) = struct.unpack_from(">I", mv, c + 2)
-        if c + 6 + length == n and mv[c + 6] == ord("{"):
-            return c, c + 6, n
-    return None
 
 
 def check_json_object(raw: bytes, where: str = "vmstate description") -> dict[str, object]:
@@ -552,6 +588,7 @@ def check_json_object(raw: bytes, where: str = "vmstate description") -> dict[st
 __all__ = [
     "LimitExceeded",
     "MainStreamDecoder",
+    "VmDescriptionScanner",
     "encode_command",
     "encode_configuration",
     "encode_file_header",

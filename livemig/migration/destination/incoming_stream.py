@@ -64,7 +64,8 @@ class IncomingMigration:
                  sink: RamSink, latch: FailureLatch, stats: TransferStats, *,
                  main_name: str = "main channel",
                  on_device_state: DeviceStateCallback | None = None,
-                 on_channels_ended: Callable[[], None] | None = None) -> None:
+                 on_channels_ended: Callable[[], None] | None = None,
+                 max_ram: int = limits.DEFAULT_MAX_GUEST_RAM) -> None:
         if channels and not isinstance(uri, (TcpUri, UnixUri)):
             raise ConfigError(f"multifd needs a tcp: or unix: URI, not {uri}")
         self.uri = uri
@@ -77,6 +78,7 @@ class IncomingMigration:
         self.on_device_state = on_device_state
         self.on_channels_ended = on_channels_ended
         self.threads = ThreadGroup("incoming", latch)
+        self.max_ram = max_ram
         self.listener: Listener | None = None
         self.source: ByteSource | None = None
         self.multifd: MultifdReceiver | None = None
@@ -128,7 +130,8 @@ class IncomingMigration:
         self.loader = MainChannelLoader(self.source, self.sink, stats=self.stats,
                                         latch=self.latch, multifd=self.multifd,
                                         send_return_path=send_rp, observer=observer,
-                                        section_lengths=section_lengths)
+                                        section_lengths=section_lengths,
+                                        max_ram=self.max_ram)
         result = self.loader.run()
         if drain is not None:
             drain(result)

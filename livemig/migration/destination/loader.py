@@ -21,7 +21,14 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from livemig import limits
-from livemig.errors import ConfigError, MigrationError, StreamFormatError, TruncatedStream
+from livemig.errors import (
+    ConfigError,
+    LimitExceeded,
+    MigrationError,
+    StreamFormatError,
+    TruncatedStream,
+    allocating,
+)
 from livemig.io.channels import ByteSource, LivenessSource, SeekableSource
 from livemig.migration.common.failure import FailureLatch
 from livemig.migration.common.stats import TransferStats
@@ -50,6 +57,7 @@ from livemig.wire.ram import xbzrle_decode
 from livemig.wire.stream import (
     MainStreamDecoder,
     SectionLengths,
+    VmDescriptionScanner,
     find_vmdescription,
     fork_for_tail,
 )
@@ -101,7 +109,7 @@ def _size(n: int) -> str:
     if n < 1024:
         return f"{n} B"
     value, unit = n / 1024, "KiB"
-    for bigger in ("MiB", "GiB"):
+    for bigger in ("MiB", "GiB", "TiB"):
         if value < 1024:
             break
         value, unit = value / 1024, bigger
@@ -117,7 +125,8 @@ class MainChannelLoader:
                  latch: FailureLatch, multifd: MultifdReceiver | None = None,
                  send_return_path: Callable[[bytes], None] | None = None,
                  observer: Callable[[object], None] | None = None,
-                 section_lengths: SectionLengths | None = None) -> None:
+                 section_lengths: SectionLengths | None = None,
+                 max_ram: int = limits.DEFAULT_MAX_GUEST_RAM) -> None:
         """``observer`` sees every record except pages, after the loader handled
         it (a relay forwards them from there). ``section_lengths`` lets a
         destination that knows its devices split their sections itself
@@ -128,7 +137,15 @@ class MainChannelLoader:
         :class:`~livemig.migration.destination.sinks.SnapshotSink` needs the
         configuration section, a :class:`~livemig.io.channels.SeekableSource`
         can give mapped-ram pages, a :class:`~livemig.io.channels.LivenessSource`
-        tells the sync barrier when the source hung up."""
+        tells the sync barrier when the source hung up.
+
+        ``max_ram`` is the most guest RAM the block list may declare (all
+        blocks together); above it the stream is refused before the sink sizes
+        anything for it."""
+        if not 0 < max_ram <= limits.MAX_RAM_TOTAL_BYTES:
+            raise ConfigError(f"the guest RAM limit must be between 1 byte and "
+                              f"{_size(limits.MAX_RAM_TOTAL_BYTES)}, not {max_ram}")
+        self.max_ram = max_ram
         self.observer = observer
         self.requires_configuration = isinstance(sink, SnapshotSink)
         self._alive = source.alive if isinstance(source, LivenessSource) else None
@@ -158,7 +175,8 @@ class MainChannelLoader:
     # -- reading -------------------------------------------------------------
 
     def _run(self) -> None:
-        buf = bytearray(limits.MAIN_READ_BUFFER)
+        with allocating("the main channel's read buffer", limits.MAIN_READ_BUFFER):
+            buf = bytearray(limits.MAIN_READ_BUFFER)
         view = memoryview(buf)
         start = end = base = 0
         eof = False
@@ -202,12 +220,15 @@ class MainChannelLoader:
 
     def _tail(self, tail: bytearray, tail_base: int, eof: bool) -> None:
         """Collect the rest of the stream until a complete JSON ends it, then parse it."""
-        chunk = bytearray(1 << 20)
+        with allocating("the device-state read buffer", 1 << 20):
+            chunk = bytearray(1 << 20)
         cview = memoryview(chunk)
         last_error: StreamFormatError | None = None
         self.stats.phase = "device state"
+        # looks at each byte of the tail once, however many reads it takes
+        scanner = VmDescriptionScanner()
         while True:
-            loc = find_vmdescription(tail)
+            loc = scanner.find(tail)
             if loc is not None:
                 try:
                     events = self._parse_tail(tail, tail_base, loc[1])
@@ -326,6 +347,15 @@ class MainChannelLoader:
 
     def _block_list(self, ev: RamBlockList) -> None:
         r = self.result
+        declared = max(ev.total, sum(b.length for b in ev.blocks))
+        if declared > self.max_ram:
+            largest = max(ev.blocks, key=lambda b: b.length, default=None)
+            which = f"; the largest block is {largest.name} ({_size(largest.length)})" \
+                if largest is not None else ""
+            raise LimitExceeded(
+                f"the RAM block list declares {_size(declared)} of guest RAM, more than the "
+                f"{_size(self.max_ram)} livemig accepts{which} (--max-ram SIZE raises the "
+                "limit)")
         r.blocks = ev.blocks
         r.ram_section_id = self.decoder.ram_section_id or 0
         self.stats.total_ram = ev.total
