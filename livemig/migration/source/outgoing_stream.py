@@ -99,8 +99,11 @@ class OutgoingStream:
         self.ram_section_id = 0
         self.body_open = False
         self._last_block: str | None = None
-        # pages or records went out since the last sync point
-        self._pending = False
+        # pages or records went out since the last sync point; before the first one
+        # there is always something to sync: a QEMU destination's channel threads may
+        # take pages before its RAM setup is done unless a sync holds them (QEMU syncs
+        # at setup for that reason)
+        self._pending = True
 
     # -- life cycle ------------------------------------------------------------
     def __enter__(self) -> Self:
