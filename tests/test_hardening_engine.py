@@ -6,13 +6,19 @@ ended) with a deadline; nothing here measures elapsed time.
 
 from __future__ import annotations
 
+import contextlib
+import json
+import os
+import signal
 import socket
+import subprocess
 import threading
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
+from helpers import LIVEMIG, livemig_env, uri_listening
 
 from livemig.engine.controller import CommandError, MachineController
 from livemig.engine.handlers import BlobDevice
@@ -116,3 +122,150 @@ def test_failed_incoming_refuses_migrate(machines: list[tuple[MachineController,
         dst.cont()
     assert dst_m.state == "paused"
     assert "RESUME" not in dst_rec.names()
+
+
+# -- `livemig run` as a process, driven over a plain QMP socket ---------------------------
+
+
+class Qmp:
+    """A synchronous QMP client: replies to commands, events kept aside."""
+
+    def __init__(self, path: str) -> None:
+        self.sock = socket.socket(socket.AF_UNIX)
+        self.sock.settimeout(DEADLINE)
+        self.sock.connect(path)
+        self.buf = b""
+        self.events: list[dict[str, Any]] = []
+        assert "QMP" in self._read()
+        assert self.cmd("qmp_capabilities") == {"return": {}}
+
+    def _read(self) -> dict[str, Any]:
+        while b"\n" not in self.buf:
+            chunk = self.sock.recv(65536)
+            if not chunk:
+                raise EOFError("the QMP server closed the connection")
+            self.buf += chunk
+        line, _, self.buf = self.buf.partition(b"\n")
+        msg: dict[str, Any] = json.loads(line)
+        return msg
+
+    def cmd(self, name: str, **args: Any) -> dict[str, Any]:
+        req: dict[str, Any] = {"execute": name}
+        if args:
+            req["arguments"] = args
+        self.sock.sendall(json.dumps(req).encode())
+        while True:
+            msg = self._read()
+            if "event" in msg:
+                self.events.append(msg)
+            else:
+                return msg
+
+    def rest(self) -> list[dict[str, Any]]:
+        """Everything until the server closes: the events at the end."""
+        with contextlib.suppress(EOFError, OSError):
+            while True:
+                self.events.append(self._read())
+        return self.events
+
+    def close(self) -> None:
+        self.sock.close()
+
+
+class RunProc:
+    def __init__(self, workdir: Path, *args: str) -> None:
+        self.qmp_path = str(workdir / "m.qmp")
+        self.out = workdir / "ready.json"
+        with open(self.out, "wb") as out:
+            self.proc = subprocess.Popen(
+                [*LIVEMIG, "run", "--memory", "8M", "--print-ready", "--qmp",
+                 f"unix:{self.qmp_path}", *args],
+                stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.PIPE,
+                env=livemig_env(), start_new_session=True)
+        # --print-ready's line comes once the QMP socket and the incoming listener are up
+        while b"\n" not in self.out.read_bytes():
+            assert self.proc.poll() is None, self.proc.communicate()[1]
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                self.proc.wait(0.05)
+        self.qmp = Qmp(self.qmp_path)
+
+    def wait(self) -> int:
+        """Its exit status; a process still alive after the deadline fails the test."""
+        try:
+            return self.proc.wait(DEADLINE)
+        except subprocess.TimeoutExpired:
+            raise AssertionError("livemig run did not stop") from None
+
+    def close(self) -> None:
+        self.qmp.close()
+        if self.proc.poll() is None:
+            with contextlib.suppress(OSError):
+                os.killpg(self.proc.pid, signal.SIGKILL)
+        self.proc.wait(DEADLINE)
+        assert self.proc.stderr is not None
+        self.proc.stderr.close()
+
+
+@pytest.fixture
+def run_procs() -> Iterator[list[RunProc]]:
+    made: list[RunProc] = []
+    yield made
+    for p in made:
+        p.close()
+
+
+# -- item 1: a destination waiting for its source stops at once ----------------------------
+
+
+@pytest.mark.parametrize("start", ["incoming", "defer"])
+@pytest.mark.parametrize("how", ["SIGTERM", "quit", "migrate_cancel"])
+def test_waiting_destination_stops(run_procs: list[RunProc], workdir: Path, start: str,
+                                   how: str) -> None:
+    uri = f"unix:{workdir}/in.sock"
+    args = ["--incoming", uri] if start == "incoming" else ["--incoming", "defer"]
+    m = RunProc(workdir, *args)
+    run_procs.append(m)
+    if start == "defer":
+        assert m.qmp.cmd("migrate-incoming", uri=uri) == {"return": {}}
+    assert uri_listening(uri)
+    assert m.qmp.cmd("query-status")["return"]["status"] == "inmigrate"
+    if how == "SIGTERM":
+        m.proc.send_signal(signal.SIGTERM)
+        assert m.wait() == 128 + signal.SIGTERM
+    elif how == "quit":
+        assert m.qmp.cmd("quit") == {"return": {}}
+        assert m.wait() == 0
+    else:
+        assert m.qmp.cmd("migrate_cancel") == {"return": {}}
+        # the wait ends: the listener is gone and the incoming migration has failed
+        q = m.qmp.cmd("query-migrate")["return"]
+        assert q["status"] == "failed", q
+        assert not uri_listening(uri)
+        assert m.proc.poll() is None  # the machine stays, as QEMU's with exit-on-error off
+        assert m.qmp.cmd("quit") == {"return": {}}
+        assert m.wait() == 0
+    assert not os.path.exists(f"{workdir}/in.sock")
+
+
+# -- item 16: QMP fidelity -----------------------------------------------------------------
+
+
+def test_quit_emits_shutdown(run_procs: list[RunProc], workdir: Path) -> None:
+    m = RunProc(workdir)
+    run_procs.append(m)
+    assert m.qmp.cmd("quit") == {"return": {}}
+    events = [e for e in m.qmp.rest() if e.get("event") == "SHUTDOWN"]
+    assert [e["data"] for e in events] == [{"guest": False, "reason": "host-qmp-quit"}]
+    assert m.wait() == 0
+
+
+def test_migrate_refuses_blk_like_qemu10(run_procs: list[RunProc], workdir: Path) -> None:
+    m = RunProc(workdir)
+    run_procs.append(m)
+    for arg in ("blk", "inc"):
+        r = m.qmp.cmd("migrate", uri=f"unix:{workdir}/none.sock", **{arg: True})
+        assert r == {"error": {"class": "GenericError",
+                               "desc": f"Parameter '{arg}' is unexpected"}}, r
+    assert m.qmp.cmd("query-migrate") == {"return": {}}
+    assert "error" in m.qmp.cmd("query-workload")
+    assert m.qmp.cmd("x-query-workload")["error"]["desc"] == "this machine runs no workload"

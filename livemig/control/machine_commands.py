@@ -45,8 +45,8 @@ def _wrap(fn: Callable[[dict[str, Any]], Any]) -> Handler:
 
 def _migrate_uri(args: dict[str, Any]) -> str:
     """``migrate``'s destination: ``uri``, or QEMU 9+'s one-entry ``channels`` list."""
-    _args(args, {}, {"uri": str, "channels": list, "detach": bool, "resume": bool,
-                     "blk": bool, "inc": bool})
+    # QEMU 10's schema: 'blk' and 'inc' (block migration) were removed in QEMU 9.1
+    _args(args, {}, {"uri": str, "channels": list, "detach": bool, "resume": bool})
     if args.get("resume"):
         raise QmpError("migrate resume (postcopy recovery) is not supported by livemig")
     if "uri" in args and "channels" in args:
@@ -100,7 +100,7 @@ def machine_commands(ctl: MachineController) -> dict[str, Handler]:
         "migrate-set-parameters": _wrap(set_params),
         "query-migrate-parameters": none(ctl.query_migrate_parameters),
         "query-migrate": none(ctl.query_migrate),
-        "query-workload": none(ctl.query_workload),
+        "x-query-workload": none(ctl.query_workload),
         # livemig's own (x- like QEMU's unstable commands): every device's summary
         "x-query-livemig-devices": none(lambda: [d.summary() for d in ctl.machine.devices]),
     }
