@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from helpers import LIVEMIG, livemig_env, uri_listening
+from helpers import LIVEMIG, livemig_env, run_cli, uri_listening
 
 from livemig.engine.controller import CommandError, MachineController
 from livemig.engine.handlers import BlobDevice
@@ -269,3 +269,44 @@ def test_migrate_refuses_blk_like_qemu10(run_procs: list[RunProc], workdir: Path
     assert m.qmp.cmd("query-migrate") == {"return": {}}
     assert "error" in m.qmp.cmd("query-workload")
     assert m.qmp.cmd("x-query-workload")["error"]["desc"] == "this machine runs no workload"
+
+
+# -- item 17: inspect --fields for a person, and the captured run state --------------------
+
+DATA = Path(__file__).parent / "data"
+
+
+@pytest.fixture
+def qemu10_stream(workdir: Path) -> Path:
+    import lzma
+    out = workdir / "qemu10.stream"
+    out.write_bytes(lzma.decompress((DATA / "qemu10.0-precopy.stream.xz").read_bytes()))
+    return out
+
+
+def test_inspect_fields_readable(qemu10_stream: Path) -> None:
+    r = run_cli(["inspect", str(qemu10_stream), "--fields"])
+    assert r.rc == 0, r.stderr
+    lines = r.stdout.splitlines()
+    assert "      runstate: \"prelaunch\"" in lines  # text, not 70726572...
+    assert "      env.eip: 0xfff0" in lines  # a register in hex
+    regs = [x for x in lines if x.strip().startswith("env.regs:")]
+    assert regs and regs[0].strip().startswith("env.regs: [0x0, 0x0, 0x"), regs  # one line
+    assert any(x.strip().startswith("env.segs[1]: {selector: 0xf000, base: 0xffff0000")
+               for x in lines)
+    # one line per field or array element: far fewer lines than values
+    assert len(lines) < 1000, len(lines)
+    assert "  run state:    prelaunch when captured" in lines
+
+
+def test_inspect_json_keeps_numbers_and_shows_runstate(qemu10_stream: Path) -> None:
+    r = run_cli(["inspect", str(qemu10_stream), "--fields", "--json"])
+    assert r.rc == 0, r.stderr
+    report = json.loads(r.stdout)
+    assert report["runstate"] == "prelaunch"
+    cpu = next(d for d in report["devices"] if d["idstr"] == "cpu")
+    assert cpu["fields"]["env.eip"] == 0xFFF0  # JSON: a number
+    glob = next(d for d in report["devices"] if d["idstr"] == "globalstate")
+    assert glob["fields"]["runstate"] == "prelaunch"
+    plain = run_cli(["inspect", str(qemu10_stream)])
+    assert "  run state:    prelaunch when captured" in plain.stdout.splitlines()

@@ -245,6 +245,9 @@ def _cmd_relay(args: argparse.Namespace) -> int:
 def _print_inspection(r: dict[str, Any]) -> None:
     print(f"{r['file']}: {r['format']}, QEMU stream version {r['stream_version']}")
     print(f"  machine:      {r['machine']}")
+    runstate = r.get("runstate")
+    print(f"  run state:    {runstate} when captured" if runstate else
+          "  run state:    not recorded (no globalstate section)")
     if r["capabilities"]:
         print(f"  capabilities: {', '.join(r['capabilities'])}")
     print(f"  RAM:          {_fmt_size(r['ram_total'])} in {len(r['ram_blocks'])} blocks")
@@ -259,8 +262,9 @@ def _print_inspection(r: dict[str, Any]) -> None:
         print(f"    {d['idstr']:<{w}}  inst {d['instance_id']:<3} v{d['version']:<3} "
               f"{d['kind']:<5} {d['size']:>7} B  {d['sha256'][:16]}")
         if "fields" in d:
-            text = json.dumps(d["fields"], indent=2)
-            print("      " + text.replace("\n", "\n      "))
+            from livemig.commands.inspect import fields_lines
+            for line in fields_lines(d["fields"], "      "):
+                print(line)
     states = r.get("device_state") or []
     if states:
         total = sum(len(p["packets"]) for p in states)
