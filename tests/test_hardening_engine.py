@@ -310,3 +310,149 @@ def test_inspect_json_keeps_numbers_and_shows_runstate(qemu10_stream: Path) -> N
     assert glob["fields"]["runstate"] == "prelaunch"
     plain = run_cli(["inspect", str(qemu10_stream)])
     assert "  run state:    prelaunch when captured" in plain.stdout.splitlines()
+
+
+# -- item 8: --dest-qmp against a monitor answering in unexpected shapes -------------------
+
+GOOD_REPLIES: dict[str, Any] = {
+    "qmp_capabilities": {"return": {}},
+    "query-version": {"return": {"qemu": {"major": 10, "minor": 0, "micro": 0},
+                                 "package": ""}},
+    "qom-get": {"return": "pc-i440fx-10.0-machine"},
+    "query-memory-size-summary": {"return": {"base-memory": 8 * MIB}},
+    "query-migrate": {"return": {}},
+    "query-migrate-capabilities": {"return": [{"capability": "multifd", "state": False}]},
+    "migrate-set-capabilities": {"return": {}},
+    "migrate-set-parameters": {"return": {}},
+    "migrate-incoming": {"return": {}},
+}
+
+
+class FakeMonitor:
+    """A QMP monitor on a unix socket that answers each command from a table."""
+
+    def __init__(self, path: str, replies: dict[str, Any]) -> None:
+        self.path = path
+        self.replies = {**GOOD_REPLIES, **replies}
+        self.lsock = socket.socket(socket.AF_UNIX)
+        self.lsock.bind(path)
+        self.lsock.listen(1)
+        self.lsock.settimeout(DEADLINE)
+        self.error: BaseException | None = None
+        self.thread = threading.Thread(target=self._serve, name="fake-qmp")
+        self.thread.start()
+
+    def _serve(self) -> None:
+        try:
+            conn, _ = self.lsock.accept()
+            with conn:
+                conn.settimeout(DEADLINE)
+                conn.sendall(b'{"QMP": {"version": {}, "capabilities": []}}\r\n')
+                buf = b""
+                while True:
+                    chunk = conn.recv(65536)
+                    if not chunk:
+                        return
+                    buf += chunk
+                    while b"\n" in buf:
+                        line, _, buf = buf.partition(b"\n")
+                        name = json.loads(line)["execute"]
+                        conn.sendall(json.dumps(self.replies[name]).encode() + b"\r\n")
+        except BaseException as e:  # noqa: BLE001 - re-raised by close()
+            self.error = e
+
+    def close(self) -> None:
+        self.lsock.close()
+        self.thread.join(DEADLINE)
+        assert not self.thread.is_alive()
+        if self.error is not None and not isinstance(self.error, OSError):
+            raise self.error
+
+
+@pytest.mark.parametrize(("replies", "names"), [
+    ({"query-version": {"error": "boom"}}, "query-version"),
+    ({"query-version": {"error": ["x"]}}, "query-version"),
+    ({"query-version": {"return": [10, 0]}}, "query-version"),
+    ({"query-version": {"return": None}}, "query-version"),
+    ({"query-version": {"return": {"qemu": {"major": "ten", "minor": 0}}}}, "query-version"),
+    ({"query-version": {"return": {"qemu": [10, 0]}}}, "query-version"),
+    ({"qom-get": {"return": {"type": "pc"}}}, "qom-get"),
+    ({"query-memory-size-summary": {"return": [1]}}, "query-memory-size-summary"),
+    ({"query-memory-size-summary": {"return": {"base-memory": "8M"}}},
+     "query-memory-size-summary"),
+    ({"query-migrate": {"return": ["active"]}}, "query-migrate"),
+    ({"query-migrate-capabilities": {"return": {"multifd": False}}},
+     "query-migrate-capabilities"),
+    ({"query-migrate-capabilities": {"return": [{}]}}, "query-migrate-capabilities"),
+    ({"query-migrate-capabilities": {"return": [{"capability": "multifd", "state": "on"}]}},
+     "query-migrate-capabilities"),
+    ({"migrate-set-capabilities": {"error": {"class": "GenericError"}}},
+     "migrate-set-capabilities"),
+])
+def test_dest_qmp_unexpected_shapes(workdir: Path, replies: dict[str, Any], names: str) -> None:
+    from types import SimpleNamespace
+
+    from livemig.commands.dest_check import preflight
+    from livemig.errors import MigrationError
+    from livemig.io.qmp_peer import QmpPeer
+    from livemig.io.uri import parse_uri
+    from livemig.wire.constants import MultifdCompression
+
+    path = str(workdir / "fake.qmp")
+    fake = FakeMonitor(path, replies)
+    load: Any = SimpleNamespace(configuration=SimpleNamespace(machine="pc-i440fx-10.0"),
+                                blocks=[SimpleNamespace(name="pc.ram", length=8 * MIB)])
+    try:
+        qmp = QmpPeer(f"unix:{path}")
+        try:
+            with pytest.raises(MigrationError) as info:
+                # multifd on: the capability differs from the fake's, so it is set
+                preflight(qmp, load, parse_uri(f"unix:{workdir}/m.sock"), 2,
+                          MultifdCompression.NONE)
+        finally:
+            qmp.close()
+    finally:
+        fake.close()
+    msg = str(info.value)
+    assert names in msg and "\n" not in msg, msg
+
+
+_MAIN = {"channel-type": "main"}
+
+
+@pytest.mark.parametrize(("command", "args", "desc"), [
+    ("migrate", {"channels": [1]}, "Invalid parameter type for 'channels[0]', expected: object"),
+    ("migrate", {"channels": [{**_MAIN, "addr": 1}]},
+     "Invalid parameter type for 'channels[0].addr', expected: object"),
+    ("migrate", {"channels": [{"addr": {}}]}, "Parameter 'channels[0].channel-type' is missing"),
+    ("migrate", {"channels": [{**_MAIN, "addr": {"transport": "socket", "type": "inet"}}]},
+     "Parameter 'channels[0].addr.host' is missing"),
+    ("migrate", {"channels": [{**_MAIN, "addr": {"transport": "socket", "type": "inet",
+                                                 "host": "h", "port": 5}}]},
+     "Invalid parameter type for 'channels[0].addr.port', expected: string"),
+    ("migrate", {"channels": [{**_MAIN, "addr": {"transport": "socket", "type": "unix"}}]},
+     "Parameter 'channels[0].addr.path' is missing"),
+    ("migrate", {"channels": [{**_MAIN, "addr": {"transport": "pigeon"}}]},
+     "Parameter 'channels[0].addr.transport' does not accept value 'pigeon'"),
+    ("migrate", {}, "need either 'uri' or 'channels' argument"),
+    ("migrate-incoming", {"channels": [{**_MAIN, "addr": 5}]},
+     "Invalid parameter type for 'channels[0].addr', expected: object"),
+    ("migrate-incoming", {}, "need either 'uri' or 'channels' argument"),
+])
+def test_qmp_argument_errors_are_qemu_texts(command: str, args: dict[str, Any],
+                                            desc: str) -> None:
+    """Malformed arguments get QEMU's descriptions, never Python's ("'host'",
+    "'int' object has no attribute 'get'")."""
+    from livemig.control.machine_commands import machine_commands
+    from livemig.control.qmp_session import QmpError
+
+    m = Machine(1 * MIB)
+    ctl = MachineController(m, incoming="defer")
+    try:
+        ctl.start()
+        with pytest.raises(QmpError) as info:
+            machine_commands(ctl)[command](args)
+        assert str(info.value) == desc
+    finally:
+        ctl.close()
+        m.close()

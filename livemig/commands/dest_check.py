@@ -23,18 +23,28 @@ def preflight(qmp: QmpPeer, load: LoadResult, uri: Uri, channels: int,
     if not machine.startswith(cfg.machine):
         raise ConfigError(f"the snapshot is for machine type {cfg.machine}, but the destination "
                           f"QEMU {major}.{minor} runs {machine}; start it with -M {cfg.machine}")
-    mem = qmp.cmd("query-memory-size-summary")
-    base = int(mem.get("base-memory", 0))
+    mem = qmp.cmd_object("query-memory-size-summary")
+    base = mem.get("base-memory", 0)
+    if not isinstance(base, int) or isinstance(base, bool):
+        raise qmp.unexpected("query-memory-size-summary", mem,
+                             'an object with "base-memory": INT')
     ram = {b.name: b.length for b in load.blocks}
     if "pc.ram" in ram and base and base != ram["pc.ram"]:
         raise ConfigError(f"the snapshot has {ram['pc.ram'] >> 20} MiB of RAM (pc.ram), the "
                           f"destination {base >> 20} MiB; start it with -m "
                           f"{ram['pc.ram'] >> 20}M")
-    status = qmp.cmd("query-migrate").get("status")
+    status = qmp.cmd_object("query-migrate").get("status")
     if status in ("active", "completed", "failed"):
         raise ConfigError(f"the destination's migration state is '{status}'; it needs a fresh "
                           "QEMU started with -incoming")
-    caps = {c["capability"]: c["state"] for c in qmp.cmd("query-migrate-capabilities")}
+    listed = qmp.cmd_list("query-migrate-capabilities")
+    caps: dict[str, bool] = {}
+    for c in listed:
+        if not (isinstance(c, dict) and isinstance(c.get("capability"), str)
+                and isinstance(c.get("state"), bool)):
+            raise qmp.unexpected("query-migrate-capabilities", c,
+                                 'entries {"capability": STRING, "state": BOOL}')
+        caps[c["capability"]] = c["state"]
     want = {"multifd": bool(channels), "mapped-ram": False, "x-ignore-shared": False,
             "postcopy-ram": False}
     change = [{"capability": k, "state": v} for k, v in want.items()
