@@ -98,6 +98,12 @@ def _build_parser() -> argparse.ArgumentParser:
     _multifd_options(y, "in-", "expect N multifd channels from the source")
     _multifd_options(y, "out-", "use N multifd channels to the destination")
     y.add_argument("--record", metavar="SNAPSHOT", help="also keep a snapshot of what passed")
+    y.add_argument("--dest-qmp", metavar="unix:PATH",
+                   help="the destination's QMP socket: once the source's stream says its "
+                        "machine type and RAM, check them against the destination before "
+                        "forwarding, set the capabilities and parameters that must match, "
+                        "start migrate-incoming if needed, and report QEMU's own error on "
+                        "failure")
     _accept_timeout_option(y)
     _output_options(y)
 
@@ -227,7 +233,8 @@ def _cmd_relay(args: argparse.Namespace) -> int:
                     in_multifd_compression=args.in_multifd_compression,
                     out_multifd_channels=args.out_multifd_channels,
                     out_multifd_compression=args.out_multifd_compression, record=args.record,
-                    stats=stats, accept_timeout=args.accept_timeout, on_listening=listening)
+                    stats=stats, accept_timeout=args.accept_timeout, on_listening=listening,
+                    dest_qmp=args.dest_qmp)
     summary = {"machine": res.load.configuration.machine if res.load.configuration else None,
                "ram_total": stats.total_ram, "normal_pages": stats.normal_pages,
                "zero_pages": stats.zero_pages, "bytes_in": stats.bytes,
