@@ -69,8 +69,8 @@ def check_machine(qmp: QmpPeer, machine: str, what: str) -> None:
         raise ConfigError(f"{head}; start it with -M {machine}")
     family = re.sub(r"-?\d+(\.\d+)*$", "", machine)
     same = sorted({n for n in names if family and n.startswith(family + "-")
-                   and re.search(r"\d", n[len(family):])}, key=_version_key)
-    has = (f" (its {family} types: {', '.join(same[:MAX_SUGGESTED_MACHINES])}"
+                   and re.search(r"\d", n[len(family):])}, key=_version_key, reverse=True)
+    has = (f" (its newest {family} types: {', '.join(same[:MAX_SUGGESTED_MACHINES])}"
            f"{', ...' if len(same) > MAX_SUGGESTED_MACHINES else ''})") if same else ""
     raise ConfigError(f"{head}, and QEMU {major}.{minor} has no machine type {machine}{has}: "
                       f"migrate to a QEMU that has {machine}")
