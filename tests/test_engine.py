@@ -236,11 +236,12 @@ def test_cancel(pairs: list[Pair], workdir: Path, phase: str) -> None:
     p.dst.migrate_incoming(p.uri)
     p.src.migrate(p.uri)
     if phase == "iteration":
+        # in iteration: a second pass has begun (its MIGRATION_PASS event was sent)
         deadline = time.monotonic() + 20
-        while p.src.query_migrate()["status"] != "active":
-            assert time.monotonic() < deadline
+        while ("MIGRATION_PASS", {"pass": 2}) not in p.events["src"]:
+            assert time.monotonic() < deadline, p.events["src"]
             time.sleep(0.005)
-        time.sleep(0.3)
+        assert p.src.query_migrate()["status"] == "active"
     elif phase == "completion":
         assert slow.entered.wait(20)
         assert p.src_m.state == "finish-migrate"
