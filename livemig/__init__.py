@@ -125,7 +125,8 @@ def relay(listen: str | Uri, dest: str | Uri, *, in_multifd_channels: int = 0,
           in_multifd_compression: str = "none", out_multifd_channels: int = 0,
           out_multifd_compression: str = "none", record: str | None = None,
           stats: TransferStats | None = None, accept_timeout: float = _ACCEPT_TIMEOUT,
-          on_listening: Callable[[str], None] | None = None) -> RelayResult:
+          on_listening: Callable[[str], None] | None = None,
+          dest_qmp: str | None = None) -> RelayResult:
     """Accept a live migration on ``listen`` and forward it to the QEMU listening at
     ``dest`` as it arrives.
 
@@ -134,7 +135,9 @@ def relay(listen: str | Uri, dest: str | Uri, *, in_multifd_channels: int = 0,
     multifd out, another compression). ``record`` also writes everything that passes
     into a snapshot at that path, which appears only once the destination has
     confirmed. ``stats``, ``accept_timeout`` and ``on_listening`` are as for
-    :func:`receive`.
+    :func:`receive`. ``dest_qmp`` (the destination's QMP socket) checks the destination
+    against the source's machine type and RAM as they arrive, prepares it as
+    :func:`send` does, and adds QEMU's own reason to a failure.
 
     Returns a :class:`~livemig.commands.relay.RelayResult` (``load``, ``stats``,
     ``recorded``) once the destination has confirmed and the source has been told so.
@@ -151,7 +154,8 @@ def relay(listen: str | Uri, dest: str | Uri, *, in_multifd_channels: int = 0,
                   in_multifd_compression=in_multifd_compression,
                   out_multifd_channels=out_multifd_channels,
                   out_multifd_compression=out_multifd_compression, record=record, stats=stats,
-                  accept_timeout=accept_timeout, on_listening=on_listening)
+                  accept_timeout=accept_timeout, on_listening=on_listening,
+                  dest_qmp=dest_qmp)
 
 
 def inspect(path: str, *, fields: bool = False,

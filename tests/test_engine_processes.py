@@ -235,7 +235,7 @@ class RunProcess:
     def wait_workload_passes(self, more_than: int, timeout: float = PASS_TIMEOUT) -> int:
         deadline = time.monotonic() + timeout
         while True:
-            w = self.cmd("query-workload")
+            w = self.cmd("x-query-workload")
             if w["passes"] > more_than:
                 return int(w["passes"])
             assert time.monotonic() < deadline, \
@@ -370,7 +370,7 @@ def test_greeting_status_stop_cont(machines: Factory) -> None:
     m.cmd("stop")
     assert m.cmd("query-status") == {"status": "paused", "running": False}
     m.wait_event("STOP")
-    assert m.cmd("query-workload")["running"] is False
+    assert m.cmd("x-query-workload")["running"] is False
     m.cmd("cont")
     m.wait_event("RESUME")
     assert m.status() == "running"
@@ -386,7 +386,7 @@ def test_paused_with_S(machines: Factory) -> None:  # noqa: N802 - QEMU's option
     m.cmd("cont")
     m.wait_event("RESUME")
     assert m.status() == "running"
-    assert m.error("query-workload")["class"] == "GenericError"  # no workload on this one
+    assert m.error("x-query-workload")["class"] == "GenericError"  # no workload on this one
     assert [n for n, _ in m.event_names()] == ["RESUME"]
 
 
@@ -492,7 +492,7 @@ def test_live_migration(machines: Factory, workdir: Path, channels: int, compres
     # run states and the destination's check of every page
     assert src.status() == "postmigrate"
     dst.wait_status("running")
-    w = dst.cmd("query-workload")
+    w = dst.cmd("x-query-workload")
     assert w["verified"] is True and w["errors"] == 0, w
     dst.wait_workload_passes(w["passes"])  # and its workload carries on
     devices = dst.cmd("x-query-livemig-devices")
@@ -533,7 +533,7 @@ def test_iterations_while_dirtying(machines: Factory, workdir: Path) -> None:
     # max-bandwidth held: the bulk pass alone takes memory / bandwidth
     assert q["total-time"] >= 1000 * memory / (32 * MIB) * 0.9
     dst.wait_status("running")
-    w = dst.cmd("query-workload")
+    w = dst.cmd("x-query-workload")
     assert w["verified"] is True, w
 
 
@@ -721,7 +721,7 @@ def proxies() -> Iterator[list[CuttingProxy]]:
 def assert_source_runs_on(src: RunProcess) -> None:
     """After a failed migration the source's guest runs again and keeps working."""
     src.wait_status("running")
-    before = src.cmd("query-workload")["passes"]
+    before = src.cmd("x-query-workload")["passes"]
     src.wait_workload_passes(before)
     assert src.status() == "running"
 
@@ -935,7 +935,7 @@ def test_snapshot_sent_back_into_a_machine(machines: Factory, workdir: Path,
     dq = dst.wait_migration()
     assert dq["status"] == "completed", dq
     dst.wait_status("running")
-    w = dst.cmd("query-workload")
+    w = dst.cmd("x-query-workload")
     assert w["verified"] is True and w["errors"] == 0, w
     assert w["passes"] >= 1
 

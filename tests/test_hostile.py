@@ -70,8 +70,6 @@ GiB = 1 << 30
 FILE_DEADLINE = 30.0
 #: Address-space limit for the "no allocation from a hostile length" cases.
 ADDRESS_SPACE = 1 * GiB
-#: A hostile length must be refused this fast.
-FAST = 2.0
 #: Seconds a refused migration over sockets may take.
 SOCKET_DEADLINE = 20.0
 
@@ -526,8 +524,10 @@ def test_hostile_length_fails_fast_without_allocating(case: Case, tmp_path: Path
     for cmd in ("receive", "inspect"):
         res = results[cmd]
         assert "MemoryError" not in res.stderr, res.stderr
+        # refused from the declared length itself: under the address-space limit, an
+        # attempt to allocate or read what it declares would end in MemoryError or in
+        # no refusal at all (a hang fails at FILE_DEADLINE); no wall-clock assertion
         _expect_refused(res, cmd, case)
-        assert res.seconds < FAST + 1.0, f"{cmd} took {res.seconds:.1f} s"
 
 
 def _peak_parse(blob: bytes) -> tuple[BaseException | None, int]:

@@ -589,26 +589,25 @@ def test_concurrent_clients_and_events(server: QmpServer) -> None:
         assert seen == list(range(n_events))
 
 
-def test_clients_past_the_limit_wait_for_a_free_slot(
+def test_clients_past_the_limit_are_told_why(
         address: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Idle clients holding every slot do not lock the next one out in silence: it
+    reads an error naming the limit, and is served once a slot is free."""
     monkeypatch.setattr(qmp_server, "MAX_QMP_CLIENTS", 2)
     with QmpServer(address, TABLE) as srv, RawClient(srv.address) as a, \
             RawClient(srv.address) as b:
-        kind, _, rest = srv.address.partition(":")
-        if kind == "unix":
-            waiting = socket.socket(socket.AF_UNIX)
-            waiting.connect(rest)
-        else:
-            host, _, port = rest.rpartition(":")
-            waiting = socket.create_connection((host, int(port)))
-        with waiting:
-            waiting.settimeout(0.3)
-            with pytest.raises(TimeoutError):
-                waiting.recv(100)  # in the listen backlog: no greeting yet
-            assert srv.client_count == 2
-            a.close()
-            waiting.settimeout(READ_TIMEOUT)
-            assert b'"QMP"' in waiting.recv(1000)
+        _wait_for(lambda: srv.client_count == 2, "two clients")
+        with RawClient(srv.address) as refused:
+            err = refused.greeting["error"]
+            assert err["class"] == "GenericError"
+            assert "too many QMP clients: 2 are connected" in err["desc"], err
+            assert refused.read_line() is None  # and closed
+        assert srv.client_count == 2
+        a.close()
+        _wait_for(lambda: srv.client_count == 1, "a free slot")
+        with RawClient(srv.address) as c:
+            assert "QMP" in c.greeting
+            c.negotiate()
         b.negotiate()
 
 

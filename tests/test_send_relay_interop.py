@@ -750,3 +750,87 @@ def test_relay_destination_refuses(version: str, machine: str, rx: tuple[int, st
         assert status["status"] == "running" and status["running"], (status, info)
         assert a.query_migrate()["status"] == "failed"
     assert "Size mismatch" in b.stderr_text()
+
+
+# --------------------------------------------------------------------------------------------
+# Destination failures one can act on (issue 12 item 15)
+# --------------------------------------------------------------------------------------------
+
+
+def test_send_without_dest_qmp_says_what_it_knows(workdir: Path, snapshot72: Snapshot,
+                                                  livemig_cli: Callable[..., Any]) -> None:
+    """The 7.2 snapshot into a QEMU 10 running another machine type, no monitor: the one
+    line names the snapshot's machine type and RAM and points to --dest-qmp (it used to
+    say only "send failed: Broken pipe")."""
+    uri = f"unix:{workdir / 'send.sock'}"
+    with dest_peer("10.0", "pc-i440fx-10.0", workdir) as b:
+        prepare_incoming(b, uri, keep_on_error=True)
+        r = livemig_cli("send", str(snapshot72.path), uri, check=False, timeout=FAIL_DEADLINE)
+        line = assert_one_line_error(r, "send")
+        assert "machine type pc-i440fx-7.2" in line and "64 MiB" in line, line
+        assert "--dest-qmp" in line, line
+        assert wait_status(b, ["failed"], timeout=FAIL_DEADLINE)["status"] == "failed"
+
+
+def test_dest_qmp_advice_names_only_what_the_destination_has(
+        workdir: Path, rng_snapshot: Path, livemig_cli: Callable[..., Any]) -> None:
+    """A QEMU 10 snapshot (pc-i440fx-10.0) for a QEMU 7.2 destination: "start it with
+    -M pc-i440fx-10.0" would be impossible; the message says 7.2 has no such type and
+    which of that family it has."""
+    qmp_uri, qmp_args = second_qmp(workdir)
+    with RecordingSink(str(workdir / "send.sock")) as sink, \
+            dest_peer("7.2", M72["q35"], workdir, extra=qmp_args):
+        r = livemig_cli("send", str(rng_snapshot), sink.uri, "--dest-qmp", qmp_uri,
+                        check=False, timeout=FAIL_DEADLINE)
+        line = assert_one_line_error(r, "send")
+        assert "QEMU 7.2 has no machine type pc-i440fx-10.0" in line, line
+        assert "pc-i440fx-7.2" in line, line  # what it has instead
+        assert "start it with -M" not in line, line
+        assert sink.info() == [], f"livemig connected to the destination: {sink.info()}"
+
+
+def _paused_source_into_relay(a: QemuPeer, in_uri: str) -> None:
+    a.set_caps({"return-path": True})
+    a.set_params(**{"max-bandwidth": BANDWIDTH})
+    a.migrate(in_uri)
+
+
+def test_relay_dest_qmp_prepares_the_destination(workdir: Path, blob_files: dict[Blob, Path],
+                                                 livemig_bg: Launcher) -> None:
+    """relay --dest-qmp into a QEMU 7.2 started with -incoming defer only: livemig sets
+    multifd and starts migrate-incoming itself once the source's machine type is known."""
+    in_uri, out_uri = f"unix:{workdir / 'in.sock'}", f"unix:{workdir / 'out.sock'}"
+    qmp_uri, qmp_args = second_qmp(workdir)
+    with dest_peer("7.2", M72["pc"], workdir, extra=qmp_args) as b, \
+            source_peer("7.2", M72["pc"], blob_files, workdir, paused=True) as a:
+        p = start_relay(livemig_bg, in_uri, out_uri, (0, "none"), (2, "zlib"),
+                        "--dest-qmp", qmp_uri)
+        _paused_source_into_relay(a, in_uri)
+        a.wait_migration(timeout=MIGRATION_TIMEOUT)
+        p.wait_ok(FAIL_DEADLINE)
+        b.wait_migration(timeout=MIGRATION_TIMEOUT)
+        assert b.query_caps()["multifd"] is True
+        params = b.query_params()
+        assert (params["multifd-channels"], params["multifd-compression"]) == (2, "zlib")
+        assert_blobs("QEMU 7.2 behind relay --dest-qmp", read_ram(b, RANGES), low_too=True)
+
+
+def test_relay_dest_qmp_refuses_machine_mismatch(workdir: Path, blob_files: dict[Blob, Path],
+                                                 livemig_bg: Launcher) -> None:
+    """The destination runs another machine type: relay --dest-qmp refuses before it
+    connects to it, with one line naming both types; the source fails and keeps running."""
+    in_uri = f"unix:{workdir / 'in.sock'}"
+    qmp_uri, qmp_args = second_qmp(workdir)
+    with RecordingSink(str(workdir / "out.sock")) as sink, \
+            dest_peer("10.0", "pc-i440fx-10.0", workdir, extra=qmp_args), \
+            source_peer("7.2", M72["pc"], blob_files, workdir, paused=True) as a:
+        p = start_relay(livemig_bg, in_uri, sink.uri, (0, "none"), (0, "none"),
+                        "--dest-qmp", qmp_uri)
+        _paused_source_into_relay(a, in_uri)
+        r = p.wait(FAIL_DEADLINE)
+        line = assert_one_line_error(r, "relay")
+        assert "source is for machine type pc-i440fx-7.2" in line, line
+        assert "pc-i440fx-10.0" in line and "start it with -M pc-i440fx-7.2" in line, line
+        a.wait_migration(timeout=FAIL_DEADLINE, expect=("failed",))
+        assert a.is_running()
+        assert sink.info() == [], f"the relay connected to the destination: {sink.info()}"

@@ -494,3 +494,50 @@ def test_program_serves_and_exits_0_on_sigterm(workdir: Path) -> None:
             p.wait(10)
         if p.stderr:
             p.stderr.close()
+
+
+# -- issue 12 item 6: a LOAD whose fd never reaches EOF does not wedge the back-end ---------
+
+
+def _load_with_fd(f: RawFrontend, theirs: int) -> int:
+    """SET_DEVICE_STATE_FD LOAD with ``theirs`` as the state fd (the back-end uses ours)."""
+    value, fds = f.u64(SET_DEVICE_STATE_FD, struct.pack("<II", LOAD, STOPPED), fds=(theirs,))
+    assert value == 0x100 and fds == [], value
+    return f.u64(CHECK_DEVICE_STATE)[0]
+
+
+def test_load_from_endless_fd_fails_at_once(serve) -> None:
+    """/dev/zero as the state: the device refuses it, the transfer ends without reading
+    on (it used to drain /dev/zero until the 300 s join timeout), CHECK answers failure
+    and the connection goes on."""
+    s = serve(4)
+    before = s.backend.state
+    f = s.connect()
+    f.negotiate()
+    zero = os.open("/dev/zero", os.O_RDONLY)
+    try:
+        assert _load_with_fd(f, zero) == 1  # within the front-end's 20 s socket timeout
+    finally:
+        os.close(zero)
+    assert s.backend.state == before
+    assert f.save() == (before, 0)
+
+
+@pytest.mark.parametrize("what", ["refused", "good"])
+def test_load_from_pipe_held_open(serve, what: str) -> None:
+    """The front-end writes a state and keeps its end of the pipe open: a refused state
+    fails at once; a good one loads once CHECK says nothing more comes."""
+    s = serve(4)
+    before = s.backend.state
+    good = serialize(seeded_payload(7, 1000))
+    f = s.connect()
+    f.negotiate()
+    r, w = os.pipe()
+    try:
+        os.write(w, os.urandom(3000) if what == "refused" else good)
+        assert _load_with_fd(f, r) == (1 if what == "refused" else 0)
+    finally:
+        os.close(r)
+        os.close(w)
+    assert s.backend.state == (before if what == "refused" else good)
+    assert f.save()[1] == 0  # still served

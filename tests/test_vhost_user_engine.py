@@ -129,7 +129,7 @@ def test_two_backends_migrate(procs: Procs) -> None:
     for i in range(2):
         d = devs[f"livemig-vhost-user/{i}"]
         assert d["kind"] == "vhost-user" and d["verified"] is True and d["state_bytes"] > 0
-    assert dst.cmd("query-workload")["verified"] is True
+    assert dst.cmd("x-query-workload")["verified"] is True
 
 
 def test_backend_killed_during_save(procs: Procs) -> None:
@@ -159,9 +159,9 @@ def test_backend_killed_during_save(procs: Procs) -> None:
     while src.cmd("query-status")["status"] != "running":
         assert time.monotonic() < deadline
         time.sleep(0.02)
-    passes = src.cmd("query-workload")["passes"]
+    passes = src.cmd("x-query-workload")["passes"]
     deadline = time.monotonic() + 20
-    while src.cmd("query-workload")["passes"] <= passes:
+    while src.cmd("x-query-workload")["passes"] <= passes:
         assert time.monotonic() < deadline, "the source's workload does not run again"
         time.sleep(0.05)
 

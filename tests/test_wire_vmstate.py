@@ -29,6 +29,7 @@ from livemig.wire.cursor import Cursor, Incomplete
 from livemig.wire.vmstate import (
     MAX_DEPTH,
     MAX_SECTION_BYTES,
+    Register,
     VmDescription,
     decode_fields,
     describe_sections,
@@ -247,7 +248,7 @@ def test_configuration_description_walks_configuration_bytes(name: str) -> None:
     assert section_body_length(config, stream.data, offset) == length
     decoded = decode_fields(config, stream.data[offset:offset + length])
     assert decoded["len"] == len(stream.machine)
-    assert bytes.fromhex(str(decoded["name"])) == stream.machine.encode()
+    assert decoded["name"] == stream.machine  # a buffer holding text decodes to it
 
 
 def test_capability_counted_strings_despite_wrong_json_size() -> None:
@@ -265,7 +266,7 @@ def test_capability_counted_strings_despite_wrong_json_size() -> None:
     assert head[9 + n] == START
     assert decode_fields(config, head[9:9 + n]) == {
         "len": 14,
-        "name": b"pc-i440fx-10.0".hex(),
+        "name": "pc-i440fx-10.0",
         "subsections": {
             "configuration/capabilities": {
                 "caps_count": 2,
@@ -368,9 +369,8 @@ def test_decoded_values_of_a_paused_guest(name: str) -> None:
     assert timer["unused"] == "00" * 8
 
     glob = decoded("globalstate")
-    size = glob["size"]
-    runstate = bytes.fromhex(str(glob["runstate"]).split("...")[0])
-    assert runstate[:size].rstrip(b"\0") in (b"prelaunch", b"paused")
+    assert glob["runstate"] in ("prelaunch", "paused")  # text, NUL padding dropped
+    assert isinstance(glob["size"], Register) and str(glob["size"]) == hex(glob["size"])
 
     pckbd = decoded("pckbd")  # a subsection inside a struct field
     assert "pckbd/extended_state" in pckbd["kbd"]["subsections"]
@@ -583,6 +583,25 @@ def test_decode_types() -> None:
         "arr": [1, 2, 3], "ix": [9, 10], "sub": "beef",
         "subsections": {"x/s": {"v": 42}},
     }
+
+
+def test_text_buffers_and_registers() -> None:
+    """A buffer holding a NUL-padded printable string reads as the string; one with
+    bytes after the NUL, or unprintable ones, stays hex. 32/64-bit unsigned fields
+    are Registers: ints (JSON writes them in decimal) that print in hex."""
+    fields = [{"name": "s", "type": "buffer", "size": 8},
+              {"name": "full", "type": "buffer", "size": 3},
+              {"name": "tail", "type": "buffer", "size": 4},
+              {"name": "ctl", "type": "buffer", "size": 2},
+              {"name": "r", "type": "uint64", "size": 8},
+              {"name": "w", "type": "uint16", "size": 2}]
+    body = b"paused\0\0" + b"abc" + b"ab\0c" + b"a\n" + (0xFFF0).to_bytes(8, "big") + b"\0\x10"
+    out = decode_fields(_dev(fields), body)
+    assert out == {"s": "paused", "full": "abc", "tail": b"ab\0c".hex(), "ctl": b"a\n".hex(),
+                   "r": 0xFFF0, "w": 16}
+    assert isinstance(out["r"], Register) and str(out["r"]) == "0xfff0"
+    assert json.dumps(out["r"]) == "65520"
+    assert not isinstance(out["w"], Register)
 
 
 # ---------------------------------------------------------------------------

@@ -289,7 +289,7 @@ def _summary(q: dict[str, Any], src: _Machine, dst: _Machine) -> dict[str, Any]:
         while (dst.cmd("query-status")["status"] != RunState.RUNNING
                and time.monotonic() < deadline):
             time.sleep(0.02)
-        w = dst.cmd("query-workload")
+        w = dst.cmd("x-query-workload")
         verified = bool(w.get("verified"))
         devices = [d for d in dst.cmd("x-query-livemig-devices") if d.get("kind") != "workload"]
         verified = verified and all(d.get("verified") is not False for d in devices)

@@ -124,6 +124,12 @@ def _build_parser() -> argparse.ArgumentParser:
     _multifd_options(y, "in-", "expect N multifd channels from the source")
     _multifd_options(y, "out-", "use N multifd channels to the destination")
     y.add_argument("--record", metavar="SNAPSHOT", help="also keep a snapshot of what passed")
+    y.add_argument("--dest-qmp", metavar="unix:PATH",
+                   help="the destination's QMP socket: once the source's stream says its "
+                        "machine type and RAM, check them against the destination before "
+                        "forwarding, set the capabilities and parameters that must match, "
+                        "start migrate-incoming if needed, and report QEMU's own error on "
+                        "failure")
     _accept_timeout_option(y)
     _output_options(y)
 
@@ -256,7 +262,8 @@ def _cmd_relay(args: argparse.Namespace) -> int:
                     in_multifd_compression=args.in_multifd_compression,
                     out_multifd_channels=args.out_multifd_channels,
                     out_multifd_compression=args.out_multifd_compression, record=args.record,
-                    stats=stats, accept_timeout=args.accept_timeout, on_listening=listening)
+                    stats=stats, accept_timeout=args.accept_timeout, on_listening=listening,
+                    dest_qmp=args.dest_qmp)
     summary = {"machine": res.load.configuration.machine if res.load.configuration else None,
                "ram_total": stats.total_ram, "normal_pages": stats.normal_pages,
                "zero_pages": stats.zero_pages, "bytes_in": stats.bytes,
@@ -274,6 +281,9 @@ def _cmd_relay(args: argparse.Namespace) -> int:
 def _print_inspection(r: dict[str, Any]) -> None:
     print(f"{r['file']}: {r['format']}, QEMU stream version {r['stream_version']}")
     print(f"  machine:      {r['machine']}")
+    runstate = r.get("runstate")
+    print(f"  run state:    {runstate} when captured" if runstate else
+          "  run state:    not recorded (no globalstate section)")
     if r["capabilities"]:
         print(f"  capabilities: {', '.join(r['capabilities'])}")
     print(f"  RAM:          {_fmt_size(r['ram_total'])} in {len(r['ram_blocks'])} blocks")
@@ -288,8 +298,9 @@ def _print_inspection(r: dict[str, Any]) -> None:
         print(f"    {d['idstr']:<{w}}  inst {d['instance_id']:<3} v{d['version']:<3} "
               f"{d['kind']:<5} {d['size']:>7} B  {d['sha256'][:16]}")
         if "fields" in d:
-            text = json.dumps(d["fields"], indent=2)
-            print("      " + text.replace("\n", "\n      "))
+            from livemig.commands.inspect import fields_lines
+            for line in fields_lines(d["fields"], "      "):
+                print(line)
     states = r.get("device_state") or []
     if states:
         total = sum(len(p["packets"]) for p in states)

@@ -10,9 +10,13 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from typing import TYPE_CHECKING
 
 from livemig.errors import ConfigError
 from livemig.io.uri import parse_size
+
+if TYPE_CHECKING:
+    from livemig.control.qmp_server import QmpServer
 
 #: How often the main thread looks at the quit flag and the incoming migration.
 POLL_SECONDS = 0.1
@@ -134,10 +138,23 @@ def cmd_run(args: argparse.Namespace) -> int:
                   + (f", QMP on {server.address}" if server else ""), file=sys.stderr)
         while not ctl.quit_requested.wait(POLL_SECONDS):
             pass
+        _shutdown_event(server, "host-qmp-quit")
         return 0
+    except BaseException as e:
+        if not isinstance(e, Exception):  # SIGTERM (unwinds as a BaseException), Ctrl-C
+            _shutdown_event(server, "host-signal")
+        raise
     finally:
         if ctl is not None:
             ctl.close()
         if server is not None:
             server.close()
         machine.close()
+
+
+def _shutdown_event(server: QmpServer | None, reason: str) -> None:
+    """QEMU's ``SHUTDOWN`` as the process ends, before a migration is cancelled
+    (``qemu_system_shutdown`` runs before ``qemu_cleanup``). ``close()`` lets each
+    client take it."""
+    if server is not None:
+        server.emit("SHUTDOWN", {"guest": False, "reason": reason})

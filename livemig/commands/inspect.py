@@ -11,14 +11,16 @@ from __future__ import annotations
 import enum
 
 import hashlib
+import json
 import os
+import re
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from livemig import limits
-from livemig.errors import ConfigError, StreamFormatError, allocating
+from livemig.errors import ConfigError, MigrationError, StreamFormatError, allocating
 from livemig.io.channels import FileSource
 from livemig.io.snapshot import bitmap_chunks, extract_block, trailer_packets
 from livemig.migration.destination.device_state_capture import DeviceStateRecorder
@@ -30,6 +32,9 @@ from livemig.wire.device_state_trailer import TrailerPacket
 from livemig.wire.events import Configuration, RamBlockInfo
 from livemig.wire.mapped_ram import pack_bitmap, unpack_bitmap
 from livemig.wire.ram import bitmap_bytes
+
+if TYPE_CHECKING:
+    from livemig.wire.vmstate import VmDescription
 
 PS = limits.TARGET_PAGE_SIZE
 class PageState(enum.IntEnum):
@@ -272,6 +277,7 @@ def inspect_file(path: str, *, fields: bool = False,
         devices.append(d)
     caps = list(cfg.capabilities) if cfg else []
     return {
+        "runstate": captured_runstate(load, desc),
         "file": path,
         "format": "mapped-ram snapshot" if sink.mapped_ram else "migration stream",
         "stream_version": 3,
@@ -288,6 +294,81 @@ def inspect_file(path: str, *, fields: bool = False,
         "vmdescription_bytes": len(load.vmdesc_json) if load.vmdesc_json is not None else None,
         "page_size": desc.page_size if desc is not None else PS,
     }
+
+
+#: A QEMU RunState name (qapi/run-state.json), and what hex of a buffer looks like.
+_RUNSTATE_NAME = re.compile(r"[a-z]+(-[a-z]+)*")
+_HEX = re.compile(r"[0-9a-f]*")
+
+
+def captured_runstate(load: LoadResult, desc: VmDescription | None) -> str | None:
+    """The run state the source was in when the migration started, from QEMU's
+    ``globalstate`` section (``running``, ``paused``, ``prelaunch``, ...): what the
+    destination resumes into. None when the stream has no such section or no
+    description to read it with (livemig's own machines send none)."""
+    if desc is None:
+        return None
+    from livemig.wire.vmstate import decode_fields
+    for s in load.device_sections:
+        if s.header.idstr != "globalstate" or s.header.kind is not SectionType.SECTION_FULL:
+            continue
+        dd = desc.device(s.header.idstr, s.header.instance_id)
+        if dd is None:
+            return None
+        body = s.raw[s.body_offset:s.body_offset + s.body_length]
+        try:
+            value = decode_fields(dd, body).get("runstate")
+        except MigrationError:
+            return None  # the report's device list shows the section; its state is unknown
+        # a QEMU RunState name ("running", "finish-migrate"); anything else came out as
+        # hex: a buffer that holds no text
+        if isinstance(value, str) and _RUNSTATE_NAME.fullmatch(value) \
+                and not _HEX.fullmatch(value):
+            return value
+        return None
+    return None
+
+
+def fields_lines(fields: object, indent: str = "") -> list[str]:
+    """Decoded vmstate fields as lines for a person: one ``name: value`` line per
+    field, an array of numbers or strings on one line, 32/64-bit words in hex
+    (:class:`~livemig.wire.vmstate.Register`), a struct indented under its name, an
+    array of structs one line per element."""
+    lines: list[str] = []
+
+    def scalar(v: object) -> str:
+        if isinstance(v, bool) or v is None:
+            return str(v).lower() if v is not None else "null"
+        if isinstance(v, int):
+            return str(v)  # a Register's str() is hex
+        return json.dumps(v) if isinstance(v, str) else str(v)
+
+    def inline(v: object) -> str:
+        if isinstance(v, dict):
+            return "{" + ", ".join(f"{k}: {inline(x)}" for k, x in v.items()) + "}"
+        if isinstance(v, list):
+            return "[" + ", ".join(inline(x) for x in v) + "]"
+        return scalar(v)
+
+    def one(name: str, v: object, ind: str) -> None:
+        if isinstance(v, dict):
+            lines.append(f"{ind}{name}:")
+            for k, sub in v.items():
+                one(str(k), sub, ind + "  ")
+        elif isinstance(v, list) and any(isinstance(x, (dict, list)) for x in v):
+            for i, x in enumerate(v):  # an array of structs: one line per element
+                lines.append(f"{ind}{name}[{i}]: {inline(x)}")
+        elif isinstance(v, list):
+            lines.append(f"{ind}{name}: [{', '.join(scalar(x) for x in v)}]")
+        else:
+            lines.append(f"{ind}{name}: {scalar(v)}")
+
+    if isinstance(fields, dict):
+        for k, v in fields.items():
+            one(str(k), v, indent)
+    else:
+        lines.append(f"{indent}{scalar(fields)}")
+    return lines
 
 
 def extract(path: str, block: str, output: str, *,

@@ -34,8 +34,15 @@ from dataclasses import dataclass
 import numpy as np
 
 from livemig import limits
+from livemig.commands.dest_check import check_machine as check_machine_type
+from livemig.commands.dest_check import (
+    check_ram,
+    explain_destination_failure,
+    prepare_incoming,
+)
 from livemig.errors import ConfigError, StreamFormatError, TransportError
 from livemig.io.channels import DEFAULT_ACCEPT_TIMEOUT
+from livemig.io.qmp_peer import QmpPeer
 from livemig.io.snapshot import SnapshotWriter
 from livemig.io.uri import TcpUri, UnixUri, Uri, parse_uri
 from livemig.migration.common.failure import FailureLatch
@@ -46,7 +53,7 @@ from livemig.migration.destination.incoming_stream import IncomingMigration, mul
 from livemig.migration.destination.loader import LoadResult
 from livemig.migration.source.outgoing_stream import OutgoingStream
 from livemig.migration.source.payloads import EncodedPacket, ForwardedPages
-from livemig.wire.constants import Command, SectionType
+from livemig.wire.constants import Command, MultifdCompression, SectionType
 from livemig.wire.events import (
     CommandRecord,
     Configuration,
@@ -74,9 +81,16 @@ class _RelaySink:
     def __init__(self, out: OutgoingStream, record: SnapshotWriter | None) -> None:
         self.out = out
         self.record = record
+        #: The source's RAM blocks (name -> bytes), once its block list arrived.
+        self.ram: dict[str, int] = {}
+        #: ``--dest-qmp``: checks the block list against the destination first.
+        self.check_ram: Callable[[dict[str, int]], None] | None = None
 
     def set_layout(self, config: Configuration | None, ram_section_id: int,
                    blocks: tuple[RamBlockInfo, ...]) -> None:
+        self.ram = {b.name: b.length for b in blocks}
+        if self.check_ram is not None:
+            self.check_ram(self.ram)
         # Forwarded here, before the incoming channels are let go: no page may
         # reach the destination before the block list.
         self.out.ram_section_id = ram_section_id
@@ -145,15 +159,28 @@ class _Forwarder:
         #: The source's uuid as its own channels announced it (when the
         #: configuration carries none).
         self.uuid_source: Callable[[], bytes | None] | None = None
+        #: ``--dest-qmp``: checks and prepares the destination for this machine type
+        #: before the relay connects to it (the connection waits for the configuration).
+        self.check_machine: Callable[[str], None] | None = None
+        #: The source's machine type, once its configuration arrived.
+        self.machine: str | None = None
+
+    def _connect(self) -> None:
+        self.out.connect()
+        self.out.put(encode_file_header())
 
     def __call__(self, ev: object) -> None:
         out = self.out
         if isinstance(ev, FileHeader):
-            out.connect()
-            out.put(encode_file_header())
+            if self.check_machine is None:
+                self._connect()
         elif isinstance(ev, Configuration):
             if "mapped-ram" in ev.capabilities:
                 raise ConfigError("relay takes a live migration, not a mapped-ram stream")
+            self.machine = ev.machine
+            if self.check_machine is not None:
+                self.check_machine(ev.machine)
+                self._connect()
             out.sync_mode = SyncMode.for_machine(ev.machine)
             out.put(ev.raw)
             out.open_return_path()
@@ -256,8 +283,14 @@ def relay(listen: str | Uri, dest: str | Uri, *, in_multifd_channels: int = 0,
           in_multifd_compression: str = "none", out_multifd_channels: int = 0,
           out_multifd_compression: str = "none", record: str | None = None,
           stats: TransferStats | None = None, accept_timeout: float = DEFAULT_ACCEPT_TIMEOUT,
-          on_listening: Callable[[str], None] | None = None) -> RelayResult:
-    """Accept a migration on ``listen`` and forward it to the QEMU listening at ``dest``."""
+          on_listening: Callable[[str], None] | None = None,
+          dest_qmp: str | None = None) -> RelayResult:
+    """Accept a migration on ``listen`` and forward it to the QEMU listening at ``dest``.
+
+    With ``dest_qmp`` (the destination's QMP socket), the destination is checked and
+    prepared as ``send`` does it: its machine type once the source's configuration
+    arrives, before the relay connects to it; its RAM once the source's block list
+    arrives, before the block list is forwarded. A failure adds QEMU's own reason."""
     lu = parse_uri(listen) if isinstance(listen, str) else listen
     du = parse_uri(dest) if isinstance(dest, str) else dest
     if not isinstance(lu, (TcpUri, UnixUri)) or not isinstance(du, (TcpUri, UnixUri)):
@@ -265,7 +298,21 @@ def relay(listen: str | Uri, dest: str | Uri, *, in_multifd_channels: int = 0,
     in_comp = multifd_settings(in_multifd_channels, in_multifd_compression, "--in-multifd")
     out_comp = multifd_settings(out_multifd_channels, out_multifd_compression,
                                 "--out-multifd")
-    stats = stats or TransferStats()
+    qmp: QmpPeer | None = None
+    if dest_qmp:
+        qmp = QmpPeer(dest_qmp)  # reachable now, or the relay does not start listening
+    try:
+        return _relay(lu, du, in_multifd_channels, in_comp, out_multifd_channels, out_comp,
+                      record, stats or TransferStats(), accept_timeout, on_listening, qmp)
+    finally:
+        if qmp is not None:
+            qmp.close()
+
+
+def _relay(lu: Uri, du: Uri, in_multifd_channels: int, in_comp: MultifdCompression,
+           out_multifd_channels: int, out_comp: MultifdCompression, record: str | None,
+           stats: TransferStats, accept_timeout: float,
+           on_listening: Callable[[str], None] | None, qmp: QmpPeer | None) -> RelayResult:
     latch = FailureLatch()
     writer = SnapshotWriter(record) if record else None
     # the outgoing hop counts its own bytes: ``stats`` shows what arrives
@@ -275,6 +322,15 @@ def relay(listen: str | Uri, dest: str | Uri, *, in_multifd_channels: int = 0,
                          main_name="destination main channel")
     sink = _RelaySink(out, writer)
     fwd = _Forwarder(out, sink)
+    if qmp is not None:
+        peer = qmp
+
+        def check_machine(machine: str) -> None:
+            check_machine_type(peer, machine, "source")
+            prepare_incoming(peer, du, out_multifd_channels, out_comp)
+
+        fwd.check_machine = check_machine
+        sink.check_ram = lambda ram: check_ram(peer, ram, "source")
     if writer is not None and in_multifd_channels:
         fwd.recorder = DeviceStateRecorder(writer.store_device_state)
     incoming = IncomingMigration(lu, in_multifd_channels, in_comp, sink, latch, stats,
@@ -298,6 +354,13 @@ def relay(listen: str | Uri, dest: str | Uri, *, in_multifd_channels: int = 0,
         if writer is not None:
             writer.abort()
         stats.phase = "failed"
+        if out.connected and "destination" in str(first):
+            ram = sink.ram.get("pc.ram")
+            known = (f"the source's machine type is {fwd.machine or 'not known yet'}"
+                     + (f", with {ram >> 20} MiB of RAM (pc.ram)" if ram else ""))
+            better = explain_destination_failure(first, qmp, known, connected=True)
+            if better is not None:
+                raise better from None
         if first is e:
             raise
         raise first from None

@@ -27,7 +27,7 @@ import numpy as np
 
 from livemig import limits
 from livemig.commands.inspect import CountingSink, PageState, load_file
-from livemig.errors import ConfigError, MigrationError, PeerError, TransportError
+from livemig.errors import ConfigError
 from livemig.io.snapshot import trailer_packets, trailer_payload
 from livemig.io.uri import ExecUri, TcpUri, UnixUri, Uri, parse_uri
 from livemig.migration.common.stats import TransferStats
@@ -110,10 +110,14 @@ def send(snapshot: str, uri: str | Uri, *, multifd_channels: int = 0,
                 verdict = _stream(out, load, sink, fd, cfg.uuid, snapshot, device_state)
             except BaseException as e:
                 first = out.failure(e)
-                if qmp is not None and isinstance(first, (TransportError, PeerError)):
-                    reason = _qmp_reason(qmp)
-                    if reason:
-                        raise PeerError(str(first) + reason) from None
+                from livemig.commands.dest_check import explain_destination_failure
+                ram = {b.name: b.length for b in load.blocks}.get("pc.ram")
+                known = (f"the snapshot is for machine type {cfg.machine}"
+                         + (f" with {ram >> 20} MiB of RAM (pc.ram)" if ram else ""))
+                better = explain_destination_failure(first, qmp, known,
+                                                     connected=out.connected)
+                if better is not None:
+                    raise better from None
                 if first is e:
                     raise
                 raise first from None
@@ -197,22 +201,6 @@ def _queue_device_state(out: OutgoingStream, snapshot: str,
                 p.idstr, p.instance_id, p.vfio.idx, p.vfio.is_config, (raw,)))
     finally:
         os.close(fd)
-
-
-def _qmp_reason(qmp: QmpPeer | None) -> str:
-    """QEMU's own error-desc, which says more than a closed channel does."""
-    if qmp is None:
-        return ""
-    deadline = time.monotonic() + 3
-    while time.monotonic() < deadline:
-        try:
-            err = qmp.migration_error()
-        except MigrationError:
-            return ""
-        if err:
-            return f"; QEMU says: {err}"
-        time.sleep(0.1)
-    return ""
 
 
 def _send_pages(out: OutgoingStream, load: LoadResult, sink: CountingSink, fd: int) -> None:

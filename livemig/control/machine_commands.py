@@ -43,31 +43,99 @@ def _wrap(fn: Callable[[dict[str, Any]], Any]) -> Handler:
     return handler
 
 
+_QAPI_TYPES: dict[type, str] = {str: "string", int: "integer", bool: "boolean",
+                                list: "array", dict: "object"}
+
+
+def _object(value: object, path: str) -> dict[str, Any]:
+    if not isinstance(value, dict):
+        raise QmpError(f"Invalid parameter type for '{path}', expected: object")
+    return value
+
+
+def _member(obj: dict[str, Any], path: str, name: str, kind: type) -> Any:
+    """A mandatory member, checked as QEMU's QAPI input visitor checks it (its texts
+    name the member by its full path: ``channels[0].addr.host``)."""
+    full = f"{path}.{name}"
+    if name not in obj:
+        raise QmpError(f"Parameter '{full}' is missing")
+    value = obj[name]
+    if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
+        raise QmpError(f"Invalid parameter type for '{full}', expected: {_QAPI_TYPES[kind]}")
+    return value
+
+
+def _enum(obj: dict[str, Any], path: str, name: str, values: tuple[str, ...]) -> str:
+    value: str = _member(obj, path, name, str)
+    if value not in values:
+        raise QmpError(f"Parameter '{path}.{name}' does not accept value '{value}'")
+    return value
+
+
+def _only(obj: dict[str, Any], path: str, names: tuple[str, ...]) -> None:
+    for name in obj:
+        if name not in names:
+            raise QmpError(f"Parameter '{path}.{name}' is unexpected")
+
+
+#: QEMU 10's MigrationAddress transports and SocketAddress types (qapi/migration.json,
+#: qapi/sockets.json); livemig migrates over the socket ones it listed.
+_TRANSPORTS = ("socket", "exec", "rdma", "file")
+_SOCKET_TYPES = ("inet", "unix", "vsock", "fd")
+
+
+def _channel_uri(chans: list[Any]) -> str:
+    """QEMU 9's ``channels``: checked member by member with QEMU's texts, then the
+    one ``main`` socket channel livemig takes, as a URI."""
+    uri: str | None = None
+    for i, raw in enumerate(chans):
+        path = f"channels[{i}]"
+        chan = _object(raw, path)
+        ctype = _enum(chan, path, "channel-type", ("main", "cpr"))
+        addr = _object(_member(chan, path, "addr", dict), f"{path}.addr")
+        _only(chan, path, ("channel-type", "addr"))
+        apath = f"{path}.addr"
+        transport = _enum(addr, apath, "transport", _TRANSPORTS)
+        if ctype != "main" or uri is not None:
+            raise QmpError("livemig takes exactly one 'main' channel")
+        if transport != "socket":
+            raise QmpError(f"channel transport '{transport}' is not supported by livemig "
+                           "(socket inet or unix only)")
+        kind = _enum(addr, apath, "type", _SOCKET_TYPES)
+        if kind == "inet":
+            host = _member(addr, apath, "host", str)
+            port = _member(addr, apath, "port", str)  # QAPI's InetSocketAddress: a string
+            uri = f"tcp:{host}:{port}"
+        elif kind == "unix":
+            uri = f"unix:{_member(addr, apath, 'path', str)}"
+        else:
+            raise QmpError(f"socket address type '{kind}' is not supported by livemig "
+                           "(inet or unix only)")
+    if uri is None:
+        raise QmpError("livemig takes exactly one 'main' channel")
+    return uri
+
+
 def _migrate_uri(args: dict[str, Any]) -> str:
     """``migrate``'s destination: ``uri``, or QEMU 9+'s one-entry ``channels`` list."""
-    _args(args, {}, {"uri": str, "channels": list, "detach": bool, "resume": bool,
-                     "blk": bool, "inc": bool})
+    # QEMU 10's schema: 'blk' and 'inc' (block migration) were removed in QEMU 9.1
+    _args(args, {}, {"uri": str, "channels": list, "detach": bool, "resume": bool})
     if args.get("resume"):
         raise QmpError("migrate resume (postcopy recovery) is not supported by livemig")
-    if "uri" in args and "channels" in args:
+    return _uri_or_channels(args)
+
+
+def _uri_or_channels(args: dict[str, Any]) -> str:
+    if ("uri" in args) == ("channels" in args):
         raise QmpError("need either 'uri' or 'channels' argument")
     if "uri" in args:
         return str(args["uri"])
-    chans = args.get("channels")
-    if not chans:
-        raise QmpError("need either 'uri' or 'channels' argument")
-    if len(chans) != 1 or not isinstance(chans[0], dict) or \
-            chans[0].get("channel-type", "main") != "main":
-        raise QmpError("livemig takes exactly one 'main' channel")
-    addr = chans[0].get("addr", {})
-    kind = addr.get("transport")
-    if kind == "socket":
-        sa = addr
-        if sa.get("type") == "inet":
-            return f"tcp:{sa['host']}:{sa['port']}"
-        if sa.get("type") == "unix":
-            return f"unix:{sa['path']}"
-    raise QmpError(f"channel address {addr!r} is not supported (socket inet or unix only)")
+    return _channel_uri(args["channels"])
+
+
+def _migrate_incoming_uri(args: dict[str, Any]) -> str:
+    _args(args, {}, {"uri": str, "channels": list, "exit-on-error": bool})
+    return _uri_or_channels(args)
 
 
 def machine_commands(ctl: MachineController) -> dict[str, Handler]:
@@ -89,9 +157,7 @@ def machine_commands(ctl: MachineController) -> dict[str, Handler]:
         "cont": none(ctl.cont),
         "quit": none(ctl.quit),
         "migrate": _wrap(lambda a: ctl.migrate(_migrate_uri(a))),
-        "migrate-incoming": _wrap(lambda a: ctl.migrate_incoming(
-            _args(a, {}, {"uri": str, "channels": list, "exit-on-error": bool}).get("uri")
-            or _migrate_uri({"channels": a.get("channels")}))),
+        "migrate-incoming": _wrap(lambda a: ctl.migrate_incoming(_migrate_incoming_uri(a))),
         "migrate_cancel": _wrap(migrate_cancel),
         "migrate-cancel": _wrap(migrate_cancel),
         "migrate-set-capabilities": _wrap(lambda a: ctl.migrate_set_capabilities(
@@ -100,7 +166,7 @@ def machine_commands(ctl: MachineController) -> dict[str, Handler]:
         "migrate-set-parameters": _wrap(set_params),
         "query-migrate-parameters": none(ctl.query_migrate_parameters),
         "query-migrate": none(ctl.query_migrate),
-        "query-workload": none(ctl.query_workload),
+        "x-query-workload": none(ctl.query_workload),
         # livemig's own (x- like QEMU's unstable commands): every device's summary
         "x-query-livemig-devices": none(lambda: [d.summary() for d in ctl.machine.devices]),
     }

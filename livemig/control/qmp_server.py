@@ -33,6 +33,7 @@ client that pipelines commands and reads nothing stalls only itself.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import select
@@ -56,9 +57,15 @@ __all__ = ["Handler", "QmpError", "QmpServer", "check_arguments"]
 
 #: Clients served at once. QEMU serves one per monitor; a few more let a
 #: management tool and a person with a debugging client share livemig. Past
-#: this, connections wait in the listen backlog (as a second client of a QEMU
-#: monitor does) until one leaves. Bounds threads and buffers.
+#: this, a connection is answered at once with :data:`TOO_MANY_CLIENTS` and
+#: closed (a QEMU monitor leaves a second client waiting in the listen backlog
+#: without a word, which idle clients turn into a lock-out nobody can diagnose).
+#: Bounds threads and buffers.
 MAX_QMP_CLIENTS = 16
+
+#: What a connection past :data:`MAX_QMP_CLIENTS` reads instead of the greeting.
+TOO_MANY_CLIENTS = ("too many QMP clients: {n} are connected, the most livemig serves at "
+                    "once; try again when one disconnects")
 
 #: Bytes of output a client may leave unread before it is dropped. Replies are
 #: small (a query-migrate is ~2 KiB, query-commands ~8 KiB) and events ~200 bytes:
@@ -456,10 +463,8 @@ class QmpServer:
         retry_at = 0.0
         while not self._closing:
             self._reap()
-            with self._lock:
-                full = len(self._clients) >= MAX_QMP_CLIENTS
             pause = max(0.0, retry_at - time.monotonic())
-            poller.modify(self._sock, 0 if full or pause else select.POLLIN)
+            poller.modify(self._sock, 0 if pause else select.POLLIN)
             for fd, _ in poller.poll(pause * 1000 if pause else None):
                 if fd == self._wake:
                     _drain(self._wake)
@@ -474,6 +479,11 @@ class QmpServer:
             return True
         except OSError:  # EMFILE, ENFILE, ENOBUFS, ENOMEM: try again shortly
             return False
+        with self._lock:
+            full = len(self._clients) >= MAX_QMP_CLIENTS
+        if full:
+            _refuse_client(conn, len(self._clients))
+            return True
         conn.setblocking(False)
         self._serial += 1
         name = f"client-{self._serial} {peer or self.address}"
@@ -589,3 +599,17 @@ class QmpServer:
                 continue
             except OSError:
                 return
+
+
+def _refuse_client(conn: socket.socket, connected: int) -> None:
+    """Tell a client past :data:`MAX_QMP_CLIENTS` why it is not served, and close.
+
+    The reply is one short line into an empty socket buffer: a non-blocking send takes it
+    whole, and a client that is gone already costs nothing."""
+    reply = {"error": {"class": "GenericError",
+                       "desc": TOO_MANY_CLIENTS.format(n=connected)}}
+    with conn, contextlib.suppress(OSError):
+        conn.setblocking(False)
+        conn.send(json.dumps(reply).encode() + b"\r\n")
+        conn.shutdown(socket.SHUT_WR)
+        conn.recv(RECV_CHUNK)  # what it sent already: unread input would reset the line

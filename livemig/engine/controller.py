@@ -92,19 +92,29 @@ class MachineController:
     def _busy(self) -> bool:
         return any(m is not None and not m.finished for m in (self.outgoing, self.incoming))
 
+    def _refuse_unless_loaded(self) -> None:
+        """QEMU's ``migrate_prepare`` check: a machine waiting for, or left incomplete by,
+        an incoming migration holds no state worth sending (QEMU's runstate stays
+        ``inmigrate`` until the load completes, and its destination exits on failure)."""
+        inc = self.incoming
+        if self.machine.state is RunState.INMIGRATE or (
+                inc is not None and inc.status is not MigrationStatus.COMPLETED):
+            raise CommandError("Guest is waiting for an incoming migration")
+
     def migrate(self, uri: str) -> None:
         """QMP ``migrate``."""
         with self._lock:
             if self._busy():
                 raise CommandError("There's a migration process in progress")
+            self._refuse_unless_loaded()
+            if self.machine.state is RunState.POSTMIGRATE:
+                raise CommandError("Can't migrate the vm that was paused due to previous "
+                                   "migration")
             for d in self.machine.devices:
                 d.configure_migration(self.settings.channels)
             blockers = self.machine.migration_blockers()
             if blockers:
                 raise CommandError("; ".join(blockers))
-            if self.machine.state in (RunState.INMIGRATE, RunState.POSTMIGRATE):
-                raise CommandError(f"Guest is in state {self.machine.state}; it cannot be "
-                                   "migrated")
             mig = OutgoingMigration(self.machine, uri, self.settings, emit=self.emit,
                                     dirty_tracking=self.dirty_tracking)
             self.outgoing = mig

@@ -97,7 +97,11 @@ class OutgoingMigration(MigrationRun):
         self.tracking = dirty_tracking
         for d in machine.devices:
             d.configure_migration(self.channels)
-        self._was_running = machine.running
+        # QEMU's ``vm_old_state``: the run state the migration itself stopped the machine
+        # in (at completion), None while it has not stopped it. Only a machine the
+        # migration stopped while running is resumed after a failure; one the user
+        # paused (before or during the migration) stays paused.
+        self._vm_old_state: RunState | None = None
         self._trackers: dict[str, Any] = {}
         self.setup_time_ms: int | None = None
         self.downtime_ms: int | None = None
@@ -156,12 +160,19 @@ class OutgoingMigration(MigrationRun):
             self._cleanup()
 
     def _resume_source(self) -> None:
+        """After a failure or a cancel, give the machine back the run state it had when the
+        migration stopped it (QEMU's ``migration_iteration_finish`` with ``vm_old_state``).
+
+        A migration that failed before completion never stopped the machine: whatever
+        the user made of it meanwhile (``stop`` during setup) is left alone."""
         self.machine.throttle_pct = 0
-        if self._was_running and not self.machine.running:
-            self.machine.cont()
-            self.emit_event("RESUME", None)
-        elif not self._was_running and self.machine.state is RunState.FINISH_MIGRATE:
-            self.machine.set_state(RunState.PAUSED)
+        old = self._vm_old_state
+        if old is RunState.RUNNING:
+            if not self.machine.running:
+                self.machine.cont()
+                self.emit_event("RESUME", None)
+        elif old is not None and self.machine.state is RunState.FINISH_MIGRATE:
+            self.machine.set_state(old)
 
     def _cleanup(self) -> None:
         for t in self._trackers.values():
@@ -368,6 +379,7 @@ class OutgoingMigration(MigrationRun):
     def _complete(self, out: OutgoingStream) -> None:
         m = self.machine
         self._stopped_at = time.monotonic()
+        self._vm_old_state = m.state
         if m.running:
             m.set_state(RunState.FINISH_MIGRATE)
             self.emit_event("STOP", None)

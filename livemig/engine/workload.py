@@ -74,7 +74,7 @@ class DirtyPagesWorkload(DeviceHandler):
         self.errors = 0
         self.first_error: str | None = None
         self._stop = threading.Event()
-        # The workers: the first one to fail stops the others (query-workload reports
+        # The workers: the first one to fail stops the others (x-query-workload reports
         # it as ``failure``); stop() joins them.
         self._latch = FailureLatch()
         self._latch.on_failure(self._stop_workers)
@@ -193,7 +193,7 @@ class DirtyPagesWorkload(DeviceHandler):
                 "verified": self.verified}
 
     def query(self) -> dict[str, Any]:
-        """What QMP's ``query-workload`` reports."""
+        """What QMP's ``x-query-workload`` reports."""
         out: dict[str, Any] = {"running": self.running, "passes": self.passes,
                                "verified": self.verified, "errors": self.errors}
         if self.first_error:

@@ -89,16 +89,45 @@ class QmpPeer:
             if "event" in msg:
                 continue
             if "error" in msg:
-                raise PeerError(f"{self.peer} refused {name}: {msg['error'].get('desc')}")
+                err = msg["error"]
+                desc = err.get("desc") if isinstance(err, dict) else None
+                if not isinstance(desc, str):
+                    desc = f"an error of unexpected shape: {_excerpt(err)}"
+                raise PeerError(f"{self.peer} refused {name}: {desc}")
             if "return" in msg:
                 return msg["return"]
 
+    def unexpected(self, name: str, reply: object, want: str) -> PeerError:
+        """The error for a reply that is not the shape QEMU gives: it names the command,
+        shows (the start of) the reply and says what was expected."""
+        return PeerError(f"{self.peer} answered {name} with {_excerpt(reply)}; expected {want}")
+
+    def cmd_object(self, name: str, **args: Any) -> dict[str, Any]:
+        """A command whose ``return`` is a JSON object."""
+        r = self.cmd(name, **args)
+        if not isinstance(r, dict):
+            raise self.unexpected(name, r, "an object")
+        return r
+
+    def cmd_list(self, name: str, **args: Any) -> list[Any]:
+        """A command whose ``return`` is a JSON array."""
+        r = self.cmd(name, **args)
+        if not isinstance(r, list):
+            raise self.unexpected(name, r, "an array")
+        return r
+
     def version(self) -> tuple[int, int]:
-        q = self.cmd("query-version")["qemu"]
+        r = self.cmd_object("query-version")
+        q = r.get("qemu")
+        if not isinstance(q, dict) or not all(_is_int(q.get(k)) for k in ("major", "minor")):
+            raise self.unexpected("query-version", r, 'an object with "qemu": {"major": '
+                                  'INT, "minor": INT, ...}')
         return int(q["major"]), int(q["minor"])
 
     def machine_type(self) -> str:
-        t = str(self.cmd("qom-get", path="/machine", property="type"))
+        t = self.cmd("qom-get", path="/machine", property="type")
+        if not isinstance(t, str):
+            raise self.unexpected("qom-get /machine type", t, "a string")
         return re.sub(r"-machine$", "", t)
 
     def migration_error(self) -> str | None:
@@ -106,10 +135,23 @@ class QmpPeer:
             info = self.cmd("query-migrate")
         except (TransportError, PeerError):
             return None
-        if info.get("status") == "failed":
+        if isinstance(info, dict) and info.get("status") == "failed":
             return str(info.get("error-desc") or "failed (no error description)")
         return None
 
     def close(self) -> None:
         with contextlib.suppress(OSError):
             self.sock.close()
+
+
+#: Characters of an unexpected reply quoted in an error message.
+REPLY_EXCERPT = 120
+
+
+def _excerpt(value: object) -> str:
+    text = json.dumps(value, default=repr)
+    return text if len(text) <= REPLY_EXCERPT else text[:REPLY_EXCERPT] + "..."
+
+
+def _is_int(v: object) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)

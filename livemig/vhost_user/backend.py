@@ -20,7 +20,11 @@ The worker belongs to its connection, which always joins it. Its end of the pipe
 non-blocking and every wait on it also watches a cancel eventfd, so a transfer whose
 front-end stopped reading or writing can be ended: at once when the server shuts
 down, after :data:`TRANSFER_JOIN_TIMEOUT` otherwise (the device then sees an
-``OSError`` from the pipe, and the transfer counts as failed).
+``OSError`` from the pipe, and the transfer counts as failed). A load never waits
+for an EOF that may not come: a refused state closes the pipe at once, trailing
+bytes are detected with one bounded read, and after CHECK_DEVICE_STATE an empty
+pipe counts as the end even if the front-end holds it open (an endless fd such as
+``/dev/zero`` is refused by the device's own size limit).
 
 One connection is served at a time (a front-end owns the back-end); when it ends,
 every descriptor it brought is closed and the server accepts the next one.
@@ -77,6 +81,11 @@ TRANSFER_BUFFER = 1 << 20
 #: connection closed by a shutdown, SIGTERM, cancels at once: the program conventions
 #: ask for a prompt exit, and the front-end is being abandoned anyway.)
 TRANSFER_JOIN_TIMEOUT = 300.0
+
+#: Bytes read after a loaded state to tell whether more follow: any is an error, so one
+#: read decides; the rest is never read (our end is closed, the front-end's writes fail).
+#: A front-end feeding an endless fd (/dev/zero) must not keep a thread reading it.
+MAX_TRAILING_READ = TRANSFER_BUFFER
 
 #: Rings a back-end accepts: the ring index is 8 bits in SET_VRING_KICK/CALL/ERR.
 MAX_VRINGS = VHOST_USER_VRING_IDX_MASK + 1
@@ -172,8 +181,11 @@ class VhostUserBackend:
         """Read the state from ``reader`` until EOF, validate it, and only then apply it.
 
         Raise to reject it: CHECK_DEVICE_STATE then reports failure and the device must
-        still hold its previous state. Bytes left unread are drained by the library and
-        count as a failure (they were part of the state).
+        still hold its previous state; the library closes its end of the pipe at once
+        and reads nothing more. Bytes left unread after a normal return count as a
+        failure (they were part of the state); the library looks for them with one read,
+        it does not read them all. The reader ends (EOF) when the front-end closes its
+        end, or, once CHECK_DEVICE_STATE came, when the pipe is empty.
         """
         raise NotImplementedError
 
@@ -206,9 +218,12 @@ class TransferCancelled(OSError):
 class _CancellablePipe(io.RawIOBase):
     """The back-end's end of the state pipe for a worker thread: non-blocking, and every
     wait for it to become readable or writable also waits for ``cancel_fd``, after
-    which each read or write raises :class:`TransferCancelled`."""
+    which each read or write raises :class:`TransferCancelled`, and (reading) for
+    ``done_fd``: once the front-end said it has written everything (CHECK_DEVICE_STATE),
+    an empty pipe reads as EOF even if the front-end still holds its end open."""
 
-    def __init__(self, fd: int, cancel_fd: int, *, writing: bool) -> None:
+    def __init__(self, fd: int, cancel_fd: int, *, writing: bool,
+                 done_fd: int | None = None) -> None:
         super().__init__()
         os.set_blocking(fd, False)
         self._fd = fd
@@ -217,6 +232,10 @@ class _CancellablePipe(io.RawIOBase):
         self._poller.register(fd, select.POLLOUT if writing else select.POLLIN)
         self._poller.register(cancel_fd, select.POLLIN)
         self._cancel_fd = cancel_fd
+        self._done_fd = done_fd
+        self._writer_done = False
+        if done_fd is not None:
+            self._poller.register(done_fd, select.POLLIN)
 
     def readable(self) -> bool:
         return not self._writing
@@ -231,12 +250,18 @@ class _CancellablePipe(io.RawIOBase):
         for fd, _ in self._poller.poll():
             if fd == self._cancel_fd:
                 raise TransferCancelled("device state transfer cancelled")
+            if fd == self._done_fd:
+                self._writer_done = True
+                assert self._done_fd is not None
+                self._poller.unregister(self._done_fd)
 
     def readinto(self, b: Any) -> int:
         while True:
             try:
                 return os.readv(self._fd, [b])
             except BlockingIOError:
+                if self._writer_done:
+                    return 0  # nothing more will come: the front-end said so
                 self._wait()
 
     def write(self, b: Any) -> int:
@@ -263,13 +288,15 @@ class _Transfer:
         self.error: BaseException | None = None
         self.done = threading.Event()
         self._cancel = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
-        self._lock = threading.Lock()  # cancel() against the eventfd's close
+        #: LOAD: written when CHECK_DEVICE_STATE says the front-end wrote everything
+        self._writer_done = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
+        self._lock = threading.Lock()  # cancel() against the eventfds' close
         self._joined = False
         self.thread = threading.Thread(target=self._run, name=f"{where} {direction.name}")
         try:
             self.thread.start()
         except BaseException:
-            close_fds([fd, self._cancel])
+            close_fds([fd, self._cancel, self._writer_done])
             raise
 
     def _run(self) -> None:
@@ -281,15 +308,18 @@ class _Transfer:
                 with io.BufferedWriter(raw, TRANSFER_BUFFER) as w:
                     self.backend.save_state(w)
             else:
-                raw = _CancellablePipe(fd, self._cancel, writing=False)
+                raw = _CancellablePipe(fd, self._cancel, writing=False,
+                                       done_fd=self._writer_done)
                 fd = -1
+                # A refused state ends the transfer here: our end closes at once (the
+                # front-end's further writes fail) instead of reading it to an EOF
+                # that an endless fd or a pipe held open never gives.
                 with io.BufferedReader(raw, TRANSFER_BUFFER) as r:
-                    try:
-                        self.backend.load_state(r)
-                    finally:
-                        left = _drain(r)
+                    self.backend.load_state(r)
+                    left = len(r.read1(MAX_TRAILING_READ))
                     if left:
-                        raise StreamFormatError(f"{left} bytes after the end of the state")
+                        raise StreamFormatError(f"bytes after the end of the state (at "
+                                                f"least {left})")
         except BaseException as e:  # noqa: BLE001 - reported by CHECK_DEVICE_STATE
             self.error = e
         finally:
@@ -308,6 +338,13 @@ class _Transfer:
             finally:
                 self._lock.release()
 
+    def writer_done(self) -> None:
+        """CHECK_DEVICE_STATE came: the front-end has written all of a LOAD's state, so
+        an empty pipe is its end even if the front-end still holds the pipe open."""
+        with self._lock:
+            if not self._joined:
+                os.eventfd_write(self._writer_done, 1)
+
     def join(self, timeout: float) -> BaseException | None:
         """Wait up to ``timeout`` seconds for the transfer, then cancel it, join the
         thread and return its error (a timeout is one)."""
@@ -318,19 +355,11 @@ class _Transfer:
         with self._lock:
             if not self._joined:
                 self._joined = True
-                os.close(self._cancel)
+                close_fds([self._cancel, self._writer_done])
         if late:
             return TimeoutError(f"device state {self.direction.name.lower()} still running "
                                 f"after {timeout:.0f} s (cancelled)")
         return self.error
-
-
-def _drain(r: BinaryIO) -> int:
-    """Read ``r`` to EOF (a front-end writing synchronously must not block); bytes read."""
-    n = 0
-    while chunk := r.read(TRANSFER_BUFFER):
-        n += len(chunk)
-    return n
 
 
 class BackendConnection:
@@ -605,6 +634,8 @@ class BackendConnection:
     def _on_check_device_state(self, msg: Message) -> None:
         t = self.transfer
         assert t is not None
+        if t.direction is DeviceStateDirection.LOAD:
+            t.writer_done()
         err = t.join(TRANSFER_JOIN_TIMEOUT)
         self.transfer = None
         self.transfers.append((t.direction, err))

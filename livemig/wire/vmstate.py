@@ -47,6 +47,7 @@ __all__ = [
     "MAX_DEPTH",
     "MAX_SECTION_BYTES",
     "MAX_WALK_STEPS",
+    "Register",
     "VmDescription",
     "decode_fields",
     "describe_sections",
@@ -249,6 +250,33 @@ def describe_sections(desc: VmDescription) -> list[tuple[str, int, int | None]]:
     return out
 
 
+#: Unsigned fields this wide are machine words (registers, addresses, flags): shown
+#: in hex by a reader for people (:class:`Register`).
+_REGISTER_TYPES = frozenset({"uint32", "uint64", "uint32 equal", "uint64 equal",
+                             "CPU_Double_U"})
+
+#: Bytes a text buffer may hold: printable ASCII (space to tilde).
+_PRINTABLE = frozenset(range(0x20, 0x7F))
+
+
+class Register(int):
+    """A 32- or 64-bit unsigned field: an ``int`` everywhere (JSON writes it in
+    decimal), which a report for people shows in hex."""
+
+    def __str__(self) -> str:
+        return f"0x{int(self):x}"
+
+
+def _text(data: memoryview) -> str | None:
+    """A ``buffer`` field that holds a C string (printable ASCII, then only NULs, as
+    QEMU's ``globalstate`` runstate): that text; None for anything else."""
+    raw = bytes(data)
+    text, _, pad = raw.partition(b"\0")
+    if not text or pad.strip(b"\0") or not _PRINTABLE.issuperset(text):
+        return None
+    return text.decode("ascii")
+
+
 def _hex(data: memoryview) -> str:
     if len(data) <= HEX_PREVIEW_BYTES:
         return data.hex()
@@ -261,7 +289,12 @@ def _decode_primitive(ftype: str, data: memoryview) -> object:
     spec = _INT_TYPES.get(ftype)
     if spec is not None:
         if spec[0] == n:
-            return int.from_bytes(data, "big", signed=spec[1])
+            value = int.from_bytes(data, "big", signed=spec[1])
+            return Register(value) if ftype in _REGISTER_TYPES else value
+    elif ftype == "buffer":
+        text = _text(data)
+        if text is not None:
+            return text
     elif ftype == "bool":
         if n == 1:
             return data[0] != 0
@@ -272,7 +305,7 @@ def _decode_primitive(ftype: str, data: memoryview) -> object:
         if n == 8:
             upper = int.from_bytes(data[:4], "big")
             lower = int.from_bytes(data[4:], "big")
-            return upper << 32 | lower
+            return Register(upper << 32 | lower)
     elif ftype == "bitmap":
         if n % 8 == 0 and n <= MAX_BITMAP_WORDS_BYTES:
             return [int.from_bytes(data[i:i + 8], "big") for i in range(0, n, 8)]
@@ -555,7 +588,9 @@ def decode_fields(desc: dict[str, Any], body: bytes | bytearray | memoryview, *,
 
     Keys are the field names of the description (QEMU already made repeated
     names unique with ``[k]``); arrays are lists, structs dicts, integers
-    decoded by type, anything else a hex string (long ones cut to
+    decoded by type (32- and 64-bit unsigned ones as :class:`Register`, an
+    ``int`` that prints in hex), a ``buffer`` holding a NUL-padded printable
+    ASCII string as that text, anything else a hex string (long ones cut to
     ``HEX_PREVIEW_BYTES`` plus their length). Subsections are under
     ``"subsections"`` keyed by their vmsd name.
 

@@ -115,6 +115,12 @@ class OutgoingStream:
             self.latch.fail(exc)
         self.close()
 
+    @property
+    def connected(self) -> bool:
+        """The main channel was opened: a later failure is the peer's answer to the stream,
+        not a destination that could not be reached."""
+        return self._main is not None
+
     def connect(self) -> None:
         """Open the main channel."""
         if isinstance(self.uri, ExecUri):
