@@ -126,7 +126,8 @@ def relay(listen: str | Uri, dest: str | Uri, *, in_multifd_channels: int = 0,
           out_multifd_compression: str = "none", record: str | None = None,
           stats: TransferStats | None = None, accept_timeout: float = _ACCEPT_TIMEOUT,
           on_listening: Callable[[str], None] | None = None,
-          dest_qmp: str | None = None) -> RelayResult:
+          dest_qmp: str | None = None,
+          max_ram: int = _limits.DEFAULT_MAX_GUEST_RAM) -> RelayResult:
     """Accept a live migration on ``listen`` and forward it to the QEMU listening at
     ``dest`` as it arrives.
 
@@ -155,7 +156,7 @@ def relay(listen: str | Uri, dest: str | Uri, *, in_multifd_channels: int = 0,
                   out_multifd_channels=out_multifd_channels,
                   out_multifd_compression=out_multifd_compression, record=record, stats=stats,
                   accept_timeout=accept_timeout, on_listening=on_listening,
-                  dest_qmp=dest_qmp)
+                  dest_qmp=dest_qmp, max_ram=max_ram)
 
 
 def inspect(path: str, *, fields: bool = False,

@@ -130,6 +130,7 @@ def _build_parser() -> argparse.ArgumentParser:
                         "forwarding, set the capabilities and parameters that must match, "
                         "start migrate-incoming if needed, and report QEMU's own error on "
                         "failure")
+    _max_ram_option(y)
     _accept_timeout_option(y)
     _output_options(y)
 
@@ -263,7 +264,7 @@ def _cmd_relay(args: argparse.Namespace) -> int:
                     out_multifd_channels=args.out_multifd_channels,
                     out_multifd_compression=args.out_multifd_compression, record=args.record,
                     stats=stats, accept_timeout=args.accept_timeout, on_listening=listening,
-                    dest_qmp=args.dest_qmp)
+                    dest_qmp=args.dest_qmp, max_ram=args.max_ram)
     summary = {"machine": res.load.configuration.machine if res.load.configuration else None,
                "ram_total": stats.total_ram, "normal_pages": stats.normal_pages,
                "zero_pages": stats.zero_pages, "bytes_in": stats.bytes,

@@ -284,13 +284,15 @@ def relay(listen: str | Uri, dest: str | Uri, *, in_multifd_channels: int = 0,
           out_multifd_compression: str = "none", record: str | None = None,
           stats: TransferStats | None = None, accept_timeout: float = DEFAULT_ACCEPT_TIMEOUT,
           on_listening: Callable[[str], None] | None = None,
-          dest_qmp: str | None = None) -> RelayResult:
+          dest_qmp: str | None = None,
+          max_ram: int = limits.DEFAULT_MAX_GUEST_RAM) -> RelayResult:
     """Accept a migration on ``listen`` and forward it to the QEMU listening at ``dest``.
 
     With ``dest_qmp`` (the destination's QMP socket), the destination is checked and
     prepared as ``send`` does it: its machine type once the source's configuration
     arrives, before the relay connects to it; its RAM once the source's block list
-    arrives, before the block list is forwarded. A failure adds QEMU's own reason."""
+    arrives, before the block list is forwarded. A failure adds QEMU's own reason.
+    ``max_ram`` is the most guest RAM the source may declare (as for ``receive``)."""
     lu = parse_uri(listen) if isinstance(listen, str) else listen
     du = parse_uri(dest) if isinstance(dest, str) else dest
     if not isinstance(lu, (TcpUri, UnixUri)) or not isinstance(du, (TcpUri, UnixUri)):
@@ -303,7 +305,8 @@ def relay(listen: str | Uri, dest: str | Uri, *, in_multifd_channels: int = 0,
         qmp = QmpPeer(dest_qmp)  # reachable now, or the relay does not start listening
     try:
         return _relay(lu, du, in_multifd_channels, in_comp, out_multifd_channels, out_comp,
-                      record, stats or TransferStats(), accept_timeout, on_listening, qmp)
+                      record, stats or TransferStats(), accept_timeout, on_listening, qmp,
+                      max_ram)
     finally:
         if qmp is not None:
             qmp.close()
@@ -312,7 +315,8 @@ def relay(listen: str | Uri, dest: str | Uri, *, in_multifd_channels: int = 0,
 def _relay(lu: Uri, du: Uri, in_multifd_channels: int, in_comp: MultifdCompression,
            out_multifd_channels: int, out_comp: MultifdCompression, record: str | None,
            stats: TransferStats, accept_timeout: float,
-           on_listening: Callable[[str], None] | None, qmp: QmpPeer | None) -> RelayResult:
+           on_listening: Callable[[str], None] | None, qmp: QmpPeer | None,
+           max_ram: int) -> RelayResult:
     latch = FailureLatch()
     writer = SnapshotWriter(record) if record else None
     # the outgoing hop counts its own bytes: ``stats`` shows what arrives
@@ -335,7 +339,7 @@ def _relay(lu: Uri, du: Uri, in_multifd_channels: int, in_comp: MultifdCompressi
         fwd.recorder = DeviceStateRecorder(writer.store_device_state)
     incoming = IncomingMigration(lu, in_multifd_channels, in_comp, sink, latch, stats,
                                  main_name="source main channel",
-                                 on_device_state=fwd.device_state)
+                                 on_device_state=fwd.device_state, max_ram=max_ram)
     try:
         incoming.connect(accept_timeout=accept_timeout, on_listening=on_listening)
         if incoming.multifd is not None:
