@@ -13,6 +13,7 @@ import signal
 import socket
 import subprocess
 import threading
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -237,8 +238,12 @@ def test_waiting_destination_stops(run_procs: list[RunProc], workdir: Path, star
         assert m.wait() == 0
     else:
         assert m.qmp.cmd("migrate_cancel") == {"return": {}}
-        # the wait ends: the listener is gone and the incoming migration has failed
-        q = m.qmp.cmd("query-migrate")["return"]
+        # the wait ends: the listener is gone and the incoming migration has failed (the
+        # cancel is asynchronous, as QEMU's: its thread reports it a moment later)
+        deadline = time.monotonic() + 5
+        while (q := m.qmp.cmd("query-migrate")["return"])["status"] == "setup" \
+                and time.monotonic() < deadline:
+            pass
         assert q["status"] == "failed", q
         assert not uri_listening(uri)
         assert m.proc.poll() is None  # the machine stays, as QEMU's with exit-on-error off

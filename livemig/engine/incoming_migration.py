@@ -216,6 +216,7 @@ class IncomingMachineMigration(MigrationRun):
             self.error_desc = str(first) or repr(first)  # a bug's bare exception too
             if inc is not None:
                 inc.abort()
+                inc.close()  # the listener is gone once the status says failed
             if reassembler is not None:
                 reassembler.abort()
             self._set_status(MigrationStatus.FAILED)
