@@ -17,6 +17,7 @@ import math
 import os
 import select
 import socket
+import stat
 import subprocess
 import threading
 import time
@@ -24,6 +25,7 @@ from collections.abc import Callable
 from typing import Protocol, runtime_checkable
 
 from livemig.errors import ConfigError, StreamFormatError, TransportError
+from livemig.io.paths import check_socket_path, open_regular_file
 from livemig.io.uri import ExecUri, FileUri, TcpUri, UnixUri, Uri
 from livemig.wire.device_state_trailer import FOOTER_SIZE, trailer_from_footer
 
@@ -131,13 +133,14 @@ class FileSource:
     """
 
     def __init__(self, path: str, offset: int = 0) -> None:
-        try:
-            self.fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
-        except OSError as e:
-            raise ConfigError(f"cannot open {path}: {e.strerror}") from e
+        self.fd = open_regular_file(path)
         self.name = path
         self.pos = offset
         self.size = os.fstat(self.fd).st_size
+        if offset > self.size:
+            self.close()
+            raise ConfigError(f"file:{path},offset={offset}: the offset is past the end of "
+                              f"{path} ({self.size} bytes)")
         #: Where a snapshot's device-state trailer starts; the stream ends there.
         self.trailer: int | None = None
         self.end = self.size
@@ -237,6 +240,7 @@ class Listener:
     def __init__(self, uri: Uri) -> None:
         self.uri = uri
         self._unlink: str | None = None
+        self._unlink_id = (0, 0)
         self._lock = threading.Lock()
         self._stopped = False
         self._closed = False
@@ -245,6 +249,7 @@ class Listener:
                 fam = socket.AF_INET6 if ":" in uri.host else socket.AF_INET
                 self.sock = socket.socket(fam, socket.SOCK_STREAM)
             elif isinstance(uri, UnixUri):
+                check_socket_path(uri.path, "migration socket")
                 self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
             else:
                 raise ConfigError(f"cannot listen on {uri}")
@@ -256,18 +261,21 @@ class Listener:
                 self.sock.bind((uri.host, uri.port))
             else:
                 assert isinstance(uri, UnixUri)
-                if os.path.exists(uri.path) and _is_socket(uri.path):
-                    os.unlink(uri.path)
-                # Listen under a temporary name and rename: the path appears only
-                # once connections are accepted (no window of "connection refused").
+                # Listen under a temporary name and rename over a stale socket (nothing
+                # else: checked above): the path appears only once connections are
+                # accepted (no window of "connection refused").
                 tmp = f"{uri.path}.{os.getpid()}.tmp"
                 if len(tmp.encode()) > 107:
                     tmp = uri.path
+                    if _is_socket(uri.path):
+                        os.unlink(uri.path)
                 self.sock.bind(tmp)
                 self.sock.listen(256)
                 if tmp != uri.path:
                     os.rename(tmp, uri.path)
+                st = os.lstat(uri.path)
                 self._unlink = uri.path
+                self._unlink_id = (st.st_dev, st.st_ino)
             self.sock.listen(256)
             self.sock.setblocking(False)  # waits are in poll, with the wake-up
             self._wake = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
@@ -396,17 +404,18 @@ class Listener:
                 os.close(self._wake)
         self.sock.close()
         if self._unlink:
-            try:
-                os.unlink(self._unlink)
+            try:  # ours only: another listener may have replaced it since
+                st = os.lstat(self._unlink)
+                if (st.st_dev, st.st_ino) == self._unlink_id:
+                    os.unlink(self._unlink)
             except OSError:
                 pass
             self._unlink = None
 
 
 def _is_socket(path: str) -> bool:
-    import stat
     try:
-        return stat.S_ISSOCK(os.stat(path).st_mode)
+        return stat.S_ISSOCK(os.lstat(path).st_mode)
     except OSError:
         return False
 
