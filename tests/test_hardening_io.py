@@ -9,12 +9,15 @@ happen is bounded by the helpers' deadline (which fails the test, it never passe
 from __future__ import annotations
 
 import os
+import select
+import signal
 import socket
 import stat
+import threading
 from pathlib import Path
 
 import pytest
-from helpers import CliResult, run_cli
+from helpers import CLI_TIMEOUT, CliResult, LivemigCli, run_cli
 from peers import read_capture
 
 import livemig
@@ -173,3 +176,101 @@ def test_a_fifo_without_a_writer_is_refused(tmp_path: Path, command: list[str]) 
     r = run_cli(args)
     one_line_error(r, args[0], str(fifo), "not a regular file")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["fifo"]
+
+
+# -- item 10: an exec: command's process group ends with livemig -----------------------------
+
+
+@pytest.mark.parametrize("command", ["receive", "send"])
+def test_sigterm_ends_the_exec_commands_process_group(tmp_path: Path, stream: Path,
+                                                      command: str) -> None:
+    """The command starts a child of its own (``sleep``) and tells its pid through a FIFO;
+    SIGTERM to livemig must end that child too, not leave it holding livemig's stderr."""
+    fifo = tmp_path / "pid"
+    os.mkfifo(fifo)
+    cmd = f"exec:sleep 1000 & echo $! > {fifo}; wait"
+    if command == "receive":
+        args = ["receive", cmd, "-o", str(tmp_path / "out.snap")]
+    else:
+        snap = tmp_path / "vm.snap"
+        livemig.receive(f"file:{stream}", str(snap))
+        args = ["send", str(snap), cmd]
+    cli = LivemigCli(args, tmp_path)
+    try:
+        with open(fifo) as f:  # blocks until the command has started its child
+            child = int(f.read())
+        pidfd = os.pidfd_open(child)
+        try:
+            os.kill(cli.proc.pid, signal.SIGTERM)
+            assert cli.wait().rc in (1, 143), cli.stderr()
+            # readable once the child has ended
+            ready, _, _ = select.select([pidfd], [], [], CLI_TIMEOUT)
+            assert ready, f"the exec: command's child {child} is still running"
+        finally:
+            os.close(pidfd)
+    finally:
+        cli.kill()
+
+
+# -- item 14a: a refused tcp: connection fails at once; a missing unix: path is waited for ---
+
+
+def _connect_in_thread(uri: str) -> tuple[threading.Thread, list[object]]:
+    from livemig.io.uri import parse_uri
+    from livemig.migration.common.failure import FailureLatch
+    from livemig.migration.source.channels import connect_channel
+
+    out: list[object] = []
+
+    def run() -> None:
+        try:  # a retry would last the hour
+            out.append(connect_channel(parse_uri(uri), FailureLatch(), timeout=3600))
+        except livemig.MigrationError as e:
+            out.append(e)
+    t = threading.Thread(target=run, name="connect")
+    t.start()
+    return t, out
+
+
+def test_a_refused_tcp_connection_is_not_retried() -> None:
+    with socket.socket() as s:  # a port nobody listens on
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+        t, out = _connect_in_thread(f"tcp:127.0.0.1:{port}")
+        t.join(CLI_TIMEOUT)
+    assert not t.is_alive(), "connect_channel retries a refused tcp: connection"
+    assert isinstance(out[0], livemig.TransportError) and "refused" in str(out[0]), out
+
+
+def test_a_missing_unix_path_is_still_waited_for(tmp_path: Path) -> None:
+    path = tmp_path / "later.sock"
+    t, out = _connect_in_thread(f"unix:{path}")
+    with socket.socket(socket.AF_UNIX) as lsock:
+        lsock.bind(str(path))
+        lsock.listen(1)
+        t.join(CLI_TIMEOUT)
+        assert not t.is_alive()
+        assert isinstance(out[0], socket.socket), out
+        out[0].close()
+
+
+def test_send_to_a_closed_port_fails_with_one_line(tmp_path: Path, stream: Path) -> None:
+    snap = tmp_path / "vm.snap"
+    livemig.receive(f"file:{stream}", str(snap))
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        r = run_cli(["send", snap, f"tcp:127.0.0.1:{s.getsockname()[1]}"])
+    one_line_error(r, "send", "Connection refused")
+
+
+# -- item 14d: tcp://HOST:PORT names QEMU's form ----------------------------------------------
+
+
+@pytest.mark.parametrize("command", [["send", "{snap}", "tcp://127.0.0.1:4444"],
+                                     ["receive", "tcp://127.0.0.1:0", "-o", "{tmp}/o.snap"]])
+def test_tcp_url_form_names_qemus_form(tmp_path: Path, stream: Path, command: list[str]) -> None:
+    snap = tmp_path / "vm.snap"
+    livemig.receive(f"file:{stream}", str(snap))
+    args = [a.format(snap=snap, tmp=tmp_path) for a in command]
+    r = run_cli(args)
+    one_line_error(r, args[0], "tcp:HOST:PORT", "tcp://127.0.0.1")

@@ -16,6 +16,7 @@ from __future__ import annotations
 import math
 import os
 import select
+import signal
 import socket
 import stat
 import subprocess
@@ -181,16 +182,39 @@ class FileSource:
             self.fd = -1
 
 
+def start_command(command: str, *, stdin: int = subprocess.DEVNULL,
+                  stdout: int | None = None) -> subprocess.Popen[bytes]:
+    """``/bin/sh -c COMMAND`` for an exec: migration, in a process group of its own so
+    that :func:`end_command` can end everything it started."""
+    try:
+        return subprocess.Popen(["/bin/sh", "-c", command], stdin=stdin, stdout=stdout,
+                                process_group=0)
+    except OSError as e:
+        raise TransportError(f"cannot start exec:{command}: {e}") from e
+
+
+def end_command(proc: subprocess.Popen[bytes]) -> None:
+    """Kill what is left of a :func:`start_command` process group and reap the shell.
+    After a complete migration the shell has normally exited already and only leftovers
+    (a command's background children) are killed."""
+    try:  # the group outlives the shell while any member is left; none left: ESRCH
+        os.killpg(proc.pid, signal.SIGKILL)
+    except (ProcessLookupError, PermissionError):
+        pass
+    proc.wait()
+
+
 class ExecSource:
-    """The stdout of ``sh -c COMMAND`` (QEMU's exec: migration)."""
+    """The stdout of ``sh -c COMMAND`` (QEMU's exec: migration).
+
+    The command runs in a process group of its own, and :meth:`close` ends that whole
+    group: whatever the command started (``sleep 60; cat vm`` runs ``sleep`` as a child
+    of the shell) must not outlive livemig and hold its stderr open.
+    """
 
     def __init__(self, command: str) -> None:
         self.name = f"exec:{command}"
-        try:
-            self.proc = subprocess.Popen(["/bin/sh", "-c", command], stdin=subprocess.DEVNULL,
-                                         stdout=subprocess.PIPE)
-        except OSError as e:
-            raise TransportError(f"cannot start {self.name}: {e}") from e
+        self.proc = start_command(command, stdout=subprocess.PIPE)
         assert self.proc.stdout is not None
         self.fd = self.proc.stdout.fileno()
 
@@ -204,13 +228,11 @@ class ExecSource:
         raise ConfigError(f"{self.name}: a mapped-ram stream can only be read from a file")
 
     def close(self) -> None:
+        """End the command's process group (after a complete stream it has normally
+        exited already, and only leftovers are killed) and reap the shell."""
         if self.proc.stdout:
             self.proc.stdout.close()
-        try:
-            self.proc.wait(timeout=5)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            self.proc.wait()
+        end_command(self.proc)
 
     def check_exit(self) -> None:
         rc = self.proc.wait(timeout=30)

@@ -85,6 +85,9 @@ def parse_uri(text: str) -> Uri:
         raise ConfigError(f"bad migration URI {text!r}: expected tcp:HOST:PORT, unix:PATH, "
                           "exec:COMMAND or file:PATH")
     if scheme == "tcp":
+        if rest.startswith("//"):
+            raise ConfigError(f"bad tcp URI {text!r}: QEMU's form is tcp:HOST:PORT "
+                              "(no '//')")
         if rest.startswith("["):
             host, sep2, port = rest[1:].partition("]:")
         else:
