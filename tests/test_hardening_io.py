@@ -274,3 +274,13 @@ def test_tcp_url_form_names_qemus_form(tmp_path: Path, stream: Path, command: li
     args = [a.format(snap=snap, tmp=tmp_path) for a in command]
     r = run_cli(args)
     one_line_error(r, args[0], "tcp:HOST:PORT", "tcp://127.0.0.1")
+
+
+# -- item 14c: an accept timeout with nothing connected says so --------------------------------
+
+
+def test_accept_timeout_with_nothing_connected(tmp_path: Path) -> None:
+    r = run_cli(["receive", f"unix:{tmp_path}/m.sock", "-o", tmp_path / "o.snap",
+                 "--multifd-channels", "2", "--accept-timeout", "0", "-q"])
+    line = one_line_error(r, "receive", "nothing connected")
+    assert "multifd-channels" not in line

@@ -357,9 +357,12 @@ class Listener:
                 left = deadline - time.monotonic()
                 conn = self._accept(deadline) if left > 0 else None
                 if conn is None:
-                    have = "no connection" if main is None and not multifd else (
-                        f"the main channel {'and' if main else 'missing,'} "
-                        f"{len(multifd)} of {multifd_channels} multifd channels")
+                    if main is None and not multifd:
+                        raise TransportError(f"{self.address}: timed out waiting for the "
+                                             f"migration: nothing connected within "
+                                             f"{timeout:g} s")
+                    have = (f"the main channel {'and' if main else 'missing,'} "
+                            f"{len(multifd)} of {multifd_channels} multifd channels")
                     raise TransportError(f"{self.address}: timed out waiting for the migration "
                                          f"({have}); do both sides use the same "
                                          "multifd-channels?")
