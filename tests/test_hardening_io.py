@@ -13,6 +13,7 @@ import select
 import signal
 import socket
 import stat
+import struct
 import threading
 from pathlib import Path
 
@@ -284,3 +285,23 @@ def test_accept_timeout_with_nothing_connected(tmp_path: Path) -> None:
                  "--multifd-channels", "2", "--accept-timeout", "0", "-q"])
     line = one_line_error(r, "receive", "nothing connected")
     assert "multifd-channels" not in line
+
+
+# -- item 14f: a mapped-ram bitmap offset inside the file header is refused ------------------
+
+
+def test_bitmap_offset_over_the_header_is_refused(tmp_path: Path, stream: Path) -> None:
+    from livemig.wire.constants import MAPPED_RAM_HDR_VERSION
+    snap = tmp_path / "vm.snap"
+    livemig.receive(f"file:{stream}", str(snap))
+    data = bytearray(snap.read_bytes())
+    name = data.index(b"pc.ram")
+    hdr = data.index(struct.pack(">IQ", MAPPED_RAM_HDR_VERSION, 4096), name)
+    struct.pack_into(">Q", data, hdr + 12, 0x10)  # the bitmap offset
+    bad = tmp_path / "bad.snap"
+    bad.write_bytes(data)
+    for command in (["inspect", bad], ["extract", bad, "--block", "pc.ram", "-o",
+                                       tmp_path / "ram.raw"]):
+        r = run_cli(command)
+        one_line_error(r, str(command[0]), "pc.ram", "bitmap offset 0x10", "file header")
+    assert not (tmp_path / "ram.raw").exists()
