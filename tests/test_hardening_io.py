@@ -305,3 +305,28 @@ def test_bitmap_offset_over_the_header_is_refused(tmp_path: Path, stream: Path) 
         r = run_cli(command)
         one_line_error(r, str(command[0]), "pc.ram", "bitmap offset 0x10", "file header")
     assert not (tmp_path / "ram.raw").exists()
+
+
+# -- item 14b: fewer multifd channels than expected: the message says the counts differ ------
+
+
+def test_fewer_multifd_channels_says_the_counts_differ(tmp_path: Path) -> None:
+    path = tmp_path / "m.sock"
+    cli = LivemigCli(["receive", f"unix:{path}", "-o", str(tmp_path / "o.snap"), "-q",
+                      "--multifd-channels", "3", "--accept-timeout", "5"], tmp_path,
+                     uri=f"unix:{path}")
+    socks = []
+    try:
+        cli.wait_listening()
+        for first in (b"QEVM", b"\x11\x22\x33\x44"):  # the main channel and one multifd
+            s = socket.socket(socket.AF_UNIX)
+            s.connect(str(path))
+            s.sendall(first)
+            socks.append(s)
+        r = cli.wait()
+    finally:
+        for s in socks:
+            s.close()
+        cli.kill()
+    one_line_error(r, "receive", "counts differ", "connected 1 multifd channels",
+                   "expects 3")

@@ -361,11 +361,17 @@ class Listener:
                         raise TransportError(f"{self.address}: timed out waiting for the "
                                              f"migration: nothing connected within "
                                              f"{timeout:g} s")
-                    have = (f"the main channel {'and' if main else 'missing,'} "
-                            f"{len(multifd)} of {multifd_channels} multifd channels")
+                    if main is not None:
+                        # QEMU opens all of its channels at once: the source has fewer
+                        raise TransportError(
+                            f"{self.address}: the multifd channel counts differ: the source "
+                            f"connected {len(multifd)} multifd channels, this side expects "
+                            f"{multifd_channels} (multifd-channels must be the same on both "
+                            "sides" + ("; is multifd on at the source?)" if not multifd
+                                       else ")"))
                     raise TransportError(f"{self.address}: timed out waiting for the migration "
-                                         f"({have}); do both sides use the same "
-                                         "multifd-channels?")
+                                         f"(the main channel missing, {len(multifd)} of "
+                                         f"{multifd_channels} multifd channels connected)")
                 if on_accept is not None:
                     on_accept(conn)
                 _tune(conn)
