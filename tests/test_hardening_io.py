@@ -216,43 +216,52 @@ def test_sigterm_ends_the_exec_commands_process_group(tmp_path: Path, stream: Pa
 # -- item 14a: a refused tcp: connection fails at once; a missing unix: path is waited for ---
 
 
-def _connect_in_thread(uri: str) -> tuple[threading.Thread, list[object]]:
-    from livemig.io.uri import parse_uri
-    from livemig.migration.common.failure import FailureLatch
-    from livemig.migration.source.channels import connect_channel
+class _Connect:
+    """``connect_channel(URI)`` in a thread, allowed to retry for an hour; :meth:`join`
+    fails the test if it is still connecting at the deadline (and ends it then)."""
 
-    out: list[object] = []
+    def __init__(self, uri: str) -> None:
+        from livemig.io.uri import parse_uri
+        from livemig.migration.common.failure import FailureLatch
+        from livemig.migration.source.channels import connect_channel
 
-    def run() -> None:
-        try:  # a retry would last the hour
-            out.append(connect_channel(parse_uri(uri), FailureLatch(), timeout=3600))
-        except livemig.MigrationError as e:
-            out.append(e)
-    t = threading.Thread(target=run, name="connect")
-    t.start()
-    return t, out
+        self.latch = FailureLatch()
+        self.out: list[object] = []
+
+        def run() -> None:
+            try:
+                self.out.append(connect_channel(parse_uri(uri), self.latch, timeout=3600))
+            except livemig.MigrationError as e:
+                self.out.append(e)
+        self.thread = threading.Thread(target=run, name="connect")
+        self.thread.start()
+
+    def join(self) -> object:
+        self.thread.join(CLI_TIMEOUT)
+        if self.thread.is_alive():
+            self.latch.fail(livemig.MigrationError("test deadline"))
+            self.thread.join()
+            raise AssertionError("connect_channel is still retrying")
+        return self.out[0]
 
 
 def test_a_refused_tcp_connection_is_not_retried() -> None:
     with socket.socket() as s:  # a port nobody listens on
         s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-        t, out = _connect_in_thread(f"tcp:127.0.0.1:{port}")
-        t.join(CLI_TIMEOUT)
-    assert not t.is_alive(), "connect_channel retries a refused tcp: connection"
-    assert isinstance(out[0], livemig.TransportError) and "refused" in str(out[0]), out
+        c = _Connect(f"tcp:127.0.0.1:{s.getsockname()[1]}")
+        res = c.join()
+    assert isinstance(res, livemig.TransportError) and "refused" in str(res), res
 
 
 def test_a_missing_unix_path_is_still_waited_for(tmp_path: Path) -> None:
     path = tmp_path / "later.sock"
-    t, out = _connect_in_thread(f"unix:{path}")
+    c = _Connect(f"unix:{path}")
     with socket.socket(socket.AF_UNIX) as lsock:
         lsock.bind(str(path))
         lsock.listen(1)
-        t.join(CLI_TIMEOUT)
-        assert not t.is_alive()
-        assert isinstance(out[0], socket.socket), out
-        out[0].close()
+        res = c.join()
+        assert isinstance(res, socket.socket), res
+        res.close()
 
 
 def test_send_to_a_closed_port_fails_with_one_line(tmp_path: Path, stream: Path) -> None:
