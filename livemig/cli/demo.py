@@ -179,7 +179,7 @@ def _child_env() -> dict[str, str]:
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
-    memory = parse_size(args.memory)
+    memory = parse_size(args.memory, "--memory")
     channels = args.multifd_channels
     workdir = tempfile.mkdtemp(prefix="livemig-demo-")
     machines: list[_Machine] = []
@@ -188,7 +188,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
         common = ["--memory", str(memory), "--workload", "dirty-pages",
                   "--dirty-tracking", args.dirty_tracking]
         common += vfio_arguments(args)
-        vu_size = parse_size(args.vhost_user_state_size)
+        vu_size = parse_size(args.vhost_user_state_size, "--vhost-user-state-size")
         src_vu, dst_vu = [], []
         for i in range(args.vhost_user_backends):
             src_vu.append(_Backend(f"vu-src-{i}", workdir, i + 1, vu_size))
@@ -215,8 +215,9 @@ def cmd_demo(args: argparse.Namespace) -> int:
                 m.cmd("migrate-set-parameters", **{"multifd-channels": channels,
                                                    "multifd-compression":
                                                    args.multifd_compression})
+        bandwidth = parse_size(args.max_bandwidth, "--max-bandwidth")
         src.cmd("migrate-set-parameters", **{"downtime-limit": args.downtime_limit,
-                                             "max-bandwidth": parse_size(args.max_bandwidth)})
+                                             "max-bandwidth": bandwidth})
         uri = f"unix:{workdir}/migration.sock"
         dst.cmd("migrate-incoming", uri=uri)
         src.cmd("migrate", uri=uri)

@@ -94,8 +94,8 @@ def cmd_run(args: argparse.Namespace) -> int:
     from livemig.engine.machine import Machine
     from livemig.engine.workload import DirtyPagesWorkload
 
-    memory = parse_size(args.memory)
-    rate = parse_size(args.workload_rate)
+    memory = parse_size(args.memory, "--memory")
+    rate = parse_size(args.workload_rate, "--workload-rate")
     machine = Machine(memory)
     server: QmpServer | None = None
     ctl: MachineController | None = None
@@ -111,7 +111,7 @@ def cmd_run(args: argparse.Namespace) -> int:
             machine.add_device(VhostUserDevice(path, i))
         if args.vfio_devices:
             from livemig.devices.vfio import VfioSimHandler
-            size = parse_size(args.vfio_state_size)
+            size = parse_size(args.vfio_state_size, "--vfio-state-size")
             for i in range(args.vfio_devices):
                 machine.add_device(VfioSimHandler(machine, i, state_size=size,
                                                   transfer=args.device_state_transfer,

@@ -38,7 +38,6 @@ import json
 import os
 import select
 import socket
-import stat
 import threading
 import time
 from collections import deque
@@ -50,6 +49,7 @@ from livemig import __version__
 from livemig.control.qmp_json import InputTooLarge, ParsedItem, QmpInputParser
 from livemig.control.qmp_session import Handler, QmpError, QmpSession, check_arguments
 from livemig.errors import ConfigError, StateError, TransportError
+from livemig.io.paths import check_socket_path
 from livemig.io.uri import TcpUri, UnixUri, parse_uri
 from livemig.migration.common.thread_group import ThreadGroup
 
@@ -296,12 +296,7 @@ class QmpServer:
         """Bind under a temporary name, listen, then rename over ``path``: a stale socket
         is replaced in one step and nobody finds ``path`` before it accepts. Anything at
         ``path`` that is not a socket is left alone."""
-        try:
-            if not stat.S_ISSOCK(os.lstat(path).st_mode):
-                raise ConfigError(f"QMP socket path {path} exists and is not a socket; "
-                                  "not replacing it")
-        except FileNotFoundError:
-            pass
+        check_socket_path(path, "QMP socket")
         tmp = f"{path}.{os.urandom(4).hex()}.tmp"
         direct = len(os.fsencode(tmp)) > _UNIX_PATH_MAX
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)

@@ -16,7 +16,9 @@ from __future__ import annotations
 import math
 import os
 import select
+import signal
 import socket
+import stat
 import subprocess
 import threading
 import time
@@ -24,6 +26,7 @@ from collections.abc import Callable
 from typing import Protocol, runtime_checkable
 
 from livemig.errors import ConfigError, StreamFormatError, TransportError
+from livemig.io.paths import check_socket_path, open_regular_file
 from livemig.io.uri import ExecUri, FileUri, TcpUri, UnixUri, Uri
 from livemig.wire.device_state_trailer import FOOTER_SIZE, trailer_from_footer
 
@@ -131,13 +134,14 @@ class FileSource:
     """
 
     def __init__(self, path: str, offset: int = 0) -> None:
-        try:
-            self.fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
-        except OSError as e:
-            raise ConfigError(f"cannot open {path}: {e.strerror}") from e
+        self.fd = open_regular_file(path)
         self.name = path
         self.pos = offset
         self.size = os.fstat(self.fd).st_size
+        if offset > self.size:
+            self.close()
+            raise ConfigError(f"file:{path},offset={offset}: the offset is past the end of "
+                              f"{path} ({self.size} bytes)")
         #: Where a snapshot's device-state trailer starts; the stream ends there.
         self.trailer: int | None = None
         self.end = self.size
@@ -178,16 +182,39 @@ class FileSource:
             self.fd = -1
 
 
+def start_command(command: str, *, stdin: int = subprocess.DEVNULL,
+                  stdout: int | None = None) -> subprocess.Popen[bytes]:
+    """``/bin/sh -c COMMAND`` for an exec: migration, in a process group of its own so
+    that :func:`end_command` can end everything it started."""
+    try:
+        return subprocess.Popen(["/bin/sh", "-c", command], stdin=stdin, stdout=stdout,
+                                process_group=0)
+    except OSError as e:
+        raise TransportError(f"cannot start exec:{command}: {e}") from e
+
+
+def end_command(proc: subprocess.Popen[bytes]) -> None:
+    """Kill what is left of a :func:`start_command` process group and reap the shell.
+    After a complete migration the shell has normally exited already and only leftovers
+    (a command's background children) are killed."""
+    try:  # the group outlives the shell while any member is left; none left: ESRCH
+        os.killpg(proc.pid, signal.SIGKILL)
+    except (ProcessLookupError, PermissionError):
+        pass
+    proc.wait()
+
+
 class ExecSource:
-    """The stdout of ``sh -c COMMAND`` (QEMU's exec: migration)."""
+    """The stdout of ``sh -c COMMAND`` (QEMU's exec: migration).
+
+    The command runs in a process group of its own, and :meth:`close` ends that whole
+    group: whatever the command started (``sleep 60; cat vm`` runs ``sleep`` as a child
+    of the shell) must not outlive livemig and hold its stderr open.
+    """
 
     def __init__(self, command: str) -> None:
         self.name = f"exec:{command}"
-        try:
-            self.proc = subprocess.Popen(["/bin/sh", "-c", command], stdin=subprocess.DEVNULL,
-                                         stdout=subprocess.PIPE)
-        except OSError as e:
-            raise TransportError(f"cannot start {self.name}: {e}") from e
+        self.proc = start_command(command, stdout=subprocess.PIPE)
         assert self.proc.stdout is not None
         self.fd = self.proc.stdout.fileno()
 
@@ -201,13 +228,11 @@ class ExecSource:
         raise ConfigError(f"{self.name}: a mapped-ram stream can only be read from a file")
 
     def close(self) -> None:
+        """End the command's process group (after a complete stream it has normally
+        exited already, and only leftovers are killed) and reap the shell."""
         if self.proc.stdout:
             self.proc.stdout.close()
-        try:
-            self.proc.wait(timeout=5)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            self.proc.wait()
+        end_command(self.proc)
 
     def check_exit(self) -> None:
         rc = self.proc.wait(timeout=30)
@@ -237,6 +262,7 @@ class Listener:
     def __init__(self, uri: Uri) -> None:
         self.uri = uri
         self._unlink: str | None = None
+        self._unlink_id = (0, 0)
         self._lock = threading.Lock()
         self._stopped = False
         self._closed = False
@@ -245,6 +271,7 @@ class Listener:
                 fam = socket.AF_INET6 if ":" in uri.host else socket.AF_INET
                 self.sock = socket.socket(fam, socket.SOCK_STREAM)
             elif isinstance(uri, UnixUri):
+                check_socket_path(uri.path, "migration socket")
                 self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
             else:
                 raise ConfigError(f"cannot listen on {uri}")
@@ -256,18 +283,21 @@ class Listener:
                 self.sock.bind((uri.host, uri.port))
             else:
                 assert isinstance(uri, UnixUri)
-                if os.path.exists(uri.path) and _is_socket(uri.path):
-                    os.unlink(uri.path)
-                # Listen under a temporary name and rename: the path appears only
-                # once connections are accepted (no window of "connection refused").
+                # Listen under a temporary name and rename over a stale socket (nothing
+                # else: checked above): the path appears only once connections are
+                # accepted (no window of "connection refused").
                 tmp = f"{uri.path}.{os.getpid()}.tmp"
                 if len(tmp.encode()) > 107:
                     tmp = uri.path
+                    if _is_socket(uri.path):
+                        os.unlink(uri.path)
                 self.sock.bind(tmp)
                 self.sock.listen(256)
                 if tmp != uri.path:
                     os.rename(tmp, uri.path)
+                st = os.lstat(uri.path)
                 self._unlink = uri.path
+                self._unlink_id = (st.st_dev, st.st_ino)
             self.sock.listen(256)
             self.sock.setblocking(False)  # waits are in poll, with the wake-up
             self._wake = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
@@ -327,12 +357,21 @@ class Listener:
                 left = deadline - time.monotonic()
                 conn = self._accept(deadline) if left > 0 else None
                 if conn is None:
-                    have = "no connection" if main is None and not multifd else (
-                        f"the main channel {'and' if main else 'missing,'} "
-                        f"{len(multifd)} of {multifd_channels} multifd channels")
+                    if main is None and not multifd:
+                        raise TransportError(f"{self.address}: timed out waiting for the "
+                                             f"migration: nothing connected within "
+                                             f"{timeout:g} s")
+                    if main is not None:
+                        # QEMU opens all of its channels at once: the source has fewer
+                        raise TransportError(
+                            f"{self.address}: the multifd channel counts differ: the source "
+                            f"connected {len(multifd)} multifd channels, this side expects "
+                            f"{multifd_channels} (multifd-channels must be the same on both "
+                            "sides" + ("; is multifd on at the source?)" if not multifd
+                                       else ")"))
                     raise TransportError(f"{self.address}: timed out waiting for the migration "
-                                         f"({have}); do both sides use the same "
-                                         "multifd-channels?")
+                                         f"(the main channel missing, {len(multifd)} of "
+                                         f"{multifd_channels} multifd channels connected)")
                 if on_accept is not None:
                     on_accept(conn)
                 _tune(conn)
@@ -396,17 +435,18 @@ class Listener:
                 os.close(self._wake)
         self.sock.close()
         if self._unlink:
-            try:
-                os.unlink(self._unlink)
+            try:  # ours only: another listener may have replaced it since
+                st = os.lstat(self._unlink)
+                if (st.st_dev, st.st_ino) == self._unlink_id:
+                    os.unlink(self._unlink)
             except OSError:
                 pass
             self._unlink = None
 
 
 def _is_socket(path: str) -> bool:
-    import stat
     try:
-        return stat.S_ISSOCK(os.stat(path).st_mode)
+        return stat.S_ISSOCK(os.lstat(path).st_mode)
     except OSError:
         return False
 

@@ -33,6 +33,7 @@ from livemig.errors import (
     TransportError,
     allocating,
 )
+from livemig.io.paths import create_part_file
 from livemig.wire.constants import Command, RamFlag, SectionType
 from livemig.wire.device_state_trailer import (
     FOOTER_SIZE,
@@ -86,12 +87,7 @@ class SnapshotWriter:
         folder = os.path.dirname(self.path)
         if not os.path.isdir(folder):
             raise ConfigError(f"cannot write {path}: folder {folder} does not exist")
-        self.tmp_path = os.path.join(folder, f".{os.path.basename(self.path)}.part-{os.getpid()}")
-        try:
-            self.fd = os.open(self.tmp_path, os.O_RDWR | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC,
-                              0o600)
-        except OSError as e:
-            raise ConfigError(f"cannot create {self.tmp_path}: {e.strerror}") from e
+        self.fd, self.tmp_path = create_part_file(self.path, os.O_RDWR)
         self.blocks: dict[str, _Block] = {}
         self.configuration: Configuration | None = None
         self.ram_section_id = 0
@@ -454,14 +450,13 @@ def extract_block(src_path: str, blocks: dict[str, RamBlockInfo], name: str,
     if info is None:
         raise ConfigError(f"no RAM block {name!r} in {src_path} (blocks: "
                           f"{', '.join(blocks)})")
-    folder = os.path.dirname(os.path.abspath(out_path))
-    tmp = os.path.join(folder, f".{os.path.basename(out_path)}.part-{os.getpid()}")
-    src = os.open(src_path, os.O_RDONLY)
+    src = os.open(src_path, os.O_RDONLY | os.O_CLOEXEC)
     try:
-        dst = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
-    except OSError as e:
+        # 0600 like the snapshot: the image holds the same guest memory
+        dst, tmp = create_part_file(out_path, os.O_WRONLY)
+    except BaseException:
         os.close(src)
-        raise ConfigError(f"cannot create {out_path}: {e.strerror}") from e
+        raise
     try:
         hdr = info.mapped_ram
         assert hdr is not None

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import TypeAlias
 
@@ -47,18 +48,33 @@ Uri: TypeAlias = TcpUri | UnixUri | ExecUri | FileUri
 
 _SUFFIX = {"": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40}
 
+#: The largest size or offset livemig takes: a file offset (``off_t``) holds no more,
+#: and no RAM size or rate comes near it.
+MAX_SIZE = (1 << 63) - 1
 
-def parse_size(text: str) -> int:
-    """``4096``, ``64M``, ``1G`` (binary units, as QEMU's qemu_strtosz)."""
+
+def parse_size(text: str, what: str | None = None) -> int:
+    """``4096``, ``64M``, ``1G`` (binary units, as QEMU's qemu_strtosz), at most
+    :data:`MAX_SIZE`. A :class:`~livemig.errors.ConfigError` for anything else (``nan``,
+    ``inf``, ``1e400``, fractions of a byte), naming ``what`` (the option) if given."""
+    where = f"{what}: " if what else ""
     t = text.strip().lower().removesuffix("b").removesuffix("i")
     unit = t[-1:] if t[-1:] in _SUFFIX and not t[-1:].isdigit() else ""
     num = t[: len(t) - len(unit)] if unit else t
-    try:
-        value = float(num) * _SUFFIX[unit]
-    except ValueError:
-        raise ConfigError(f"not a size: {text!r} (examples: 4096, 64M, 1G)") from None
-    if value < 0 or value != int(value):
-        raise ConfigError(f"not a size: {text!r}")
+    value: int | float
+    if num.isascii() and num.isdigit():
+        value = int(num) * _SUFFIX[unit]  # exact, however many digits
+    else:
+        try:
+            value = float(num) * _SUFFIX[unit]
+        except ValueError:
+            raise ConfigError(f"{where}not a size: {text!r} (examples: 4096, 64M, 1G)"
+                              ) from None
+        if not math.isfinite(value) or value < 0 or value != int(value):
+            raise ConfigError(f"{where}not a size: {text!r} (a whole number of bytes, "
+                              "for example 4096, 64M, 1G)")
+    if value > MAX_SIZE:
+        raise ConfigError(f"{where}{text!r} is too large (at most {MAX_SIZE})")
     return int(value)
 
 
@@ -69,6 +85,9 @@ def parse_uri(text: str) -> Uri:
         raise ConfigError(f"bad migration URI {text!r}: expected tcp:HOST:PORT, unix:PATH, "
                           "exec:COMMAND or file:PATH")
     if scheme == "tcp":
+        if rest.startswith("//"):
+            raise ConfigError(f"bad tcp URI {text!r}: QEMU's form is tcp:HOST:PORT "
+                              "(no '//')")
         if rest.startswith("["):
             host, sep2, port = rest[1:].partition("]:")
         else:
@@ -96,7 +115,10 @@ def parse_uri(text: str) -> Uri:
             key, _, val = opts.partition("=")
             if key != "offset" or not val:
                 raise ConfigError(f"bad file URI {text!r}: the only option is offset=N")
-            offset = parse_size(val)
+            try:
+                offset = parse_size(val, "offset")
+            except ConfigError as e:
+                raise ConfigError(f"bad file URI {text!r}: {e}") from None
         return FileUri(path, offset)
     raise ConfigError(f"unsupported migration URI scheme {scheme!r} in {text!r} "
                       "(livemig speaks tcp:, unix:, exec: and file:)")

@@ -44,6 +44,7 @@ from dataclasses import dataclass, field
 from typing import Any, BinaryIO
 
 from livemig.errors import MigrationError, StreamFormatError, VhostUserError
+from livemig.io.paths import check_socket_path
 from livemig.vhost_user.channel import MessageChannel, close_fds
 from livemig.wire.vhost_user import (
     DEVICE_STATE_NOFD_MASK,
@@ -687,6 +688,7 @@ class BackendServer:
 
     @staticmethod
     def _listen(path: str) -> socket.socket:
+        check_socket_path(path, "vhost-user socket")
         tmp = f"{path}.{os.getpid()}.tmp"
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)

@@ -317,6 +317,12 @@ class RamDecoder:
         if pages_offset % PS:
             raise cur.error(f"mapped-ram block {name}: pages offset {pages_offset:#x} is not "
                             "page aligned", at=at)
+        if bitmap_offset < cur.offset:
+            # QEMU puts the bitmap right after this header: anything before it would be
+            # written over the file's header, block list or an earlier block
+            raise cur.error(f"mapped-ram block {name}: bitmap offset {bitmap_offset:#x} "
+                            f"overlaps the file header (the block's header ends at "
+                            f"{cur.offset:#x})", at=at)
         if bitmap_offset + bitmap_bytes(length // PS) > pages_offset:
             raise cur.error(f"mapped-ram block {name}: bitmap at {bitmap_offset:#x} overlaps "
                             f"the pages at {pages_offset:#x}", at=at)

@@ -24,8 +24,9 @@ MAIN_FLUSH_BYTES = 1 << 20
 #: channels connect: QEMU 7.2 takes the first connection it accepts as the main one,
 #: and over TCP a later connection can reach its accept queue first.
 MAIN_FIRST_DELAY = 0.05
-#: Seconds a source keeps trying to connect while nothing listens yet (a
-#: destination started at the same moment); a refusal after that is final.
+#: Seconds a source keeps trying to connect to a unix: path that does not exist yet
+#: (a destination started at the same moment creates it once it listens). A tcp:
+#: connection refused is final at once, as in QEMU.
 CONNECT_RETRY_SECONDS = 10.0
 #: Pause between two connection attempts.
 CONNECT_RETRY_INTERVAL = 0.1
@@ -133,8 +134,11 @@ def let_main_channel_lead(u: Uri) -> None:
 
 def connect_channel(u: Uri, latch: FailureLatch, timeout: float = CONNECT_RETRY_SECONDS,
                     ) -> socket.socket:
-    """Connect, retrying for ``timeout`` seconds while the destination does not listen
-    yet; a failure of ``latch`` (a cancel) ends the retries at once."""
+    """Connect, retrying for ``timeout`` seconds while the destination may still appear
+    (a unix: path that does not exist yet: the destination creates it once it listens);
+    a failure of ``latch`` (a cancel) ends the retries at once. Any other error, such as
+    a tcp: connection refused (nothing listens on that port), fails at once, as QEMU's
+    ``migrate`` does."""
     if not isinstance(u, (TcpUri, UnixUri)):
         raise ConfigError(f"a migration channel needs a tcp: or unix: URI, not {u}")
     deadline = time.monotonic() + timeout
@@ -158,7 +162,7 @@ def connect_channel(u: Uri, latch: FailureLatch, timeout: float = CONNECT_RETRY_
             if s is not None:
                 s.close()  # the error's traceback would keep the descriptor open
             latch.raise_if_failed()
-            if time.monotonic() > deadline:
+            if not isinstance(e, FileNotFoundError) or time.monotonic() > deadline:
                 raise TransportError(f"cannot connect to the destination {u}: "
                                      f"{e.strerror or e}") from e
             wake.wait(CONNECT_RETRY_INTERVAL)

@@ -33,6 +33,7 @@ from typing import Self
 import numpy as np
 
 from livemig.errors import ConfigError, PeerError, TransportError
+from livemig.io.channels import end_command, start_command
 from livemig.io.uri import ExecUri, TcpUri, UnixUri, Uri
 from livemig.migration.common.failure import FailureLatch
 from livemig.migration.common.stats import TransferStats
@@ -124,7 +125,7 @@ class OutgoingStream:
     def connect(self) -> None:
         """Open the main channel."""
         if isinstance(self.uri, ExecUri):
-            proc = subprocess.Popen(["/bin/sh", "-c", self.uri.command], stdin=subprocess.PIPE)
+            proc = start_command(self.uri.command, stdin=subprocess.PIPE)
             self._proc = proc
             pipe = proc.stdin
             assert pipe is not None
@@ -180,9 +181,7 @@ class OutgoingStream:
             if proc.stdin is not None:
                 with contextlib.suppress(OSError):  # the command may be gone already
                     proc.stdin.close()
-            if proc.poll() is None:
-                proc.kill()
-            proc.wait()
+            end_command(proc)
             self._proc = None
 
     # -- the main channel ------------------------------------------------------
