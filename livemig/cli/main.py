@@ -12,6 +12,7 @@ from typing import Any
 
 from livemig import __version__
 from livemig.errors import MigrationError
+from livemig.io.interrupts import interrupt
 
 EXIT_OK = 0
 EXIT_FAILED = 1
@@ -358,7 +359,7 @@ class _Terminated(BaseException):
 
 
 def _terminate(signum: int, frame: object) -> None:
-    raise _Terminated
+    interrupt(_Terminated())
 
 
 def _cmd_run(args: argparse.Namespace) -> int:

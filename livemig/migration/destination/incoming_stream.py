@@ -16,6 +16,7 @@ from collections.abc import Callable
 from livemig import limits
 from livemig.errors import ConfigError, MigrationError, TransportError
 from livemig.io.channels import ByteSource, ExecSource, Listener, SocketSource, open_source
+from livemig.io.interrupts import deferred
 from livemig.io.uri import ExecUri, FileUri, TcpUri, UnixUri, Uri
 from livemig.migration.common.failure import FailureLatch
 from livemig.migration.common.stats import TransferStats
@@ -92,7 +93,8 @@ class IncomingMigration:
         """
         u = self.uri
         if isinstance(u, (ExecUri, FileUri)):
-            self.source = open_source(u)
+            with deferred():  # a child command is kept before SIGTERM may unwind
+                self.source = open_source(u)
             return
         self.listener = Listener(u)
         self.latch.on_failure(self.listener.shutdown)  # a cancel wakes the accept

@@ -34,6 +34,7 @@ import numpy as np
 
 from livemig.errors import ConfigError, PeerError, TransportError
 from livemig.io.channels import end_command, start_command
+from livemig.io.interrupts import deferred
 from livemig.io.uri import ExecUri, TcpUri, UnixUri, Uri
 from livemig.migration.common.failure import FailureLatch
 from livemig.migration.common.stats import TransferStats
@@ -125,8 +126,9 @@ class OutgoingStream:
     def connect(self) -> None:
         """Open the main channel."""
         if isinstance(self.uri, ExecUri):
-            proc = start_command(self.uri.command, stdin=subprocess.PIPE)
-            self._proc = proc
+            with deferred():  # the child is kept before SIGTERM may unwind
+                proc = start_command(self.uri.command, stdin=subprocess.PIPE)
+                self._proc = proc
             pipe = proc.stdin
             assert pipe is not None
 
