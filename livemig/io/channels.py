@@ -24,6 +24,7 @@ from collections.abc import Callable
 from typing import Protocol, runtime_checkable
 
 from livemig.errors import ConfigError, StreamFormatError, TransportError
+from livemig.io.tls import REFUSED_AFTER_HANDSHAKE, TlsSettings, TlsSocket, accept_tls
 from livemig.io.uri import ExecUri, FileUri, TcpUri, UnixUri, Uri
 from livemig.wire.device_state_trailer import FOOTER_SIZE, trailer_from_footer
 
@@ -106,6 +107,8 @@ class SocketSource:
     def alive(self) -> bool:
         """False once the peer has closed its side and nothing it sent is left unread
         (no data is consumed)."""
+        if isinstance(self.sock, TlsSocket):
+            return not self.sock.peer_closed()
         try:
             return self.sock.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT) != b""
         except BlockingIOError:
@@ -232,10 +235,15 @@ class Listener:
     either of them through an eventfd they wait on with the socket: ``shutdown(2)``
     alone does not wake a ``poll`` on a listening unix socket. :meth:`close` frees
     the socket once nothing waits on it any more.
+
+    With ``tls``, every connection makes its TLS handshake (and passes ``tls-authz``)
+    before it is classified, on its decrypted bytes.
     """
 
-    def __init__(self, uri: Uri) -> None:
+    def __init__(self, uri: Uri, tls: TlsSettings | None = None) -> None:
         self.uri = uri
+        self.tls = tls
+        self._tls_ctx = tls.server_context() if tls is not None else None
         self._unlink: str | None = None
         self._lock = threading.Lock()
         self._stopped = False
@@ -336,6 +344,12 @@ class Listener:
                 if on_accept is not None:
                     on_accept(conn)
                 _tune(conn)
+                if self.tls is not None:
+                    assert self._tls_ctx is not None
+                    conn = accept_tls(conn, self._tls_ctx, self.tls,
+                                      f"{self.address}: connection from {_peer(conn)}", left)
+                    if on_accept is not None:
+                        on_accept(conn)  # the TLS socket replaced the plain one
                 kind = _classify(conn, left)
                 if kind == "main":
                     if main is not None:
@@ -420,10 +434,37 @@ def _tune(conn: socket.socket) -> None:
         pass
 
 
+def _peer(conn: socket.socket) -> str:
+    try:
+        name = conn.getpeername()
+    except OSError:
+        return "?"
+    return f"{name[0]}:{name[1]}" if isinstance(name, tuple) else "a unix: client"
+
+
+def _read_head(conn: TlsSocket) -> bytes:
+    """A TLS channel's first 4 bytes, handed back to it (no MSG_PEEK for TLS)."""
+    head = b""
+    while len(head) < 4:
+        chunk = conn.recv(4 - len(head))
+        if not chunk:
+            break
+        head += chunk
+    conn.give_back(head)
+    return head
+
+
 def _classify(conn: socket.socket, timeout: float) -> str:
     conn.settimeout(min(timeout, MULTIFD_CONNECT_TIMEOUT))
     try:
-        head = conn.recv(4, socket.MSG_PEEK | socket.MSG_WAITALL)
+        if isinstance(conn, TlsSocket):
+            head = _read_head(conn)
+            if not head:
+                conn.close()
+                raise TransportError(f"TLS connection from {_peer(conn)}: "
+                                     f"{REFUSED_AFTER_HANDSHAKE}")
+        else:
+            head = conn.recv(4, socket.MSG_PEEK | socket.MSG_WAITALL)
     except OSError as e:
         conn.close()
         raise TransportError(f"a connection failed before sending anything: {e}") from e

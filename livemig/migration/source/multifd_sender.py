@@ -42,6 +42,7 @@ import numpy as np
 
 from livemig import limits
 from livemig.errors import ChannelError, MigrationError, StateError
+from livemig.io.tls import is_tls
 from livemig.migration.common.failure import FailureLatch
 from livemig.migration.common.stats import TransferStats
 from livemig.migration.common.thread_group import ThreadGroup
@@ -122,6 +123,8 @@ class SendChannel:
         self.stats = stats
         self._numbers = packet_numbers
         self._bounce: memoryview | None = None
+        #: pages of a file cannot go by ``sendfile``: it would bypass the encryption
+        self._tls = is_tls(sock)
         self.sent = 0
 
     def _move(self, event: str) -> None:
@@ -172,9 +175,10 @@ class SendChannel:
     def send_file_pages(self, block: str, offsets: np.ndarray, fd: int,
                         file_offset: int) -> None:
         """One RAM packet whose pages are read from ``fd`` at ``file_offset + offset``:
-        uncompressed they go from the page cache to the socket with ``sendfile``."""
+        uncompressed they go from the page cache to the socket with ``sendfile``
+        (over TLS, through a buffer)."""
         runs = page_runs(offsets)
-        if self.comp is not None:
+        if self.comp is not None or self._tls:
             if self._bounce is None:
                 self._bounce = memoryview(bytearray(limits.MULTIFD_PACKET_BYTES))
             pos = 0

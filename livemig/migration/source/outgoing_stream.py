@@ -33,6 +33,7 @@ from typing import Self
 import numpy as np
 
 from livemig.errors import ConfigError, PeerError, TransportError
+from livemig.io.tls import TlsSettings
 from livemig.io.uri import ExecUri, TcpUri, UnixUri, Uri
 from livemig.migration.common.failure import FailureLatch
 from livemig.migration.common.stats import TransferStats
@@ -75,7 +76,7 @@ class OutgoingStream:
                  channels: int = 0, compression: MultifdCompression = MultifdCompression.NONE,
                  latch: FailureLatch | None = None, peer: str = "the destination",
                  direct: bool = False, auto_part: bool = False,
-                 main_name: str = "main channel") -> None:
+                 main_name: str = "main channel", tls: TlsSettings | None = None) -> None:
         if channels and not isinstance(uri, (TcpUri, UnixUri)):
             raise ConfigError("multifd needs a tcp: or unix: destination")
         self.uri = uri
@@ -89,6 +90,9 @@ class OutgoingStream:
         self._direct = direct
         self._auto_part = auto_part
         self._main_name = main_name
+        self.tls = tls
+        if tls is not None and not isinstance(uri, (TcpUri, UnixUri)):
+            raise ConfigError(f"TLS needs a tcp: or unix: destination, not {uri}")
         self._sock: socket.socket | None = None
         self._proc: subprocess.Popen[bytes] | None = None
         self._sockets: list[socket.socket] = []
@@ -134,7 +138,7 @@ class OutgoingStream:
                 pipe.flush()
             self._main = MainWriter(write, str(self.uri))
             return
-        sock = connect_channel(self.uri, self.latch)
+        sock = connect_channel(self.uri, self.latch, tls=self.tls, name=self._main_name)
         self._sockets.append(sock)
         self.latch.add_socket(sock)
         self._sock = sock
@@ -157,8 +161,8 @@ class OutgoingStream:
         self.flush()
         let_main_channel_lead(self.uri)
         socks = []
-        for _ in range(self.channels):  # each one closed at the end, even if a later fails
-            s = connect_channel(self.uri, self.latch)
+        for i in range(self.channels):  # each one closed at the end, even if a later fails
+            s = connect_channel(self.uri, self.latch, tls=self.tls, name=f"multifd channel {i}")
             self._sockets.append(s)
             socks.append(s)
         self.sender = MultifdSender(socks, self.compression, uuid, self.latch, self.stats,
