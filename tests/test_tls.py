@@ -1,0 +1,352 @@
+"""x509 TLS on every channel against real QEMU 10.0, both directions.
+
+The scenarios are the x509 ones of QEMU's own suite (``tests/qtest/migration/tls-tests.c``),
+each as QEMU 10 -> :func:`livemig.receive` and :func:`livemig.send` -> QEMU 10, precopy
+and multifd with 2 channels:
+
+* override-host: the client checks ``tls-hostname`` (the certificate's DNS name): works.
+* default-host over unix: no hostname to check against: the client refuses.
+* default-host over tcp: the certificate names 127.0.0.1, the URI's host: works.
+* mismatch-host: ``tls-hostname`` is not in the certificate: the client refuses (QEMU
+  only after the handshake, with no alert: livemig says the source refused the session).
+* friendly client: ``tls-authz`` lists the client's DN: works; hostile client: refused.
+* anonymous client (no certificate): let in by a server with ``verify-peer`` off,
+  refused by one with it on.
+
+A success compares guest RAM byte for byte (QEMU's pmemsave of the source against the
+snapshot, or of the destination against the source); a failure leaves a QEMU source
+``failed`` and running and no snapshot behind. A plain-text peer on a TLS endpoint (and
+the reverse) ends with a one-line error.
+
+Certificates are made here with the ``openssl`` command, in QEMU's tls-creds-x509
+layout; one directory per client identity, all signed by one CA.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import threading
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pytest
+from helpers import LivemigReceive, ThreadedReceive
+from peers import QemuPeer, free_tcp_port, make_blob
+
+import livemig
+
+pytestmark = [pytest.mark.qemu, pytest.mark.timeout(120)]
+
+MEMORY = "32M"
+MEMORY_BYTES = 32 << 20
+HIGH_RAM = (0x100000, MEMORY_BYTES)  # plain pc.ram in the guest-physical view
+BLOB_ADDR = 0x100000
+BLOB_SIZE = (3 << 20) + 77
+SERVER_NAME = "livemig.test"  # in the server certificate, with IP 127.0.0.1
+FRIEND = "CN=livemig-client,O=livemig tests"
+MIGRATION_TIMEOUT = 60.0
+
+
+def _openssl(cwd: Path, *args: str) -> None:
+    subprocess.run(["openssl", *args], cwd=cwd, check=True, capture_output=True)
+
+
+def _leaf(d: Path, name: str, subject: str, ext: str) -> None:
+    (d / f"{name}.ext").write_text(ext)
+    _openssl(d, "req", "-newkey", "rsa:2048", "-nodes", "-keyout", f"{name}-key.pem",
+             "-out", f"{name}.csr", "-subj", subject)
+    _openssl(d, "x509", "-req", "-in", f"{name}.csr", "-CA", "ca-cert.pem", "-CAkey",
+             "ca-key.pem", "-CAcreateserial", "-out", f"{name}-cert.pem", "-days", "2",
+             "-extfile", f"{name}.ext")
+
+
+@dataclass(frozen=True)
+class Creds:
+    """tls-creds-x509 directories: each has the CA and the server's pair; ``friendly`` and
+    ``hostile`` add a client pair, ``anon`` none."""
+
+    friendly: Path
+    hostile: Path
+    anon: Path
+
+    def __getitem__(self, name: str) -> str:
+        return str(getattr(self, name))
+
+
+@pytest.fixture(scope="module")
+def creds(tmp_path_factory: pytest.TempPathFactory) -> Creds:
+    if shutil.which("openssl") is None:
+        pytest.skip("needs the openssl command")
+    d = tmp_path_factory.mktemp("pki")
+    _openssl(d, "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", "ca-key.pem",
+             "-out", "ca-cert.pem", "-days", "2", "-subj", "/CN=livemig test CA",
+             "-addext", "basicConstraints=critical,CA:TRUE",
+             "-addext", "keyUsage=critical,keyCertSign,cRLSign")
+    usage = ("basicConstraints=critical,CA:FALSE\n"
+             "keyUsage=critical,digitalSignature,keyEncipherment\n")
+    _leaf(d, "server", "/O=livemig tests/CN=livemig.test", usage
+          + f"extendedKeyUsage=serverAuth\nsubjectAltName=DNS:{SERVER_NAME},IP:127.0.0.1\n")
+    _leaf(d, "friendly", "/O=livemig tests/CN=livemig-client",
+          usage + "extendedKeyUsage=clientAuth\n")
+    _leaf(d, "hostile", "/O=livemig tests/CN=hostile-client",
+          usage + "extendedKeyUsage=clientAuth\n")
+    dirs = {}
+    for who in ("friendly", "hostile", "anon"):
+        out = d / who
+        out.mkdir()
+        for f in ("ca-cert.pem", "server-cert.pem", "server-key.pem"):
+            shutil.copy(d / f, out / f)
+        if who != "anon":
+            shutil.copy(d / f"{who}-cert.pem", out / "client-cert.pem")
+            shutil.copy(d / f"{who}-key.pem", out / "client-key.pem")
+        dirs[who] = out
+    return Creds(**dirs)
+
+
+@pytest.fixture(scope="module")
+def blob(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    p = tmp_path_factory.mktemp("blob") / "blob.bin"
+    make_blob(p, BLOB_SIZE, 41)
+    return p
+
+
+@pytest.fixture
+def workdir(tmp_path: Path) -> Path:
+    return tmp_path
+
+
+def _uri(transport: str, workdir: Path) -> str:
+    if transport == "unix":
+        return f"unix:{workdir}/mig.sock"
+    return f"tcp:127.0.0.1:{free_tcp_port()}"
+
+
+def _qemu_tls(q: QemuPeer, endpoint: str, creds_dir: str, *, hostname: str | None = None,
+              authz: str | None = None, verify_peer: bool = True) -> None:
+    """QEMU's way: a tls-creds-x509 object (and authz-simple), then the parameters."""
+    q.qmp("object-add", **{"qom-type": "tls-creds-x509", "id": "tls0", "dir": creds_dir,
+                           "endpoint": endpoint, "verify-peer": verify_peer})
+    params: dict[str, Any] = {"tls-creds": "tls0"}
+    if hostname is not None:
+        params["tls-hostname"] = hostname
+    if authz is not None:
+        q.qmp("object-add", **{"qom-type": "authz-simple", "id": "authz0", "identity": authz})
+        params["tls-authz"] = "authz0"
+    q.set_params(**params)
+
+
+def _multifd(q: QemuPeer, channels: int) -> None:
+    if channels:
+        q.set_caps({"multifd": True})
+        q.set_params(**{"multifd-channels": channels})
+
+
+def _source(blob: Path, workdir: Path, name: str = "source") -> QemuPeer:
+    return QemuPeer("10.0", memory=MEMORY, blobs=[(blob, BLOB_ADDR)], paused=True,
+                    workdir=workdir, name=name)
+
+
+def _high_ram(q: QemuPeer) -> bytes:
+    return q.read_memory(HIGH_RAM[0], HIGH_RAM[1] - HIGH_RAM[0])
+
+
+def _snapshot_high_ram(snap: Path, workdir: Path) -> bytes:
+    raw = workdir / "pc.ram.raw"
+    livemig.extract(str(snap), "pc.ram", str(raw))
+    data = raw.read_bytes()
+    raw.unlink()
+    return data[HIGH_RAM[0]:HIGH_RAM[1]]
+
+
+def _one_line(e: BaseException) -> str:
+    text = str(e)
+    assert "\n" not in text, text
+    return text
+
+
+@dataclass(frozen=True)
+class Scenario:
+    """One of QEMU's x509 scenarios: the client's directory and hostname, the server's
+    authz and verify-peer; ``error`` is a piece of the message livemig must give (None:
+    the migration works)."""
+
+    name: str
+    transport: str
+    client: str
+    hostname: str | None = None
+    authz: str | None = None
+    verify_peer: bool = True
+    error: str | None = None
+
+
+SCENARIOS = [
+    Scenario("override-host", "unix", "friendly", hostname=SERVER_NAME),
+    Scenario("default-host-unix", "unix", "friendly", error="tls-hostname"),
+    Scenario("default-host-tcp", "tcp", "friendly"),
+    Scenario("mismatch-host", "unix", "friendly", hostname="wrong.test", error="mismatch"),
+    Scenario("friendly-client", "tcp", "friendly", authz=FRIEND),
+    Scenario("hostile-client", "tcp", "hostile", authz=FRIEND, error="authz"),
+    Scenario("anon-client-allowed", "tcp", "anon", verify_peer=False),
+    Scenario("anon-client-refused", "tcp", "anon", error="certificate"),
+]
+
+
+def _cases() -> Iterator[Any]:
+    for s in SCENARIOS:
+        for ch in (0, 2):
+            yield pytest.param(s, ch, id=f"{s.name}-{'multifd2' if ch else 'precopy'}")
+
+
+# --------------------------------------------------------------------------------------------
+# QEMU 10 -> livemig receive
+# --------------------------------------------------------------------------------------------
+
+#: What livemig says, as the server, for each failing scenario (QEMU's client fails on
+#: its own for default-host-unix: it never connects).
+RECEIVE_ERRORS = {
+    "mismatch-host": "refused the session",
+    "hostile-client": "is not in tls-authz",
+    "anon-client-refused": "TLS handshake failed",
+}
+
+
+@pytest.mark.parametrize(("sc", "channels"), list(_cases()))
+def test_qemu_to_receive(sc: Scenario, channels: int, creds: Creds, blob: Path,
+                         workdir: Path) -> None:
+    uri = _uri(sc.transport, workdir)
+    snap = workdir / "vm.snap"
+    with _source(blob, workdir) as q:
+        _multifd(q, channels)
+        _qemu_tls(q, "client", creds[sc.client], hostname=sc.hostname)
+        expected = _high_ram(q)
+        rx = ThreadedReceive(uri, snap, accept_timeout=3.0 if sc.error else 30.0,
+                             multifd_channels=channels, tls_creds=creds["friendly"],
+                             tls_authz=(sc.authz,) if sc.authz else (),
+                             tls_verify_peer=sc.verify_peer)
+        q.migrate(rx.wait_listening())
+        if sc.error is None:
+            q.wait_migration(MIGRATION_TIMEOUT)
+            rx.join()
+            assert _snapshot_high_ram(snap, workdir) == expected
+            return
+        info = q.wait_migration(MIGRATION_TIMEOUT, expect=("failed",))
+        with pytest.raises(livemig.MigrationError) as ei:
+            rx.join()
+        line = _one_line(ei.value)
+        if sc.name in RECEIVE_ERRORS:
+            assert RECEIVE_ERRORS[sc.name] in line, line
+        else:  # QEMU refused to start: livemig saw no connection at all
+            assert "no connection" in line, line
+            assert "hostname" in info.get("error-desc", ""), info
+        assert q.is_running()
+        assert q.status()["status"] in ("prelaunch", "paused"), q.status()
+        assert not snap.exists()
+        assert not list(workdir.glob("vm.snap*")), list(workdir.iterdir())
+
+
+# --------------------------------------------------------------------------------------------
+# livemig send -> QEMU 10
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Snapshot:
+    path: Path
+    ram: bytes  # the source's guest RAM over HIGH_RAM
+
+
+@pytest.fixture(scope="module")
+def snapshot(blob: Path, tmp_path_factory: pytest.TempPathFactory) -> Snapshot:
+    d = tmp_path_factory.mktemp("snap")
+    snap = d / "vm.snap"
+    with _source(blob, d) as q:
+        ram = _high_ram(q)
+        rx = ThreadedReceive(f"unix:{d}/in.sock", snap, accept_timeout=30.0)
+        q.migrate(rx.wait_listening())
+        q.wait_migration(MIGRATION_TIMEOUT)
+        rx.join()
+    return Snapshot(snap, ram)
+
+
+#: What livemig says, as the client, for each failing scenario.
+SEND_ERRORS = {
+    "default-host-unix": "needs a tls-hostname",
+    "mismatch-host": "Hostname mismatch",
+    "hostile-client": "",
+    "anon-client-refused": "",
+}
+
+
+@pytest.mark.parametrize(("sc", "channels"), list(_cases()))
+def test_send_to_qemu(sc: Scenario, channels: int, creds: Creds, snapshot: Snapshot,
+                      workdir: Path) -> None:
+    uri = _uri(sc.transport, workdir)
+    with QemuPeer("10.0", memory=MEMORY, incoming="defer", paused=False, workdir=workdir,
+                  name="dest") as q:
+        _multifd(q, channels)
+        _qemu_tls(q, "server", creds["friendly"], authz=sc.authz, verify_peer=sc.verify_peer)
+        q.migrate_incoming(uri)
+        kwargs: dict[str, Any] = {"multifd_channels": channels,
+                                  "tls_creds": creds[sc.client], "tls_hostname": sc.hostname}
+        if sc.error is None:
+            livemig.send(str(snapshot.path), uri, **kwargs)
+            assert _high_ram(q) == snapshot.ram
+            return
+        with pytest.raises(livemig.MigrationError) as ei:
+            livemig.send(str(snapshot.path), uri, **kwargs)
+        line = _one_line(ei.value)
+        assert SEND_ERRORS[sc.name] in line, line
+
+
+# --------------------------------------------------------------------------------------------
+# Plain text against TLS
+# --------------------------------------------------------------------------------------------
+
+
+def test_plain_source_to_tls_receive(creds: Creds, blob: Path, workdir: Path) -> None:
+    """A QEMU without TLS against ``livemig receive --tls-creds``: one line each side."""
+    uri = _uri("unix", workdir)
+    snap = workdir / "vm.snap"
+    rx = LivemigReceive(["receive", uri, "-o", str(snap), "--tls-creds", creds["friendly"],
+                         "--accept-timeout", "20"], workdir, uri)
+    with _source(blob, workdir) as q:
+        q.migrate(rx.wait_listening())
+        info = q.wait_migration(MIGRATION_TIMEOUT, expect=("failed",))
+        r = rx.wait(20)
+        lines = [x for x in r.stderr.splitlines() if x.strip() and "waiting for" not in x]
+        assert r.rc == 1 and len(lines) == 1, r.stderr
+        assert "TLS handshake failed" in lines[0] and "does the source use TLS" in lines[0], \
+            lines[0]
+        assert info.get("error-desc"), info
+        assert q.is_running()
+    assert not snap.exists()
+
+
+def test_tls_send_to_plain_qemu(snapshot: Snapshot, workdir: Path, creds: Creds) -> None:
+    """``livemig send --tls-creds`` against a QEMU without TLS: a one-line error."""
+    uri = _uri("unix", workdir)
+    with QemuPeer("10.0", memory=MEMORY, incoming=uri, paused=False, workdir=workdir,
+                  name="dest") as q:
+        done = threading.Event()
+        with pytest.raises(livemig.MigrationError) as ei:
+            try:
+                livemig.send(str(snapshot.path), uri, tls_creds=creds["friendly"],
+                             tls_hostname=SERVER_NAME)
+            finally:
+                done.set()
+        line = _one_line(ei.value)
+        assert "TLS handshake failed" in line, line
+        del q
+
+
+def test_dn_format() -> None:
+    """The client DN in tls-authz is written as QEMU writes it: most specific first."""
+    from livemig.io.tls import distinguished_name
+    cert = {"subject": ((("organizationName", "livemig tests"),),
+                        (("commonName", "a,b"),))}
+    assert distinguished_name(cert) == "CN=a\\,b,O=livemig tests"
+    assert os.sep == "/"
