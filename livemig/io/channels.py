@@ -40,6 +40,12 @@ DEFAULT_ACCEPT_TIMEOUT = 3600.0
 MULTIFD_CONNECT_TIMEOUT = 30.0
 
 
+#: Seconds between two looks, while TLS connections are awaited, at those already
+#: there: QEMU refuses a session (its hostname check) by closing the connection after
+#: the handshake, and then opens no other channel.
+TLS_REFUSAL_CHECK = 0.1
+
+
 class ByteSource(Protocol):
     """What the main-channel loop reads from.
 
@@ -327,6 +333,8 @@ class Listener:
         silent connection). :meth:`shutdown` ends the wait with a
         :class:`~livemig.errors.TransportError`.
         """
+        if self.tls is not None:
+            return self._accept_tls_migration(multifd_channels, timeout, on_accept)
         main: socket.socket | None = None
         multifd: list[socket.socket] = []
         deadline = time.monotonic() + timeout
@@ -344,12 +352,6 @@ class Listener:
                 if on_accept is not None:
                     on_accept(conn)
                 _tune(conn)
-                if self.tls is not None:
-                    assert self._tls_ctx is not None
-                    conn = accept_tls(conn, self._tls_ctx, self.tls,
-                                      f"{self.address}: connection from {_peer(conn)}", left)
-                    if on_accept is not None:
-                        on_accept(conn)  # the TLS socket replaced the plain one
                 kind = _classify(conn, left)
                 if kind == "main":
                     if main is not None:
@@ -368,6 +370,65 @@ class Listener:
         except BaseException:
             for s in multifd + ([main] if main else []):
                 _close_socket(s)
+            raise
+        return main, multifd
+
+    def _accept_tls_migration(self, multifd_channels: int, timeout: float,
+                              on_accept: Callable[[socket.socket], None] | None,
+                              ) -> tuple[socket.socket, list[socket.socket]]:
+        """:meth:`accept_migration` over TLS: every connection makes its handshake first,
+        and only once all of them have is any classified. QEMU 8.0+ sends nothing on
+        the main channel before its multifd channels are set up, and over TLS that
+        takes this side's part in each handshake: classifying (reading) the main channel
+        first would wait for QEMU while QEMU waits for us."""
+        assert self.tls is not None and self._tls_ctx is not None
+        want = multifd_channels + 1
+        conns: list[tuple[socket.socket, str]] = []
+        deadline = time.monotonic() + timeout
+        try:
+            while len(conns) < want:
+                left = deadline - time.monotonic()
+                conn = self._accept(min(deadline, time.monotonic() + TLS_REFUSAL_CHECK)) \
+                    if left > 0 else None
+                for c, peer in conns:  # a source that refused the session opens no more
+                    assert isinstance(c, TlsSocket)
+                    if c.peer_closed():
+                        raise TransportError(f"TLS connection from {peer}: "
+                                             f"{REFUSED_AFTER_HANDSHAKE}")
+                if conn is None and left > 0 and time.monotonic() < deadline:
+                    continue
+                if conn is None:
+                    raise TransportError(
+                        f"{self.address}: timed out waiting for the migration ("
+                        + (f"{len(conns)} of {want} TLS connections" if conns
+                           else "no connection")
+                        + "); do both sides use the same multifd-channels?")
+                if on_accept is not None:
+                    on_accept(conn)
+                _tune(conn)
+                peer = _peer(conn)
+                conn = accept_tls(conn, self._tls_ctx, self.tls,
+                                  f"{self.address}: connection from {peer}", left)
+                if on_accept is not None:
+                    on_accept(conn)  # the TLS socket replaced the plain one
+                conns.append((conn, peer))
+                deadline = min(deadline, time.monotonic() + MULTIFD_CONNECT_TIMEOUT)
+            main: socket.socket | None = None
+            multifd: list[socket.socket] = []
+            for conn, peer in conns:
+                if _classify(conn, max(0.0, deadline - time.monotonic()) + 1.0, peer) == "main":
+                    if main is not None:
+                        raise TransportError(f"{self.address}: a second main channel connected")
+                    main = conn
+                else:
+                    multifd.append(conn)
+            if main is None:
+                raise TransportError(f"{self.address}: no main channel among {want} "
+                                     "connections (is multifd enabled on the source "
+                                     "with another channel count?)")
+        except BaseException:
+            for c, _ in conns:
+                _close_socket(c)
             raise
         return main, multifd
 
@@ -454,14 +515,14 @@ def _read_head(conn: TlsSocket) -> bytes:
     return head
 
 
-def _classify(conn: socket.socket, timeout: float) -> str:
+def _classify(conn: socket.socket, timeout: float, peer: str = "?") -> str:
     conn.settimeout(min(timeout, MULTIFD_CONNECT_TIMEOUT))
     try:
         if isinstance(conn, TlsSocket):
             head = _read_head(conn)
             if not head:
                 conn.close()
-                raise TransportError(f"TLS connection from {_peer(conn)}: "
+                raise TransportError(f"TLS connection from {peer}: "
                                      f"{REFUSED_AFTER_HANDSHAKE}")
         else:
             head = conn.recv(4, socket.MSG_PEEK | socket.MSG_WAITALL)
