@@ -77,8 +77,9 @@ def receive(uri: str | Uri, output: str, *, multifd_channels: int = 0,
     (``ca-cert.pem``, ``server-cert.pem``, ``server-key.pem``): every channel is then
     TLS, livemig the server. ``tls_verify_peer`` requires a client certificate signed
     by that CA; ``tls_authz`` lets in only the listed client distinguished names,
-    written as QEMU writes them (``CN=livemig-client``). A refused handshake is a
-    :class:`TransportError` naming the channel, the peer and the reason.
+    written as QEMU writes them (``O=example,CN=livemig-client``, certificate order).
+    A refused handshake is a :class:`TransportError` naming the channel, the peer and
+    the reason.
 
     Returns a :class:`~livemig.commands.receive.ReceiveResult` (``snapshot``,
     ``snapshot_bytes``, ``load``, ``stats``) once the snapshot is fsynced and renamed

@@ -73,7 +73,7 @@ def _tls_options(p: argparse.ArgumentParser, prefix: str, role: str) -> None:
         p.add_argument(f"--{prefix}tls-authz", metavar="IDENTITY", action="append",
                        default=[],
                        help="let in only clients whose certificate subject is IDENTITY, "
-                            "written as QEMU's authz-simple identity, e.g. CN=client "
+                            "written as QEMU's authz-simple identity, e.g. O=example,CN=client "
                             "(repeatable)")
     p.add_argument(f"--{prefix}tls-verify-peer", choices=("on", "off"), default="on",
                    help="on (default): " + (

@@ -47,7 +47,7 @@ def receive(uri: str | Uri, output: str, *, multifd_channels: int = 0,
     it). ``tls_creds`` (a directory laid out as QEMU's ``tls-creds-x509``) makes
     every channel TLS, this side the server: ``tls_verify_peer`` requires a client
     certificate signed by the CA, ``tls_authz`` lists the client distinguished names
-    let in (``CN=...``, as QEMU writes them). Returns once the snapshot is on disk; on any
+    let in (``O=...,CN=...``, as QEMU writes them). Returns once the snapshot is on disk; on any
     failure nothing is left at ``output`` and the first cause is raised.
     """
     u = parse_uri(uri) if isinstance(uri, str) else uri

@@ -69,7 +69,7 @@ class TlsSettings:
     ``creds_dir`` is the credentials directory. ``hostname`` (client) is the name
     the server's certificate must carry; without it, the host of a ``tcp:`` URI.
     ``authz`` (server) lists the client distinguished names let in, formatted as
-    QEMU does (``CN=livemig-client``, most specific attribute first); empty lets
+    QEMU does (``O=example,CN=livemig-client``: in certificate order); empty lets
     in any client the CA vouches for. ``verify_peer`` (QEMU's ``verify-peer``, on
     by default): a server requires a client certificate, a client checks the
     server's.
@@ -246,12 +246,14 @@ def connect_tls(sock: socket.socket, ctx: ssl.SSLContext, server_name: str, wher
 
 
 def distinguished_name(cert: dict[str, Any] | None) -> str:
-    """A certificate subject as QEMU prints it for ``tls-authz`` (RFC 4514: the last
-    RDN first, ``+`` between the parts of one RDN)."""
+    """A certificate subject as QEMU prints it for ``tls-authz``: GnuTLS's
+    ``gnutls_x509_crt_get_dn``, the RDNs in certificate order (not RFC 4514's reverse:
+    ``O=example,CN=client``, as seen with QEMU 10), ``+`` between the parts of one RDN,
+    RFC 4514 escapes."""
     if not cert or "subject" not in cert:
         return ""
     return ",".join("+".join(f"{_DN_KEYS.get(k, k)}={_escape(v)}" for k, v in rdn)
-                    for rdn in reversed(cert["subject"]))
+                    for rdn in cert["subject"])
 
 
 def _escape(value: str) -> str:

@@ -125,6 +125,8 @@ class SendChannel:
         self._bounce: memoryview | None = None
         #: pages of a file cannot go by ``sendfile``: it would bypass the encryption
         self._tls = is_tls(sock)
+        #: the initial packet went out as the channel was opened (see ``init_sent``)
+        self.init_sent = False
         self.sent = 0
 
     def _move(self, event: str) -> None:
@@ -147,7 +149,8 @@ class SendChannel:
 
     def send_init(self, uuid: bytes) -> None:
         self._move("init")
-        self.write([InitPacket(uuid, self.index).encode()])
+        if not self.init_sent:
+            self.write([InitPacket(uuid, self.index).encode()])
 
     def send_sync(self) -> None:
         self._move("sync")
@@ -277,7 +280,10 @@ class MultifdSender:
 
     def __init__(self, sockets: Sequence[socket.socket], compression: MultifdCompression,
                  uuid: bytes | None, latch: FailureLatch, stats: TransferStats, *,
-                 group: ThreadGroup | None = None, name: str = "multifd channel") -> None:
+                 group: ThreadGroup | None = None, name: str = "multifd channel",
+                 init_sent: bool = False) -> None:
+        """``init_sent``: the caller sent each channel's initial packet as it opened it
+        (over TLS a QEMU destination reads it before it answers the next handshake)."""
         self.n = len(sockets)
         if not self.n:
             raise ValueError("a multifd sender needs at least one channel")
@@ -287,6 +293,8 @@ class MultifdSender:
         stats.multifd_bytes = [0] * self.n
         self.channels = [SendChannel(i, s, compression, self._numbers, stats, f"{name} {i}")
                          for i, s in enumerate(sockets)]
+        for ch in self.channels:
+            ch.init_sent = init_sent
         self._rr_lock = threading.Lock()
         self._rr = 0
         self._group = group

@@ -49,6 +49,7 @@ from livemig.migration.source.channels import (
 from livemig.migration.source.multifd_sender import MultifdSender, PacketJob
 from livemig.migration.source.payloads import PagePayload
 from livemig.wire.constants import Command, MultifdCompression, SectionType
+from livemig.wire.multifd import InitPacket
 from livemig.wire.ram import PageRecords, encode_eos, encode_multifd_flush, encode_zero_records
 from livemig.wire.stream import encode_command, encode_footer, encode_section_header
 
@@ -165,10 +166,18 @@ class OutgoingStream:
             s = connect_channel(self.uri, self.latch, tls=self.tls, name=f"multifd channel {i}")
             self._sockets.append(s)
             socks.append(s)
+            if self.tls is not None:
+                # QEMU reads a channel's initial packet (blocking its main loop) before it
+                # takes part in the next channel's TLS handshake: send it at once
+                try:
+                    s.sendall(InitPacket(uuid or bytes(16), i).encode())
+                except OSError as e:
+                    raise TransportError(f"multifd channel {i}: send failed: "
+                                         f"{e.strerror or e}") from e
         self.sender = MultifdSender(socks, self.compression, uuid, self.latch, self.stats,
                                     group=None if self._direct else self.group,
                                     name="destination multifd channel" if self._direct
-                                    else "multifd channel")
+                                    else "multifd channel", init_sent=self.tls is not None)
 
     def close(self) -> None:
         """Join every thread and close every descriptor (idempotent)."""
