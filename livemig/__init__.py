@@ -24,6 +24,7 @@ from livemig.errors import (
     PeerError,
     StateError,
     StreamFormatError,
+    TlsSessionRefused,
     TransportError,
     TruncatedStream,
 )
@@ -235,6 +236,7 @@ __all__ = [
     "PeerError",
     "StateError",
     "StreamFormatError",
+    "TlsSessionRefused",
     "TransportError",
     "TruncatedStream",
     "__version__",

@@ -275,8 +275,8 @@ def snapshot(blob: Path, tmp_path_factory: pytest.TempPathFactory) -> Snapshot:
 SEND_ERRORS = {
     "default-host-unix": "needs a tls-hostname",
     "mismatch-host": "Hostname mismatch",
-    "hostile-client": "",
-    "anon-client-refused": "",
+    "hostile-client": "refused this side's client certificate",
+    "anon-client-refused": "refused this side's client certificate",
 }
 
 

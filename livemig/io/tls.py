@@ -34,7 +34,7 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from livemig.errors import ConfigError, TransportError
+from livemig.errors import ConfigError, TlsSessionRefused, TransportError
 
 CA_CERT = "ca-cert.pem"
 SERVER_CERT = "server-cert.pem"
@@ -245,6 +245,21 @@ def connect_tls(sock: socket.socket, ctx: ssl.SSLContext, server_name: str, wher
     return tls
 
 
+def refused(where: str, e: OSError) -> TlsSessionRefused | None:
+    """A send that failed because the TLS server ended the session (EOF without
+    close_notify, or an alert), as :class:`TlsSessionRefused`; None for other errors."""
+    if isinstance(e, ssl.SSLEOFError):
+        why = "it closed the connection"
+    elif isinstance(e, ssl.SSLError) and "ALERT" in (e.reason or "").upper():
+        why = f"its alert: {_reason(e)}"
+    else:
+        return None
+    return TlsSessionRefused(
+        f"{where}: the destination ended the TLS session after the handshake ({why}): "
+        "it refused this side's client certificate (check tls-creds against the "
+        "destination's CA, verify-peer and tls-authz)")
+
+
 def distinguished_name(cert: dict[str, Any] | None) -> str:
     """A certificate subject as QEMU prints it for ``tls-authz``: GnuTLS's
     ``gnutls_x509_crt_get_dn``, the RDNs in certificate order (not RFC 4514's reverse:
@@ -309,4 +324,5 @@ def settings_from(creds: str | None, hostname: str | None = None,
 
 
 __all__ = ["HANDSHAKE_TIMEOUT", "REFUSED_AFTER_HANDSHAKE", "TlsSettings", "TlsSocket",
-           "accept_tls", "connect_tls", "distinguished_name", "is_tls", "settings_from"]
+           "accept_tls", "connect_tls", "distinguished_name", "is_tls", "refused",
+           "settings_from"]

@@ -14,7 +14,7 @@ import time
 from collections.abc import Callable
 
 from livemig.errors import ConfigError, StreamFormatError, TransportError
-from livemig.io.tls import TlsSettings, connect_tls
+from livemig.io.tls import TlsSettings, connect_tls, refused
 from livemig.io.uri import TcpUri, UnixUri, Uri
 from livemig.migration.common.failure import FailureLatch
 from livemig.wire.constants import ReturnPathMessage
@@ -72,6 +72,9 @@ class MainWriter:
             try:
                 self._write(self.buf)
             except OSError as e:
+                tls = refused(self.name, e)
+                if tls is not None:
+                    raise tls from e
                 raise TransportError(f"{self.name}: send failed: {e.strerror or e} (did the "
                                      "destination close the connection?)") from e
             self.sent += len(self.buf)

@@ -42,7 +42,7 @@ import numpy as np
 
 from livemig import limits
 from livemig.errors import ChannelError, MigrationError, StateError
-from livemig.io.tls import is_tls
+from livemig.io.tls import is_tls, refused
 from livemig.migration.common.failure import FailureLatch
 from livemig.migration.common.stats import TransferStats
 from livemig.migration.common.thread_group import ThreadGroup
@@ -143,6 +143,9 @@ class SendChannel:
         try:
             n = sendmsg_all(self.sock, buffers)
         except OSError as e:
+            tls = refused(self.where, e) if self._tls else None
+            if tls is not None:
+                raise tls from e
             raise ChannelError(f"{self.where}: send failed: {e.strerror or e} (did the "
                                "destination close the connection?)") from e
         self._count(n)

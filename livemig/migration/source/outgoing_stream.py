@@ -33,7 +33,7 @@ from typing import Self
 import numpy as np
 
 from livemig.errors import ConfigError, PeerError, TransportError
-from livemig.io.tls import TlsSettings
+from livemig.io.tls import TlsSettings, refused
 from livemig.io.uri import ExecUri, TcpUri, UnixUri, Uri
 from livemig.migration.common.failure import FailureLatch
 from livemig.migration.common.stats import TransferStats
@@ -172,6 +172,9 @@ class OutgoingStream:
                 try:
                     s.sendall(InitPacket(uuid or bytes(16), i).encode())
                 except OSError as e:
+                    tls = refused(f"multifd channel {i}", e)
+                    if tls is not None:
+                        raise tls from e
                     raise TransportError(f"multifd channel {i}: send failed: "
                                          f"{e.strerror or e}") from e
         self.sender = MultifdSender(socks, self.compression, uuid, self.latch, self.stats,
