@@ -53,6 +53,13 @@ def _openssl(cwd: Path, *args: str) -> None:
     subprocess.run(["openssl", *args], cwd=cwd, check=True, capture_output=True)
 
 
+def _ca(d: Path) -> None:
+    _openssl(d, "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", "ca-key.pem",
+             "-out", "ca-cert.pem", "-days", "2", "-subj", "/CN=livemig test CA",
+             "-addext", "basicConstraints=critical,CA:TRUE",
+             "-addext", "keyUsage=critical,keyCertSign,cRLSign")
+
+
 def _leaf(d: Path, name: str, subject: str, ext: str) -> None:
     (d / f"{name}.ext").write_text(ext)
     _openssl(d, "req", "-newkey", "rsa:2048", "-nodes", "-keyout", f"{name}-key.pem",
@@ -65,11 +72,13 @@ def _leaf(d: Path, name: str, subject: str, ext: str) -> None:
 @dataclass(frozen=True)
 class Creds:
     """tls-creds-x509 directories: each has the CA and the server's pair; ``friendly`` and
-    ``hostile`` add a client pair, ``anon`` none."""
+    ``hostile`` add a client pair, ``anon`` none; ``stranger`` has only a client pair and
+    the CA that signed it, another one."""
 
     friendly: Path
     hostile: Path
     anon: Path
+    stranger: Path  # a client of another CA, which it also trusts
 
     def __getitem__(self, name: str) -> str:
         return str(getattr(self, name))
@@ -80,10 +89,7 @@ def creds(tmp_path_factory: pytest.TempPathFactory) -> Creds:
     if shutil.which("openssl") is None:
         pytest.skip("needs the openssl command")
     d = tmp_path_factory.mktemp("pki")
-    _openssl(d, "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", "ca-key.pem",
-             "-out", "ca-cert.pem", "-days", "2", "-subj", "/CN=livemig test CA",
-             "-addext", "basicConstraints=critical,CA:TRUE",
-             "-addext", "keyUsage=critical,keyCertSign,cRLSign")
+    _ca(d)
     usage = ("basicConstraints=critical,CA:FALSE\n"
              "keyUsage=critical,digitalSignature,keyEncipherment\n")
     _leaf(d, "server", "/O=livemig tests/CN=livemig.test", usage
@@ -102,7 +108,12 @@ def creds(tmp_path_factory: pytest.TempPathFactory) -> Creds:
             shutil.copy(d / f"{who}-cert.pem", out / "client-cert.pem")
             shutil.copy(d / f"{who}-key.pem", out / "client-key.pem")
         dirs[who] = out
-    return Creds(**dirs)
+    stranger = d / "stranger"
+    stranger.mkdir()
+    _ca(stranger)  # the same name as ours, another key
+    _leaf(stranger, "client", "/O=livemig tests/CN=livemig-client",
+          usage + "extendedKeyUsage=clientAuth\n")
+    return Creds(**dirs, stranger=stranger)
 
 
 @pytest.fixture(scope="module")
@@ -191,6 +202,7 @@ SCENARIOS = [
     Scenario("hostile-client", "tcp", "hostile", authz=FRIEND, error="authz"),
     Scenario("anon-client-allowed", "tcp", "anon", verify_peer=False),
     Scenario("anon-client-refused", "tcp", "anon", error="certificate"),
+    Scenario("unknown-ca", "tcp", "stranger", error="certificate"),
 ]
 
 
@@ -213,6 +225,7 @@ RECEIVE_ERRORS = {
     "mismatch-host": "refused the session",
     "hostile-client": "is not in tls-authz",
     "anon-client-refused": "TLS handshake failed",
+    "unknown-ca": "certificate verify failed",
 }
 
 
@@ -277,6 +290,7 @@ SEND_ERRORS = {
     "mismatch-host": "Hostname mismatch",
     "hostile-client": "refused this side's client certificate",
     "anon-client-refused": "refused this side's client certificate",
+    "unknown-ca": "certificate verify failed",
 }
 
 

@@ -393,8 +393,7 @@ class Listener:
                 for c, peer in conns:  # a source that refused the session opens no more
                     assert isinstance(c, TlsSocket)
                     if c.peer_closed():
-                        raise TransportError(f"TLS connection from {peer}: "
-                                             f"{REFUSED_AFTER_HANDSHAKE}")
+                        raise TransportError(f"{peer}: {REFUSED_AFTER_HANDSHAKE}")
                 if conn is None and left > 0 and time.monotonic() < deadline:
                     continue
                 if conn is None:
@@ -406,9 +405,8 @@ class Listener:
                 if on_accept is not None:
                     on_accept(conn)
                 _tune(conn)
-                peer = _peer(conn)
-                conn = accept_tls(conn, self._tls_ctx, self.tls,
-                                  f"{self.address}: connection from {peer}", left)
+                peer = f"{self.address}: TLS connection from {_peer(conn)}"
+                conn = accept_tls(conn, self._tls_ctx, self.tls, peer, left)
                 if on_accept is not None:
                     on_accept(conn)  # the TLS socket replaced the plain one
                 conns.append((conn, peer))
@@ -515,15 +513,14 @@ def _read_head(conn: TlsSocket) -> bytes:
     return head
 
 
-def _classify(conn: socket.socket, timeout: float, peer: str = "?") -> str:
+def _classify(conn: socket.socket, timeout: float, peer: str = "a connection") -> str:
     conn.settimeout(min(timeout, MULTIFD_CONNECT_TIMEOUT))
     try:
         if isinstance(conn, TlsSocket):
             head = _read_head(conn)
             if not head:
                 conn.close()
-                raise TransportError(f"TLS connection from {peer}: "
-                                     f"{REFUSED_AFTER_HANDSHAKE}")
+                raise TransportError(f"{peer}: {REFUSED_AFTER_HANDSHAKE}")
         else:
             head = conn.recv(4, socket.MSG_PEEK | socket.MSG_WAITALL)
     except OSError as e:
