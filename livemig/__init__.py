@@ -55,8 +55,8 @@ def receive(uri: str | Uri, output: str, *, multifd_channels: int = 0,
             device_state_drain: float = _DEVICE_STATE_DRAIN,
             on_listening: Callable[[str], None] | None = None,
             max_ram: int = _limits.DEFAULT_MAX_GUEST_RAM,
-            tls_creds: str | None = None, tls_hostname: str | None = None,
-            tls_authz: Sequence[str] = (), tls_verify_peer: bool = True) -> ReceiveResult:
+            tls_creds: str | None = None, tls_authz: Sequence[str] = (),
+            tls_verify_peer: bool = True) -> ReceiveResult:
     """Receive one migration on ``uri`` and write it to ``output`` as a mapped-ram snapshot.
 
     ``uri`` is where the source comes from: ``tcp:HOST:PORT`` or ``unix:PATH`` (livemig
@@ -99,8 +99,7 @@ def receive(uri: str | Uri, output: str, *, multifd_channels: int = 0,
                     multifd_compression=multifd_compression, stats=stats,
                     accept_timeout=accept_timeout, device_state_drain=device_state_drain,
                     on_listening=on_listening, max_ram=max_ram, tls_creds=tls_creds,
-                    tls_hostname=tls_hostname, tls_authz=tls_authz,
-                    tls_verify_peer=tls_verify_peer)
+                    tls_authz=tls_authz, tls_verify_peer=tls_verify_peer)
 
 
 def send(snapshot: str, uri: str | Uri, *, multifd_channels: int = 0,
@@ -108,7 +107,7 @@ def send(snapshot: str, uri: str | Uri, *, multifd_channels: int = 0,
          dest_qmp: str | None = None, stats: TransferStats | None = None,
          sync_mode: str | None = None,
          tls_creds: str | None = None, tls_hostname: str | None = None,
-         tls_authz: Sequence[str] = (), tls_verify_peer: bool = True) -> SendResult:
+         tls_verify_peer: bool = True) -> SendResult:
     """Migrate ``snapshot`` into the QEMU destination listening at ``uri``.
 
     The destination is a QEMU started with ``-incoming`` (``tcp:``, ``unix:``, or an
@@ -141,7 +140,7 @@ def send(snapshot: str, uri: str | Uri, *, multifd_channels: int = 0,
     return _send(snapshot, uri, multifd_channels=multifd_channels,
                  multifd_compression=multifd_compression, dest_qmp=dest_qmp, stats=stats,
                  sync_mode=sync_mode, tls_creds=tls_creds, tls_hostname=tls_hostname,
-                 tls_authz=tls_authz, tls_verify_peer=tls_verify_peer)
+                 tls_verify_peer=tls_verify_peer)
 
 
 def relay(listen: str | Uri, dest: str | Uri, *, in_multifd_channels: int = 0,
@@ -151,10 +150,9 @@ def relay(listen: str | Uri, dest: str | Uri, *, in_multifd_channels: int = 0,
           on_listening: Callable[[str], None] | None = None,
           dest_qmp: str | None = None,
           max_ram: int = _limits.DEFAULT_MAX_GUEST_RAM,
-          in_tls_creds: str | None = None, in_tls_hostname: str | None = None,
-          in_tls_authz: Sequence[str] = (), in_tls_verify_peer: bool = True,
-          out_tls_creds: str | None = None, out_tls_hostname: str | None = None,
-          out_tls_authz: Sequence[str] = (), out_tls_verify_peer: bool = True,
+          in_tls_creds: str | None = None, in_tls_authz: Sequence[str] = (),
+          in_tls_verify_peer: bool = True, out_tls_creds: str | None = None,
+          out_tls_hostname: str | None = None, out_tls_verify_peer: bool = True,
           ) -> RelayResult:
     """Accept a live migration on ``listen`` and forward it to the QEMU listening at
     ``dest`` as it arrives.
@@ -187,10 +185,9 @@ def relay(listen: str | Uri, dest: str | Uri, *, in_multifd_channels: int = 0,
                   out_multifd_compression=out_multifd_compression, record=record, stats=stats,
                   accept_timeout=accept_timeout, on_listening=on_listening,
                   dest_qmp=dest_qmp, max_ram=max_ram,
-                  in_tls_creds=in_tls_creds, in_tls_hostname=in_tls_hostname,
-                  in_tls_authz=in_tls_authz, in_tls_verify_peer=in_tls_verify_peer,
-                  out_tls_creds=out_tls_creds, out_tls_hostname=out_tls_hostname,
-                  out_tls_authz=out_tls_authz, out_tls_verify_peer=out_tls_verify_peer)
+                  in_tls_creds=in_tls_creds, in_tls_authz=in_tls_authz,
+                  in_tls_verify_peer=in_tls_verify_peer, out_tls_creds=out_tls_creds,
+                  out_tls_hostname=out_tls_hostname, out_tls_verify_peer=out_tls_verify_peer)
 
 
 def inspect(path: str, *, fields: bool = False,

@@ -82,11 +82,16 @@ def _tls_options(p: argparse.ArgumentParser, prefix: str, role: str) -> None:
 
 
 def _tls_kwargs(args: argparse.Namespace, prefix: str = "") -> dict[str, object]:
+    """The keyword arguments of :func:`_tls_options`' options (hostname for a client,
+    authz for a server)."""
     a = prefix.replace("-", "_")
-    return {f"{a}tls_creds": getattr(args, f"{a}tls_creds"),
-            f"{a}tls_hostname": getattr(args, f"{a}tls_hostname", None),
-            f"{a}tls_authz": getattr(args, f"{a}tls_authz", ()),
-            f"{a}tls_verify_peer": getattr(args, f"{a}tls_verify_peer") == "on"}
+    out: dict[str, object] = {
+        f"{a}tls_creds": getattr(args, f"{a}tls_creds"),
+        f"{a}tls_verify_peer": getattr(args, f"{a}tls_verify_peer") == "on"}
+    for opt in ("tls_hostname", "tls_authz"):
+        if hasattr(args, a + opt):
+            out[a + opt] = getattr(args, a + opt)
+    return out
 
 
 def _output_options(p: argparse.ArgumentParser) -> None:

@@ -37,8 +37,8 @@ def receive(uri: str | Uri, output: str, *, multifd_channels: int = 0,
             device_state_drain: float = DEVICE_STATE_DRAIN,
             on_listening: Callable[[str], None] | None = None,
             max_ram: int = limits.DEFAULT_MAX_GUEST_RAM,
-            tls_creds: str | None = None, tls_hostname: str | None = None,
-            tls_authz: Sequence[str] = (), tls_verify_peer: bool = True) -> ReceiveResult:
+            tls_creds: str | None = None, tls_authz: Sequence[str] = (),
+            tls_verify_peer: bool = True) -> ReceiveResult:
     """Receive one migration on ``uri`` and write it to ``output`` as a mapped-ram snapshot.
 
     ``multifd_channels`` and ``multifd_compression`` mirror QEMU's parameters
@@ -51,7 +51,7 @@ def receive(uri: str | Uri, output: str, *, multifd_channels: int = 0,
     failure nothing is left at ``output`` and the first cause is raised.
     """
     u = parse_uri(uri) if isinstance(uri, str) else uri
-    tls = settings_from(tls_creds, tls_hostname, tls_authz, tls_verify_peer)
+    tls = settings_from(tls_creds, None, tls_authz, tls_verify_peer)
     comp = multifd_settings(multifd_channels, multifd_compression)
     stats = stats or TransferStats()
     latch = FailureLatch()

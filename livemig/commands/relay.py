@@ -287,10 +287,9 @@ def relay(listen: str | Uri, dest: str | Uri, *, in_multifd_channels: int = 0,
           on_listening: Callable[[str], None] | None = None,
           dest_qmp: str | None = None,
           max_ram: int = limits.DEFAULT_MAX_GUEST_RAM,
-          in_tls_creds: str | None = None, in_tls_hostname: str | None = None,
-          in_tls_authz: Sequence[str] = (), in_tls_verify_peer: bool = True,
-          out_tls_creds: str | None = None, out_tls_hostname: str | None = None,
-          out_tls_authz: Sequence[str] = (), out_tls_verify_peer: bool = True,
+          in_tls_creds: str | None = None, in_tls_authz: Sequence[str] = (),
+          in_tls_verify_peer: bool = True, out_tls_creds: str | None = None,
+          out_tls_hostname: str | None = None, out_tls_verify_peer: bool = True,
           ) -> RelayResult:
     """Accept a migration on ``listen`` and forward it to the QEMU listening at ``dest``.
 
@@ -301,9 +300,8 @@ def relay(listen: str | Uri, dest: str | Uri, *, in_multifd_channels: int = 0,
     ``max_ram`` is the most guest RAM the source may declare (as for ``receive``).
     ``in_tls_*`` and ``out_tls_*`` set each hop's TLS as ``receive`` and ``send`` do."""
     lu = parse_uri(listen) if isinstance(listen, str) else listen
-    in_tls = settings_from(in_tls_creds, in_tls_hostname, in_tls_authz, in_tls_verify_peer)
-    out_tls = settings_from(out_tls_creds, out_tls_hostname, out_tls_authz,
-                            out_tls_verify_peer)
+    in_tls = settings_from(in_tls_creds, None, in_tls_authz, in_tls_verify_peer)
+    out_tls = settings_from(out_tls_creds, out_tls_hostname, (), out_tls_verify_peer)
     du = parse_uri(dest) if isinstance(dest, str) else dest
     if not isinstance(lu, (TcpUri, UnixUri)) or not isinstance(du, (TcpUri, UnixUri)):
         raise ConfigError("relay needs tcp: or unix: URIs on both sides")

@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import os
 import time
-from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -65,14 +64,14 @@ def send(snapshot: str, uri: str | Uri, *, multifd_channels: int = 0,
          dest_qmp: str | None = None, stats: TransferStats | None = None,
          sync_mode: str | SyncMode | None = None,
          tls_creds: str | None = None, tls_hostname: str | None = None,
-         tls_authz: Sequence[str] = (), tls_verify_peer: bool = True) -> SendResult:
+         tls_verify_peer: bool = True) -> SendResult:
     """Migrate ``snapshot`` into the QEMU destination listening at ``uri``.
 
     ``tls_creds`` (a directory laid out as QEMU's ``tls-creds-x509``) makes every
     channel TLS, this side the client: the destination's certificate must carry
     ``tls_hostname``, or the host of a tcp: URI (unix: needs ``tls_hostname``)."""
     u = parse_uri(uri) if isinstance(uri, str) else uri
-    tls = settings_from(tls_creds, tls_hostname, tls_authz, tls_verify_peer)
+    tls = settings_from(tls_creds, tls_hostname, (), tls_verify_peer)
     if tls is not None and isinstance(u, ExecUri):
         raise ConfigError("TLS needs a tcp: or unix: destination")
     try:
