@@ -423,3 +423,38 @@ def test_relay_tls_one_hop(tls_hop: str, creds: Creds, blob: Path, workdir: Path
         a.wait_migration(MIGRATION_TIMEOUT)
         relay.join()
         assert _high_ram(b) == expected
+
+
+@pytest.mark.parametrize(("channels", "compression"), [(0, "none"), (2, "zstd")])
+def test_livemig_send_to_livemig_receive(channels: int, compression: str, creds: Creds,
+                                         snapshot: Snapshot, workdir: Path) -> None:
+    """Both of livemig's sides at once (no QEMU): the same RAM arrives, compressed or not."""
+    uri = f"unix:{workdir}/mig.sock"
+    out = workdir / "copy.snap"
+    rx = ThreadedReceive(uri, out, accept_timeout=30.0, multifd_channels=channels,
+                         multifd_compression=compression, tls_creds=creds["friendly"],
+                         tls_authz=(FRIEND,))
+    rx.wait_listening()
+    livemig.send(str(snapshot.path), uri, multifd_channels=channels,
+                 multifd_compression=compression, tls_creds=creds["friendly"],
+                 tls_hostname=SERVER_NAME)
+    rx.join()
+    assert _snapshot_high_ram(out, workdir) == snapshot.ram
+
+
+def test_tls_source_to_plain_receive(creds: Creds, blob: Path, workdir: Path) -> None:
+    """The reverse: a QEMU with TLS against a plain ``livemig receive``."""
+    uri = _uri("unix", workdir)
+    snap = workdir / "vm.snap"
+    rx = LivemigReceive(["receive", uri, "-o", str(snap), "--accept-timeout", "20"], workdir,
+                        uri)
+    with _source(blob, workdir) as q:
+        _qemu_tls(q, "client", creds["friendly"], hostname=SERVER_NAME)
+        q.migrate(rx.wait_listening())
+        q.wait_migration(MIGRATION_TIMEOUT, expect=("failed",))
+        r = rx.wait(20)
+        lines = [x for x in r.stderr.splitlines() if x.strip() and "waiting for" not in x]
+        assert r.rc == 1 and len(lines) == 1, r.stderr
+        assert "the source speaks TLS" in lines[0], lines[0]
+        assert q.is_running()
+    assert not snap.exists()

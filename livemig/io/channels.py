@@ -40,6 +40,11 @@ DEFAULT_ACCEPT_TIMEOUT = 3600.0
 MULTIFD_CONNECT_TIMEOUT = 30.0
 
 
+#: The first two bytes of a TLS record that carries a handshake (a ClientHello): a
+#: QEMU source with tls-creds talking to a plain listener. No migration channel starts
+#: so (``QEVM``, multifd magic 0x11223344).
+TLS_HANDSHAKE_RECORD = b"\x16\x03"
+
 #: Seconds between two looks, while TLS connections are awaited, at those already
 #: there: QEMU refuses a session (its hostname check) by closing the connection after
 #: the handshake, and then opens no other channel.
@@ -531,6 +536,10 @@ def _classify(conn: socket.socket, timeout: float, peer: str = "a connection") -
             conn.settimeout(None)
         except OSError:
             pass
+    if head[:2] == TLS_HANDSHAKE_RECORD:
+        conn.close()
+        raise TransportError(f"{peer}: the source speaks TLS (its first bytes are a TLS "
+                             "handshake) and this side does not: give it --tls-creds")
     if len(head) < 4:
         conn.close()
         raise TransportError("a connection closed before sending 4 bytes (not a QEMU "
