@@ -357,7 +357,7 @@ class Listener:
                 if on_accept is not None:
                     on_accept(conn)
                 _tune(conn)
-                kind = _classify(conn, left)
+                kind = _classify(conn, left, f"{self.address}: connection from {_peer(conn)}")
                 if kind == "main":
                     if main is not None:
                         conn.close()
