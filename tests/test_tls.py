@@ -24,8 +24,6 @@ layout; one directory per client identity, all signed by one CA.
 
 from __future__ import annotations
 
-import shutil
-import subprocess
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -34,6 +32,7 @@ from typing import Any
 import pytest
 from helpers import LivemigReceive, ThreadedReceive
 from peers import QemuPeer, free_tcp_port, make_blob
+from tls_certs import FRIEND, SERVER_NAME, Creds, have_openssl, make_creds
 
 import livemig
 
@@ -44,76 +43,14 @@ MEMORY_BYTES = 32 << 20
 HIGH_RAM = (0x100000, MEMORY_BYTES)  # plain pc.ram in the guest-physical view
 BLOB_ADDR = 0x100000
 BLOB_SIZE = (3 << 20) + 77
-SERVER_NAME = "livemig.test"  # in the server certificate, with IP 127.0.0.1
-FRIEND = "O=livemig tests,CN=livemig-client"
 MIGRATION_TIMEOUT = 60.0
-
-
-def _openssl(cwd: Path, *args: str) -> None:
-    subprocess.run(["openssl", *args], cwd=cwd, check=True, capture_output=True)
-
-
-def _ca(d: Path) -> None:
-    _openssl(d, "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", "ca-key.pem",
-             "-out", "ca-cert.pem", "-days", "2", "-subj", "/CN=livemig test CA",
-             "-addext", "basicConstraints=critical,CA:TRUE",
-             "-addext", "keyUsage=critical,keyCertSign,cRLSign")
-
-
-def _leaf(d: Path, name: str, subject: str, ext: str) -> None:
-    (d / f"{name}.ext").write_text(ext)
-    _openssl(d, "req", "-newkey", "rsa:2048", "-nodes", "-keyout", f"{name}-key.pem",
-             "-out", f"{name}.csr", "-subj", subject)
-    _openssl(d, "x509", "-req", "-in", f"{name}.csr", "-CA", "ca-cert.pem", "-CAkey",
-             "ca-key.pem", "-CAcreateserial", "-out", f"{name}-cert.pem", "-days", "2",
-             "-extfile", f"{name}.ext")
-
-
-@dataclass(frozen=True)
-class Creds:
-    """tls-creds-x509 directories: each has the CA and the server's pair; ``friendly`` and
-    ``hostile`` add a client pair, ``anon`` none; ``stranger`` has only a client pair and
-    the CA that signed it, another one."""
-
-    friendly: Path
-    hostile: Path
-    anon: Path
-    stranger: Path  # a client of another CA, which it also trusts
-
-    def __getitem__(self, name: str) -> str:
-        return str(getattr(self, name))
 
 
 @pytest.fixture(scope="module")
 def creds(tmp_path_factory: pytest.TempPathFactory) -> Creds:
-    if shutil.which("openssl") is None:
+    if not have_openssl():
         pytest.skip("needs the openssl command")
-    d = tmp_path_factory.mktemp("pki")
-    _ca(d)
-    usage = ("basicConstraints=critical,CA:FALSE\n"
-             "keyUsage=critical,digitalSignature,keyEncipherment\n")
-    _leaf(d, "server", "/O=livemig tests/CN=livemig.test", usage
-          + f"extendedKeyUsage=serverAuth\nsubjectAltName=DNS:{SERVER_NAME},IP:127.0.0.1\n")
-    _leaf(d, "friendly", "/O=livemig tests/CN=livemig-client",
-          usage + "extendedKeyUsage=clientAuth\n")
-    _leaf(d, "hostile", "/O=livemig tests/CN=hostile-client",
-          usage + "extendedKeyUsage=clientAuth\n")
-    dirs = {}
-    for who in ("friendly", "hostile", "anon"):
-        out = d / who
-        out.mkdir()
-        for f in ("ca-cert.pem", "server-cert.pem", "server-key.pem"):
-            shutil.copy(d / f, out / f)
-        if who != "anon":
-            shutil.copy(d / f"{who}-cert.pem", out / "client-cert.pem")
-            shutil.copy(d / f"{who}-key.pem", out / "client-key.pem")
-        dirs[who] = out
-    stranger = d / "stranger"
-    stranger.mkdir()
-    _ca(stranger)  # the same name as ours, another key
-    _leaf(stranger, "client", "/O=livemig tests/CN=livemig-client",
-          usage + "extendedKeyUsage=clientAuth\n")
-    return Creds(**dirs, stranger=stranger)
+    return make_creds(tmp_path_factory.mktemp("pki"))
 
 
 @pytest.fixture(scope="module")
