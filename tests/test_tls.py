@@ -32,7 +32,7 @@ from typing import Any
 import pytest
 from helpers import LivemigReceive, ThreadedReceive
 from peers import QemuPeer, free_tcp_port, make_blob
-from tls_certs import FRIEND, SERVER_NAME, Creds, have_openssl, make_creds
+from tls_certs import FRIEND, SERVER_NAME, Creds, have_openssl, make_creds, qemu_tls
 
 import livemig
 
@@ -69,20 +69,6 @@ def _uri(transport: str, workdir: Path) -> str:
     if transport == "unix":
         return f"unix:{workdir}/mig.sock"
     return f"tcp:127.0.0.1:{free_tcp_port()}"
-
-
-def _qemu_tls(q: QemuPeer, endpoint: str, creds_dir: str, *, hostname: str | None = None,
-              authz: str | None = None, verify_peer: bool = True) -> None:
-    """QEMU's way: a tls-creds-x509 object (and authz-simple), then the parameters."""
-    q.qmp("object-add", **{"qom-type": "tls-creds-x509", "id": "tls0", "dir": creds_dir,
-                           "endpoint": endpoint, "verify-peer": verify_peer})
-    params: dict[str, Any] = {"tls-creds": "tls0"}
-    if hostname is not None:
-        params["tls-hostname"] = hostname
-    if authz is not None:
-        q.qmp("object-add", **{"qom-type": "authz-simple", "id": "authz0", "identity": authz})
-        params["tls-authz"] = "authz0"
-    q.set_params(**params)
 
 
 def _multifd(q: QemuPeer, channels: int) -> None:
@@ -173,7 +159,7 @@ def test_qemu_to_receive(version: str, sc: Scenario, channels: int, creds: Creds
     snap = workdir / "vm.snap"
     with _source(blob, workdir, version=version) as q:
         _multifd(q, channels)
-        _qemu_tls(q, "client", creds[sc.client], hostname=sc.hostname)
+        qemu_tls(q, "client", creds[sc.client], hostname=sc.hostname)
         expected = _high_ram(q)
         rx = ThreadedReceive(uri, snap, accept_timeout=30.0,
                              multifd_channels=channels, tls_creds=creds["friendly"],
@@ -238,7 +224,7 @@ def test_send_to_qemu(version: str, sc: Scenario, channels: int, creds: Creds, s
     with QemuPeer(version, memory=MEMORY, incoming="defer", paused=False, workdir=workdir,
                   name="dest") as q:
         _multifd(q, channels)
-        _qemu_tls(q, "server", creds["friendly"], authz=sc.authz, verify_peer=sc.verify_peer)
+        qemu_tls(q, "server", creds["friendly"], authz=sc.authz, verify_peer=sc.verify_peer)
         q.migrate_incoming(uri)
         kwargs: dict[str, Any] = {"multifd_channels": channels,
                                   "tls_creds": creds[sc.client], "tls_hostname": sc.hostname}
@@ -348,10 +334,10 @@ def test_relay_tls_one_hop(tls_hop: str, creds: Creds, blob: Path, workdir: Path
         _multifd(b, 2)
         kwargs: dict[str, Any] = {"in_multifd_channels": 2, "out_multifd_channels": 2}
         if tls_hop == "in":
-            _qemu_tls(a, "client", creds["friendly"], hostname=SERVER_NAME)
+            qemu_tls(a, "client", creds["friendly"], hostname=SERVER_NAME)
             kwargs.update(in_tls_creds=creds["friendly"], in_tls_authz=(FRIEND,))
         else:
-            _qemu_tls(b, "server", creds["friendly"], authz=FRIEND)
+            qemu_tls(b, "server", creds["friendly"], authz=FRIEND)
             kwargs.update(out_tls_creds=creds["friendly"])  # checks 127.0.0.1
         b.migrate_incoming(out_uri)
         relay = _ThreadedRelay(in_uri, out_uri, **kwargs)
@@ -386,7 +372,7 @@ def test_tls_source_to_plain_receive(creds: Creds, blob: Path, workdir: Path) ->
     rx = LivemigReceive(["receive", uri, "-o", str(snap), "--accept-timeout", "20"], workdir,
                         uri)
     with _source(blob, workdir) as q:
-        _qemu_tls(q, "client", creds["friendly"], hostname=SERVER_NAME)
+        qemu_tls(q, "client", creds["friendly"], hostname=SERVER_NAME)
         q.migrate(rx.wait_listening())
         q.wait_migration(MIGRATION_TIMEOUT, expect=("failed",))
         r = rx.wait(20)

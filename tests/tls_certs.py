@@ -11,6 +11,9 @@ import shutil
 import subprocess
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
+
+from peers import QemuPeer
 
 SERVER_NAME = "livemig.test"
 #: The friendly client's subject as QEMU's authz-simple writes it (certificate order).
@@ -84,3 +87,17 @@ def make_creds(d: Path) -> Creds:
     _leaf(stranger, "client", "/O=livemig tests/CN=livemig-client",
           _USAGE + "extendedKeyUsage=clientAuth\n")
     return Creds(**dirs, stranger=stranger)
+
+
+def qemu_tls(q: QemuPeer, endpoint: str, creds_dir: str, *, hostname: str | None = None,
+             authz: str | None = None, verify_peer: bool = True) -> None:
+    """QEMU's way: a tls-creds-x509 object (and authz-simple), then the parameters."""
+    q.qmp("object-add", **{"qom-type": "tls-creds-x509", "id": "tls0", "dir": creds_dir,
+                           "endpoint": endpoint, "verify-peer": verify_peer})
+    params: dict[str, Any] = {"tls-creds": "tls0"}
+    if hostname is not None:
+        params["tls-hostname"] = hostname
+    if authz is not None:
+        q.qmp("object-add", **{"qom-type": "authz-simple", "id": "authz0", "identity": authz})
+        params["tls-authz"] = "authz0"
+    q.set_params(**params)
