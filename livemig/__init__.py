@@ -10,7 +10,7 @@ parameters are those of the functions in ``livemig/commands/`` they call;
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any
 
 from livemig import limits as _limits
@@ -24,6 +24,7 @@ from livemig.errors import (
     PeerError,
     StateError,
     StreamFormatError,
+    TlsSessionRefused,
     TransportError,
     TruncatedStream,
 )
@@ -53,7 +54,9 @@ def receive(uri: str | Uri, output: str, *, multifd_channels: int = 0,
             accept_timeout: float = _ACCEPT_TIMEOUT,
             device_state_drain: float = _DEVICE_STATE_DRAIN,
             on_listening: Callable[[str], None] | None = None,
-            max_ram: int = _limits.DEFAULT_MAX_GUEST_RAM) -> ReceiveResult:
+            max_ram: int = _limits.DEFAULT_MAX_GUEST_RAM,
+            tls_creds: str | None = None, tls_authz: Sequence[str] = (),
+            tls_verify_peer: bool = True) -> ReceiveResult:
     """Receive one migration on ``uri`` and write it to ``output`` as a mapped-ram snapshot.
 
     ``uri`` is where the source comes from: ``tcp:HOST:PORT`` or ``unix:PATH`` (livemig
@@ -71,6 +74,14 @@ def receive(uri: str | Uri, output: str, *, multifd_channels: int = 0,
     most 1 TiB): a larger VM is refused with :class:`LimitExceeded` before anything is
     sized for it.
 
+    ``tls_creds`` is a directory laid out as QEMU's ``tls-creds-x509`` ``dir``
+    (``ca-cert.pem``, ``server-cert.pem``, ``server-key.pem``): every channel is then
+    TLS, livemig the server. ``tls_verify_peer`` requires a client certificate signed
+    by that CA; ``tls_authz`` lets in only the listed client distinguished names,
+    written as QEMU writes them (``O=example,CN=livemig-client``, certificate order).
+    A refused handshake is a :class:`TransportError` naming the channel, the peer and
+    the reason.
+
     Returns a :class:`~livemig.commands.receive.ReceiveResult` (``snapshot``,
     ``snapshot_bytes``, ``load``, ``stats``) once the snapshot is fsynced and renamed
     into place, and only then tells a source with a return path that all went well.
@@ -87,13 +98,16 @@ def receive(uri: str | Uri, output: str, *, multifd_channels: int = 0,
     return _receive(uri, output, multifd_channels=multifd_channels,
                     multifd_compression=multifd_compression, stats=stats,
                     accept_timeout=accept_timeout, device_state_drain=device_state_drain,
-                    on_listening=on_listening, max_ram=max_ram)
+                    on_listening=on_listening, max_ram=max_ram, tls_creds=tls_creds,
+                    tls_authz=tls_authz, tls_verify_peer=tls_verify_peer)
 
 
 def send(snapshot: str, uri: str | Uri, *, multifd_channels: int = 0,
          multifd_compression: str | MultifdCompression = "none",
          dest_qmp: str | None = None, stats: TransferStats | None = None,
-         sync_mode: str | None = None) -> SendResult:
+         sync_mode: str | None = None,
+         tls_creds: str | None = None, tls_hostname: str | None = None,
+         tls_verify_peer: bool = True) -> SendResult:
     """Migrate ``snapshot`` into the QEMU destination listening at ``uri``.
 
     The destination is a QEMU started with ``-incoming`` (``tcp:``, ``unix:``, or an
@@ -105,6 +119,13 @@ def send(snapshot: str, uri: str | Uri, *, multifd_channels: int = 0,
     if the load fails. ``sync_mode`` ("per-section" or "per-round") overrides the
     multifd sync mode that the snapshot's machine type implies. ``stats`` is updated
     while the migration runs.
+
+    ``tls_creds`` (a ``tls-creds-x509`` directory: ``ca-cert.pem``, and
+    ``client-cert.pem`` + ``client-key.pem`` unless the client is anonymous) makes
+    every channel TLS, livemig the client: the destination's certificate must name
+    ``tls_hostname``, or the host of a ``tcp:`` URI (over ``unix:`` a
+    ``tls_hostname`` is required, as QEMU requires it). ``tls_verify_peer=False``
+    skips checking the destination's certificate.
 
     Returns a :class:`~livemig.commands.send.SendResult` (``bytes_sent``, ``stats``,
     ``verdict``) once the destination has confirmed the migration (for ``exec:``, once
@@ -118,7 +139,8 @@ def send(snapshot: str, uri: str | Uri, *, multifd_channels: int = 0,
 
     return _send(snapshot, uri, multifd_channels=multifd_channels,
                  multifd_compression=multifd_compression, dest_qmp=dest_qmp, stats=stats,
-                 sync_mode=sync_mode)
+                 sync_mode=sync_mode, tls_creds=tls_creds, tls_hostname=tls_hostname,
+                 tls_verify_peer=tls_verify_peer)
 
 
 def relay(listen: str | Uri, dest: str | Uri, *, in_multifd_channels: int = 0,
@@ -127,7 +149,11 @@ def relay(listen: str | Uri, dest: str | Uri, *, in_multifd_channels: int = 0,
           stats: TransferStats | None = None, accept_timeout: float = _ACCEPT_TIMEOUT,
           on_listening: Callable[[str], None] | None = None,
           dest_qmp: str | None = None,
-          max_ram: int = _limits.DEFAULT_MAX_GUEST_RAM) -> RelayResult:
+          max_ram: int = _limits.DEFAULT_MAX_GUEST_RAM,
+          in_tls_creds: str | None = None, in_tls_authz: Sequence[str] = (),
+          in_tls_verify_peer: bool = True, out_tls_creds: str | None = None,
+          out_tls_hostname: str | None = None, out_tls_verify_peer: bool = True,
+          ) -> RelayResult:
     """Accept a live migration on ``listen`` and forward it to the QEMU listening at
     ``dest`` as it arrives.
 
@@ -138,7 +164,9 @@ def relay(listen: str | Uri, dest: str | Uri, *, in_multifd_channels: int = 0,
     confirmed. ``stats``, ``accept_timeout`` and ``on_listening`` are as for
     :func:`receive`. ``dest_qmp`` (the destination's QMP socket) checks the destination
     against the source's machine type and RAM as they arrive, prepares it as
-    :func:`send` does, and adds QEMU's own reason to a failure.
+    :func:`send` does, and adds QEMU's own reason to a failure. ``in_tls_*`` set the
+    incoming hop's TLS as for :func:`receive`, ``out_tls_*`` the outgoing hop's as for
+    :func:`send`: each hop its own (TLS in and plain out is fine).
 
     Returns a :class:`~livemig.commands.relay.RelayResult` (``load``, ``stats``,
     ``recorded``) once the destination has confirmed and the source has been told so.
@@ -156,7 +184,10 @@ def relay(listen: str | Uri, dest: str | Uri, *, in_multifd_channels: int = 0,
                   out_multifd_channels=out_multifd_channels,
                   out_multifd_compression=out_multifd_compression, record=record, stats=stats,
                   accept_timeout=accept_timeout, on_listening=on_listening,
-                  dest_qmp=dest_qmp, max_ram=max_ram)
+                  dest_qmp=dest_qmp, max_ram=max_ram,
+                  in_tls_creds=in_tls_creds, in_tls_authz=in_tls_authz,
+                  in_tls_verify_peer=in_tls_verify_peer, out_tls_creds=out_tls_creds,
+                  out_tls_hostname=out_tls_hostname, out_tls_verify_peer=out_tls_verify_peer)
 
 
 def inspect(path: str, *, fields: bool = False,
@@ -202,6 +233,7 @@ __all__ = [
     "PeerError",
     "StateError",
     "StreamFormatError",
+    "TlsSessionRefused",
     "TransportError",
     "TruncatedStream",
     "__version__",

@@ -107,6 +107,12 @@ class ChannelError(TransportError):
     """One multifd channel failed; names the channel."""
 
 
+class TlsSessionRefused(TransportError):
+    """A TLS peer ended the session right after the handshake: how a QEMU destination
+    refuses this side's client certificate (TLS 1.3 finishes the client's handshake
+    before the server has judged its certificate)."""
+
+
 class PeerError(MigrationError):
     """The peer reported a failure of its own (QEMU's error text is kept)."""
 

@@ -61,6 +61,7 @@ from conftest_sendrelay import (
 )
 from helpers import LivemigReceive
 from peers import QemuPeer, RecordingSink, blob_bytes, free_tcp_port, make_blob
+from tls_certs import FRIEND, SERVER_NAME, have_openssl, make_creds, qemu_tls
 
 pytestmark = [pytest.mark.qemu, pytest.mark.timeout(150)]
 
@@ -467,14 +468,53 @@ def test_relay_running_guest(case: tuple[Any, ...], workdir: Path,
     counters the guest kept incrementing on B, and those show no stale page and one common
     number of passes since A stopped. The recorded snapshot restores into QEMU 10 with
     exactly A's final RAM."""
+    relay_running_guest(case, workdir, relay_files, livemig_bg)
+
+
+# (TLS hop, source version, machine, incoming hop, outgoing hop, transports in/out); the
+# destination is QEMU 10 with the source's machine type
+RELAYS_TLS = [
+    ("in", "7.2", M72["pc"], (2, "none"), (2, "zstd"), ("tcp", "unix")),
+    ("out", "7.2", M72["pc"], (2, "zstd"), (2, "none"), ("unix", "tcp")),
+]
+
+
+@pytest.mark.parametrize("case", RELAYS_TLS, ids=[
+    f"tls-{h}-{v}-in-{_mode(*i)}-{t[0]}-out-{_mode(*o)}-{t[1]}-to-10.0"
+    for h, v, m, i, o, t in RELAYS_TLS])
+def test_relay_running_guest_tls(case: tuple[Any, ...], workdir: Path,
+                                 relay_files: dict[str, Path], livemig_bg: Launcher,
+                                 tmp_path_factory: pytest.TempPathFactory) -> None:
+    """As :func:`test_relay_running_guest`, from QEMU 7.2 to QEMU 10, with x509 TLS on one
+    hop (``--in-tls-*`` or ``--out-tls-*``) and plain multifd on the other."""
+    if not have_openssl():
+        pytest.skip("needs the openssl command")
+    hop, version, machine, rx, tx, transports = case
+    creds = make_creds(tmp_path_factory.mktemp("pki"))["friendly"]
+    relay_running_guest((version, machine, rx, tx, False, transports), workdir, relay_files,
+                        livemig_bg, dest_version="10.0", tls=(hop, creds))
+
+
+def relay_running_guest(case: tuple[Any, ...], workdir: Path, relay_files: dict[str, Path],
+                        livemig_bg: Launcher, *, dest_version: str | None = None,
+                        tls: tuple[str, str] | None = None) -> None:
+    """The body of the relay tests: ``tls`` is (the hop, "in" or "out"; credentials)."""
     version, machine, rx, tx, record, (t_in, t_out) = case
     in_uri, out_uri = mig_uri(t_in, workdir, "in"), mig_uri(t_out, workdir, "out")
     rec = workdir / "relay.snap"
     kernel = ("-kernel", str(relay_files["kernel"]))
-    with dest_peer(version, machine, workdir, memory=RELAY_MEMORY, extra=kernel) as b, \
+    tls_args: tuple[str, ...] = ()
+    with dest_peer(dest_version or version, machine, workdir, memory=RELAY_MEMORY,
+                   extra=kernel) as b, \
             dirty_source(version, machine, relay_files, workdir) as a:
+        if tls is not None and tls[0] == "in":
+            qemu_tls(a, "client", tls[1], hostname=SERVER_NAME)
+            tls_args = ("--in-tls-creds", tls[1], "--in-tls-authz", FRIEND)
+        elif tls is not None:
+            qemu_tls(b, "server", tls[1], authz=FRIEND)
+            tls_args = ("--out-tls-creds", tls[1], "--out-tls-hostname", SERVER_NAME)
         prepare_incoming(b, out_uri, *tx)
-        p = start_relay(livemig_bg, in_uri, out_uri, rx, tx, "--json",
+        p = start_relay(livemig_bg, in_uri, out_uri, rx, tx, "--json", *tls_args,
                         *(("--record", str(rec)) if record else ()))
         c0 = wait_dirtying(a)
         start_source_migration(a, in_uri, rx, RELAY_BANDWIDTH)

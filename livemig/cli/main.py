@@ -58,6 +58,43 @@ def _max_ram_option(p: argparse.ArgumentParser) -> None:
                         "at most 1T)")
 
 
+def _tls_options(p: argparse.ArgumentParser, prefix: str, role: str) -> None:
+    """``--{prefix}tls-*``: QEMU's tls-creds-x509 object and tls-* migration parameters;
+    ``role`` is "server" (a listening side) or "client"."""
+    p.add_argument(f"--{prefix}tls-creds", metavar="DIR",
+                   help="TLS on every channel, with the x509 credentials in DIR, laid out as "
+                        "QEMU's tls-creds-x509 dir: ca-cert.pem, "
+                        + ("server-cert.pem, server-key.pem" if role == "server"
+                           else "client-cert.pem, client-key.pem (optional)"))
+    if role == "client":
+        p.add_argument(f"--{prefix}tls-hostname", metavar="NAME",
+                       help="the name the destination's certificate must carry (default: "
+                            "the host of a tcp: URI; required over unix:)")
+    else:
+        p.add_argument(f"--{prefix}tls-authz", metavar="IDENTITY", action="append",
+                       default=[],
+                       help="let in only clients whose certificate subject is IDENTITY, "
+                            "written as QEMU's authz-simple identity, e.g. O=example,CN=client "
+                            "(repeatable)")
+    p.add_argument(f"--{prefix}tls-verify-peer", choices=("on", "off"), default="on",
+                   help="on (default): " + (
+                       "require a client certificate signed by the CA" if role == "server"
+                       else "check the destination's certificate") + "; off: do not")
+
+
+def _tls_kwargs(args: argparse.Namespace, prefix: str = "") -> dict[str, object]:
+    """The keyword arguments of :func:`_tls_options`' options (hostname for a client,
+    authz for a server)."""
+    a = prefix.replace("-", "_")
+    out: dict[str, object] = {
+        f"{a}tls_creds": getattr(args, f"{a}tls_creds"),
+        f"{a}tls_verify_peer": getattr(args, f"{a}tls_verify_peer") == "on"}
+    for opt in ("tls_hostname", "tls_authz"):
+        if hasattr(args, a + opt):
+            out[a + opt] = getattr(args, a + opt)
+    return out
+
+
 def _output_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("-q", "--quiet", action="store_true", help="no progress, no summary")
     p.add_argument("--json", action="store_true", help="print the summary as JSON")
@@ -90,6 +127,7 @@ def _build_parser() -> argparse.ArgumentParser:
                             "multifd-channels=N)")
     _accept_timeout_option(r)
     _max_ram_option(r)
+    _tls_options(r, "", "server")
     _output_options(r)
 
     s = sub.add_parser(
@@ -109,6 +147,7 @@ def _build_parser() -> argparse.ArgumentParser:
                    help="the destination's QMP socket: check machine type and RAM size before "
                         "sending, set the capabilities and parameters that must match, start "
                         "migrate-incoming if needed, and report QEMU's own error on failure")
+    _tls_options(s, "", "client")
     _output_options(s)
 
     y = sub.add_parser(
@@ -133,6 +172,8 @@ def _build_parser() -> argparse.ArgumentParser:
                         "failure")
     _max_ram_option(y)
     _accept_timeout_option(y)
+    _tls_options(y, "in-", "server")
+    _tls_options(y, "out-", "client")
     _output_options(y)
 
     i = sub.add_parser(
@@ -199,7 +240,7 @@ def _cmd_receive(args: argparse.Namespace) -> int:
         res = receive(args.uri, args.output, multifd_channels=args.multifd_channels,
                       multifd_compression=args.multifd_compression, stats=stats,
                       accept_timeout=args.accept_timeout, on_listening=listening,
-                      max_ram=args.max_ram)
+                      max_ram=args.max_ram, **_tls_kwargs(args))  # type: ignore[arg-type]
     summary = {
         "snapshot": res.snapshot,
         "snapshot_bytes": res.snapshot_bytes,
@@ -233,7 +274,7 @@ def _cmd_send(args: argparse.Namespace) -> int:
     with ProgressDisplay(stats, quiet=args.quiet, verb="sent"):
         res = send(args.snapshot, args.uri, multifd_channels=args.multifd_channels,
                    multifd_compression=args.multifd_compression, dest_qmp=args.dest_qmp,
-                   stats=stats)
+                   stats=stats, **_tls_kwargs(args))  # type: ignore[arg-type]
     summary = {"snapshot": args.snapshot, "uri": args.uri, "verdict": res.verdict,
                "ram_total": stats.total_ram, "normal_pages": stats.normal_pages,
                "zero_pages": stats.zero_pages, "bytes_sent": stats.bytes,
@@ -265,7 +306,8 @@ def _cmd_relay(args: argparse.Namespace) -> int:
                     out_multifd_channels=args.out_multifd_channels,
                     out_multifd_compression=args.out_multifd_compression, record=args.record,
                     stats=stats, accept_timeout=args.accept_timeout, on_listening=listening,
-                    dest_qmp=args.dest_qmp, max_ram=args.max_ram)
+                    dest_qmp=args.dest_qmp, max_ram=args.max_ram,
+                    **_tls_kwargs(args, "in-"), **_tls_kwargs(args, "out-"))  # type: ignore[arg-type]
     summary = {"machine": res.load.configuration.machine if res.load.configuration else None,
                "ram_total": stats.total_ram, "normal_pages": stats.normal_pages,
                "zero_pages": stats.zero_pages, "bytes_in": stats.bytes,

@@ -14,7 +14,13 @@ from __future__ import annotations
 import re
 import time
 
-from livemig.errors import ConfigError, MigrationError, PeerError, TransportError
+from livemig.errors import (
+    ConfigError,
+    MigrationError,
+    PeerError,
+    TlsSessionRefused,
+    TransportError,
+)
 from livemig.io.qmp_peer import QmpPeer
 from livemig.io.uri import Uri
 from livemig.migration.destination.loader import LoadResult
@@ -149,8 +155,9 @@ def explain_destination_failure(first: BaseException, qmp: QmpPeer | None,
     livemig knows of the stream (``known``: machine type, RAM) and that ``--dest-qmp``
     would check the destination first and report QEMU's reason. A destination that was
     never reached (``connected`` false) gets no such guess."""
-    if not isinstance(first, (TransportError, PeerError)):
-        return None
+    if not isinstance(first, (TransportError, PeerError)) or isinstance(first,
+                                                                          TlsSessionRefused):
+        return None  # (a refused TLS session is not about the VM)
     if qmp is not None:
         reason = qmp_failure_reason(qmp)
         return PeerError(str(first) + reason) if reason else None

@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 from livemig import limits
 from livemig.io.channels import DEFAULT_ACCEPT_TIMEOUT, FileSource
+from livemig.io.tls import settings_from
 from livemig.io.snapshot import SnapshotWriter, trailer_packets, trailer_payload
 from livemig.io.uri import Uri, parse_uri
 from livemig.migration.common.failure import FailureLatch
@@ -35,16 +36,22 @@ def receive(uri: str | Uri, output: str, *, multifd_channels: int = 0,
             accept_timeout: float = DEFAULT_ACCEPT_TIMEOUT,
             device_state_drain: float = DEVICE_STATE_DRAIN,
             on_listening: Callable[[str], None] | None = None,
-            max_ram: int = limits.DEFAULT_MAX_GUEST_RAM) -> ReceiveResult:
+            max_ram: int = limits.DEFAULT_MAX_GUEST_RAM,
+            tls_creds: str | None = None, tls_authz: Sequence[str] = (),
+            tls_verify_peer: bool = True) -> ReceiveResult:
     """Receive one migration on ``uri`` and write it to ``output`` as a mapped-ram snapshot.
 
     ``multifd_channels`` and ``multifd_compression`` mirror QEMU's parameters
     and must match the source's. ``max_ram`` is the most guest RAM the
     source may declare (a larger VM is refused before anything is sized for
-    it). Returns once the snapshot is on disk; on any
+    it). ``tls_creds`` (a directory laid out as QEMU's ``tls-creds-x509``) makes
+    every channel TLS, this side the server: ``tls_verify_peer`` requires a client
+    certificate signed by the CA, ``tls_authz`` lists the client distinguished names
+    let in (``O=...,CN=...``, as QEMU writes them). Returns once the snapshot is on disk; on any
     failure nothing is left at ``output`` and the first cause is raised.
     """
     u = parse_uri(uri) if isinstance(uri, str) else uri
+    tls = settings_from(tls_creds, None, tls_authz, tls_verify_peer)
     comp = multifd_settings(multifd_channels, multifd_compression)
     stats = stats or TransferStats()
     latch = FailureLatch()
@@ -55,7 +62,7 @@ def receive(uri: str | Uri, output: str, *, multifd_channels: int = 0,
         incoming = IncomingMigration(u, multifd_channels, comp, writer, latch, stats,
                                      on_device_state=devices.on_packet,
                                      on_channels_ended=devices.channels_ended,
-                                     max_ram=max_ram)
+                                     max_ram=max_ram, tls=tls)
     except BaseException:
         writer.abort()  # (its writeback thread too)
         raise

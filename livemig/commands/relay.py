@@ -28,7 +28,7 @@ anything goes wrong on either hop.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -44,6 +44,7 @@ from livemig.errors import ConfigError, StreamFormatError, TransportError
 from livemig.io.channels import DEFAULT_ACCEPT_TIMEOUT
 from livemig.io.qmp_peer import QmpPeer
 from livemig.io.snapshot import SnapshotWriter
+from livemig.io.tls import TlsSettings, settings_from
 from livemig.io.uri import TcpUri, UnixUri, Uri, parse_uri
 from livemig.migration.common.failure import FailureLatch
 from livemig.migration.common.stats import TransferStats
@@ -285,15 +286,22 @@ def relay(listen: str | Uri, dest: str | Uri, *, in_multifd_channels: int = 0,
           stats: TransferStats | None = None, accept_timeout: float = DEFAULT_ACCEPT_TIMEOUT,
           on_listening: Callable[[str], None] | None = None,
           dest_qmp: str | None = None,
-          max_ram: int = limits.DEFAULT_MAX_GUEST_RAM) -> RelayResult:
+          max_ram: int = limits.DEFAULT_MAX_GUEST_RAM,
+          in_tls_creds: str | None = None, in_tls_authz: Sequence[str] = (),
+          in_tls_verify_peer: bool = True, out_tls_creds: str | None = None,
+          out_tls_hostname: str | None = None, out_tls_verify_peer: bool = True,
+          ) -> RelayResult:
     """Accept a migration on ``listen`` and forward it to the QEMU listening at ``dest``.
 
     With ``dest_qmp`` (the destination's QMP socket), the destination is checked and
     prepared as ``send`` does it: its machine type once the source's configuration
     arrives, before the relay connects to it; its RAM once the source's block list
     arrives, before the block list is forwarded. A failure adds QEMU's own reason.
-    ``max_ram`` is the most guest RAM the source may declare (as for ``receive``)."""
+    ``max_ram`` is the most guest RAM the source may declare (as for ``receive``).
+    ``in_tls_*`` and ``out_tls_*`` set each hop's TLS as ``receive`` and ``send`` do."""
     lu = parse_uri(listen) if isinstance(listen, str) else listen
+    in_tls = settings_from(in_tls_creds, None, in_tls_authz, in_tls_verify_peer)
+    out_tls = settings_from(out_tls_creds, out_tls_hostname, (), out_tls_verify_peer)
     du = parse_uri(dest) if isinstance(dest, str) else dest
     if not isinstance(lu, (TcpUri, UnixUri)) or not isinstance(du, (TcpUri, UnixUri)):
         raise ConfigError("relay needs tcp: or unix: URIs on both sides")
@@ -306,7 +314,7 @@ def relay(listen: str | Uri, dest: str | Uri, *, in_multifd_channels: int = 0,
     try:
         return _relay(lu, du, in_multifd_channels, in_comp, out_multifd_channels, out_comp,
                       record, stats or TransferStats(), accept_timeout, on_listening, qmp,
-                      max_ram)
+                      max_ram, in_tls, out_tls)
     finally:
         if qmp is not None:
             qmp.close()
@@ -316,14 +324,15 @@ def _relay(lu: Uri, du: Uri, in_multifd_channels: int, in_comp: MultifdCompressi
            out_multifd_channels: int, out_comp: MultifdCompression, record: str | None,
            stats: TransferStats, accept_timeout: float,
            on_listening: Callable[[str], None] | None, qmp: QmpPeer | None,
-           max_ram: int) -> RelayResult:
+           max_ram: int, in_tls: TlsSettings | None,
+           out_tls: TlsSettings | None) -> RelayResult:
     latch = FailureLatch()
     writer = SnapshotWriter(record) if record else None
     # the outgoing hop counts its own bytes: ``stats`` shows what arrives
     out = OutgoingStream(du, sync_mode=SyncMode.PER_ROUND, stats=TransferStats(),
                          channels=out_multifd_channels, compression=out_comp, latch=latch,
                          peer="the destination QEMU", direct=True, auto_part=True,
-                         main_name="destination main channel")
+                         main_name="destination main channel", tls=out_tls)
     sink = _RelaySink(out, writer)
     fwd = _Forwarder(out, sink)
     if qmp is not None:
@@ -339,7 +348,8 @@ def _relay(lu: Uri, du: Uri, in_multifd_channels: int, in_comp: MultifdCompressi
         fwd.recorder = DeviceStateRecorder(writer.store_device_state)
     incoming = IncomingMigration(lu, in_multifd_channels, in_comp, sink, latch, stats,
                                  main_name="source main channel",
-                                 on_device_state=fwd.device_state, max_ram=max_ram)
+                                 on_device_state=fwd.device_state, max_ram=max_ram,
+                                 tls=in_tls)
     try:
         incoming.connect(accept_timeout=accept_timeout, on_listening=on_listening)
         if incoming.multifd is not None:

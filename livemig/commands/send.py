@@ -29,6 +29,7 @@ from livemig import limits
 from livemig.commands.inspect import CountingSink, PageState, load_file
 from livemig.errors import ConfigError
 from livemig.io.snapshot import trailer_packets, trailer_payload
+from livemig.io.tls import settings_from
 from livemig.io.uri import ExecUri, TcpUri, UnixUri, Uri, parse_uri
 from livemig.migration.common.stats import TransferStats
 from livemig.migration.common.sync import SyncMode
@@ -61,9 +62,18 @@ class SendResult:
 def send(snapshot: str, uri: str | Uri, *, multifd_channels: int = 0,
          multifd_compression: str | MultifdCompression = "none",
          dest_qmp: str | None = None, stats: TransferStats | None = None,
-         sync_mode: str | SyncMode | None = None) -> SendResult:
-    """Migrate ``snapshot`` into the QEMU destination listening at ``uri``."""
+         sync_mode: str | SyncMode | None = None,
+         tls_creds: str | None = None, tls_hostname: str | None = None,
+         tls_verify_peer: bool = True) -> SendResult:
+    """Migrate ``snapshot`` into the QEMU destination listening at ``uri``.
+
+    ``tls_creds`` (a directory laid out as QEMU's ``tls-creds-x509``) makes every
+    channel TLS, this side the client: the destination's certificate must carry
+    ``tls_hostname``, or the host of a tcp: URI (unix: needs ``tls_hostname``)."""
     u = parse_uri(uri) if isinstance(uri, str) else uri
+    tls = settings_from(tls_creds, tls_hostname, (), tls_verify_peer)
+    if tls is not None and isinstance(u, ExecUri):
+        raise ConfigError("TLS needs a tcp: or unix: destination")
     try:
         comp = MultifdCompression(multifd_compression)
     except ValueError:
@@ -105,7 +115,7 @@ def send(snapshot: str, uri: str | Uri, *, multifd_channels: int = 0,
     fd = os.open(snapshot, os.O_RDONLY | os.O_CLOEXEC)
     try:
         with OutgoingStream(u, sync_mode=mode, stats=stats, channels=multifd_channels,
-                            compression=comp, peer="the destination QEMU") as out:
+                            compression=comp, peer="the destination QEMU", tls=tls) as out:
             try:
                 verdict = _stream(out, load, sink, fd, cfg.uuid, snapshot, device_state)
             except BaseException as e:

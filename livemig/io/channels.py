@@ -27,6 +27,7 @@ from typing import Protocol, runtime_checkable
 
 from livemig.errors import ConfigError, StreamFormatError, TransportError
 from livemig.io.paths import check_socket_path, open_regular_file
+from livemig.io.tls import REFUSED_AFTER_HANDSHAKE, TlsSettings, TlsSocket, accept_tls
 from livemig.io.uri import ExecUri, FileUri, TcpUri, UnixUri, Uri
 from livemig.wire.device_state_trailer import FOOTER_SIZE, trailer_from_footer
 
@@ -40,6 +41,17 @@ DEFAULT_ACCEPT_TIMEOUT = 3600.0
 #: opens them all at once, so a missing channel means a mismatched
 #: multifd-channels setting (QEMU itself would wait forever here).
 MULTIFD_CONNECT_TIMEOUT = 30.0
+
+
+#: The first two bytes of a TLS record that carries a handshake (a ClientHello): a
+#: QEMU source with tls-creds talking to a plain listener. No migration channel starts
+#: so (``QEVM``, multifd magic 0x11223344).
+TLS_HANDSHAKE_RECORD = b"\x16\x03"
+
+#: Seconds between two looks, while TLS connections are awaited, at those already
+#: there: QEMU refuses a session (its hostname check) by closing the connection after
+#: the handshake, and then opens no other channel.
+TLS_REFUSAL_CHECK = 0.1
 
 
 class ByteSource(Protocol):
@@ -109,6 +121,8 @@ class SocketSource:
     def alive(self) -> bool:
         """False once the peer has closed its side and nothing it sent is left unread
         (no data is consumed)."""
+        if isinstance(self.sock, TlsSocket):
+            return not self.sock.peer_closed()
         try:
             return self.sock.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT) != b""
         except BlockingIOError:
@@ -257,10 +271,15 @@ class Listener:
     either of them through an eventfd they wait on with the socket: ``shutdown(2)``
     alone does not wake a ``poll`` on a listening unix socket. :meth:`close` frees
     the socket once nothing waits on it any more.
+
+    With ``tls``, every connection makes its TLS handshake (and passes ``tls-authz``)
+    before it is classified, on its decrypted bytes.
     """
 
-    def __init__(self, uri: Uri) -> None:
+    def __init__(self, uri: Uri, tls: TlsSettings | None = None) -> None:
         self.uri = uri
+        self.tls = tls
+        self._tls_ctx = tls.server_context() if tls is not None else None
         self._unlink: str | None = None
         self._unlink_id = (0, 0)
         self._lock = threading.Lock()
@@ -349,6 +368,8 @@ class Listener:
         silent connection). :meth:`shutdown` ends the wait with a
         :class:`~livemig.errors.TransportError`.
         """
+        if self.tls is not None:
+            return self._accept_tls_migration(multifd_channels, timeout, on_accept)
         main: socket.socket | None = None
         multifd: list[socket.socket] = []
         deadline = time.monotonic() + timeout
@@ -375,7 +396,7 @@ class Listener:
                 if on_accept is not None:
                     on_accept(conn)
                 _tune(conn)
-                kind = _classify(conn, left)
+                kind = _classify(conn, left, f"{self.address}: connection from {_peer(conn)}")
                 if kind == "main":
                     if main is not None:
                         conn.close()
@@ -393,6 +414,63 @@ class Listener:
         except BaseException:
             for s in multifd + ([main] if main else []):
                 _close_socket(s)
+            raise
+        return main, multifd
+
+    def _accept_tls_migration(self, multifd_channels: int, timeout: float,
+                              on_accept: Callable[[socket.socket], None] | None,
+                              ) -> tuple[socket.socket, list[socket.socket]]:
+        """:meth:`accept_migration` over TLS: every connection makes its handshake first,
+        and only once all of them have is any classified. QEMU 8.0+ sends nothing on
+        the main channel before its multifd channels are set up, and over TLS that
+        takes this side's part in each handshake: classifying (reading) the main channel
+        first would wait for QEMU while QEMU waits for us."""
+        assert self.tls is not None and self._tls_ctx is not None
+        want = multifd_channels + 1
+        conns: list[tuple[socket.socket, str]] = []
+        deadline = time.monotonic() + timeout
+        try:
+            while len(conns) < want:
+                left = deadline - time.monotonic()
+                conn = self._accept(min(deadline, time.monotonic() + TLS_REFUSAL_CHECK)) \
+                    if left > 0 else None
+                for c, peer in conns:  # a source that refused the session opens no more
+                    assert isinstance(c, TlsSocket)
+                    if c.peer_closed():
+                        raise TransportError(f"{peer}: {REFUSED_AFTER_HANDSHAKE}")
+                if conn is None and left > 0 and time.monotonic() < deadline:
+                    continue
+                if conn is None:
+                    raise TransportError(
+                        f"{self.address}: timed out waiting for the migration ("
+                        + (f"{len(conns)} of {want} TLS connections" if conns
+                           else "no connection")
+                        + "); do both sides use the same multifd-channels?")
+                if on_accept is not None:
+                    on_accept(conn)
+                _tune(conn)
+                peer = f"{self.address}: TLS connection from {_peer(conn)}"
+                conn = accept_tls(conn, self._tls_ctx, self.tls, peer, left)
+                if on_accept is not None:
+                    on_accept(conn)  # the TLS socket replaced the plain one
+                conns.append((conn, peer))
+                deadline = min(deadline, time.monotonic() + MULTIFD_CONNECT_TIMEOUT)
+            main: socket.socket | None = None
+            multifd: list[socket.socket] = []
+            for conn, peer in conns:
+                if _classify(conn, max(0.0, deadline - time.monotonic()) + 1.0, peer) == "main":
+                    if main is not None:
+                        raise TransportError(f"{self.address}: a second main channel connected")
+                    main = conn
+                else:
+                    multifd.append(conn)
+            if main is None:
+                raise TransportError(f"{self.address}: no main channel among {want} "
+                                     "connections (is multifd enabled on the source "
+                                     "with another channel count?)")
+        except BaseException:
+            for c, _ in conns:
+                _close_socket(c)
             raise
         return main, multifd
 
@@ -460,10 +538,36 @@ def _tune(conn: socket.socket) -> None:
         pass
 
 
-def _classify(conn: socket.socket, timeout: float) -> str:
+def _peer(conn: socket.socket) -> str:
+    try:
+        name = conn.getpeername()
+    except OSError:
+        return "?"
+    return f"{name[0]}:{name[1]}" if isinstance(name, tuple) else "a unix: client"
+
+
+def _read_head(conn: TlsSocket) -> bytes:
+    """A TLS channel's first 4 bytes, handed back to it (no MSG_PEEK for TLS)."""
+    head = b""
+    while len(head) < 4:
+        chunk = conn.recv(4 - len(head))
+        if not chunk:
+            break
+        head += chunk
+    conn.give_back(head)
+    return head
+
+
+def _classify(conn: socket.socket, timeout: float, peer: str = "a connection") -> str:
     conn.settimeout(min(timeout, MULTIFD_CONNECT_TIMEOUT))
     try:
-        head = conn.recv(4, socket.MSG_PEEK | socket.MSG_WAITALL)
+        if isinstance(conn, TlsSocket):
+            head = _read_head(conn)
+            if not head:
+                conn.close()
+                raise TransportError(f"{peer}: {REFUSED_AFTER_HANDSHAKE}")
+        else:
+            head = conn.recv(4, socket.MSG_PEEK | socket.MSG_WAITALL)
     except OSError as e:
         conn.close()
         raise TransportError(f"a connection failed before sending anything: {e}") from e
@@ -472,6 +576,10 @@ def _classify(conn: socket.socket, timeout: float) -> str:
             conn.settimeout(None)
         except OSError:
             pass
+    if head[:2] == TLS_HANDSHAKE_RECORD:
+        conn.close()
+        raise TransportError(f"{peer}: the source speaks TLS (its first bytes are a TLS "
+                             "handshake) and this side does not: give it --tls-creds")
     if len(head) < 4:
         conn.close()
         raise TransportError("a connection closed before sending 4 bytes (not a QEMU "

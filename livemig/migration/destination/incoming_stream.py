@@ -17,6 +17,7 @@ from livemig import limits
 from livemig.errors import ConfigError, MigrationError, TransportError
 from livemig.io.channels import ByteSource, ExecSource, Listener, SocketSource, open_source
 from livemig.io.interrupts import deferred
+from livemig.io.tls import TlsSettings
 from livemig.io.uri import ExecUri, FileUri, TcpUri, UnixUri, Uri
 from livemig.migration.common.failure import FailureLatch
 from livemig.migration.common.stats import TransferStats
@@ -66,7 +67,8 @@ class IncomingMigration:
                  main_name: str = "main channel",
                  on_device_state: DeviceStateCallback | None = None,
                  on_channels_ended: Callable[[], None] | None = None,
-                 max_ram: int = limits.DEFAULT_MAX_GUEST_RAM) -> None:
+                 max_ram: int = limits.DEFAULT_MAX_GUEST_RAM,
+                 tls: TlsSettings | None = None) -> None:
         if channels and not isinstance(uri, (TcpUri, UnixUri)):
             raise ConfigError(f"multifd needs a tcp: or unix: URI, not {uri}")
         self.uri = uri
@@ -80,6 +82,9 @@ class IncomingMigration:
         self.on_channels_ended = on_channels_ended
         self.threads = ThreadGroup("incoming", latch)
         self.max_ram = max_ram
+        self.tls = tls
+        if tls is not None and not isinstance(uri, (TcpUri, UnixUri)):
+            raise ConfigError(f"TLS needs a tcp: or unix: URI, not {uri}")
         self.listener: Listener | None = None
         self.source: ByteSource | None = None
         self.multifd: MultifdReceiver | None = None
@@ -96,7 +101,7 @@ class IncomingMigration:
             with deferred():  # a child command is kept before SIGTERM may unwind
                 self.source = open_source(u)
             return
-        self.listener = Listener(u)
+        self.listener = Listener(u, self.tls)
         self.latch.on_failure(self.listener.shutdown)  # a cancel wakes the accept
         if on_listening is not None:
             on_listening(self.listener.address)

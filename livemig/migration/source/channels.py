@@ -14,6 +14,7 @@ import time
 from collections.abc import Callable
 
 from livemig.errors import ConfigError, StreamFormatError, TransportError
+from livemig.io.tls import TlsSettings, connect_tls, refused
 from livemig.io.uri import TcpUri, UnixUri, Uri
 from livemig.migration.common.failure import FailureLatch
 from livemig.wire.constants import ReturnPathMessage
@@ -72,6 +73,9 @@ class MainWriter:
             try:
                 self._write(self.buf)
             except OSError as e:
+                tls = refused(self.name, e)
+                if tls is not None:
+                    raise tls from e
                 raise TransportError(f"{self.name}: send failed: {e.strerror or e} (did the "
                                      "destination close the connection?)") from e
             self.sent += len(self.buf)
@@ -133,14 +137,20 @@ def let_main_channel_lead(u: Uri) -> None:
 
 
 def connect_channel(u: Uri, latch: FailureLatch, timeout: float = CONNECT_RETRY_SECONDS,
+                    *, tls: TlsSettings | None = None, name: str = "main channel",
                     ) -> socket.socket:
     """Connect, retrying for ``timeout`` seconds while the destination may still appear
     (a unix: path that does not exist yet: the destination creates it once it listens);
     a failure of ``latch`` (a cancel) ends the retries at once. Any other error, such as
     a tcp: connection refused (nothing listens on that port), fails at once, as QEMU's
-    ``migrate`` does."""
+    ``migrate`` does. With ``tls``, the channel (``name`` in errors) makes its TLS
+    handshake before it is returned."""
     if not isinstance(u, (TcpUri, UnixUri)):
         raise ConfigError(f"a migration channel needs a tcp: or unix: URI, not {u}")
+    ctx, server_name = None, ""
+    if tls is not None:
+        ctx = tls.client_context()
+        server_name = tls.server_name(u.host if isinstance(u, TcpUri) else None)
     deadline = time.monotonic() + timeout
     wake = threading.Event()
     latch.on_failure(wake.set)
@@ -157,6 +167,8 @@ def connect_channel(u: Uri, latch: FailureLatch, timeout: float = CONNECT_RETRY_
             s.settimeout(None)
             with contextlib.suppress(OSError):  # a smaller buffer only costs speed
                 s.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4 << 20)
+            if ctx is not None:  # (a failed handshake raises TransportError: no retry)
+                return connect_tls(s, ctx, server_name, f"{name} to {u}")
             return s
         except OSError as e:
             if s is not None:

@@ -42,6 +42,7 @@ import numpy as np
 
 from livemig import limits
 from livemig.errors import ChannelError, MigrationError, StateError
+from livemig.io.tls import is_tls, refused
 from livemig.migration.common.failure import FailureLatch
 from livemig.migration.common.stats import TransferStats
 from livemig.migration.common.thread_group import ThreadGroup
@@ -122,6 +123,10 @@ class SendChannel:
         self.stats = stats
         self._numbers = packet_numbers
         self._bounce: memoryview | None = None
+        #: pages of a file cannot go by ``sendfile``: it would bypass the encryption
+        self._tls = is_tls(sock)
+        #: the initial packet went out as the channel was opened (see ``init_sent``)
+        self.init_sent = False
         self.sent = 0
 
     def _move(self, event: str) -> None:
@@ -138,13 +143,17 @@ class SendChannel:
         try:
             n = sendmsg_all(self.sock, buffers)
         except OSError as e:
+            tls = refused(self.where, e) if self._tls else None
+            if tls is not None:
+                raise tls from e
             raise ChannelError(f"{self.where}: send failed: {e.strerror or e} (did the "
                                "destination close the connection?)") from e
         self._count(n)
 
     def send_init(self, uuid: bytes) -> None:
         self._move("init")
-        self.write([InitPacket(uuid, self.index).encode()])
+        if not self.init_sent:
+            self.write([InitPacket(uuid, self.index).encode()])
 
     def send_sync(self) -> None:
         self._move("sync")
@@ -172,9 +181,10 @@ class SendChannel:
     def send_file_pages(self, block: str, offsets: np.ndarray, fd: int,
                         file_offset: int) -> None:
         """One RAM packet whose pages are read from ``fd`` at ``file_offset + offset``:
-        uncompressed they go from the page cache to the socket with ``sendfile``."""
+        uncompressed they go from the page cache to the socket with ``sendfile``
+        (over TLS, through a buffer)."""
         runs = page_runs(offsets)
-        if self.comp is not None:
+        if self.comp is not None or self._tls:
             if self._bounce is None:
                 self._bounce = memoryview(bytearray(limits.MULTIFD_PACKET_BYTES))
             pos = 0
@@ -273,7 +283,10 @@ class MultifdSender:
 
     def __init__(self, sockets: Sequence[socket.socket], compression: MultifdCompression,
                  uuid: bytes | None, latch: FailureLatch, stats: TransferStats, *,
-                 group: ThreadGroup | None = None, name: str = "multifd channel") -> None:
+                 group: ThreadGroup | None = None, name: str = "multifd channel",
+                 init_sent: bool = False) -> None:
+        """``init_sent``: the caller sent each channel's initial packet as it opened it
+        (over TLS a QEMU destination reads it before it answers the next handshake)."""
         self.n = len(sockets)
         if not self.n:
             raise ValueError("a multifd sender needs at least one channel")
@@ -283,6 +296,8 @@ class MultifdSender:
         stats.multifd_bytes = [0] * self.n
         self.channels = [SendChannel(i, s, compression, self._numbers, stats, f"{name} {i}")
                          for i, s in enumerate(sockets)]
+        for ch in self.channels:
+            ch.init_sent = init_sent
         self._rr_lock = threading.Lock()
         self._rr = 0
         self._group = group

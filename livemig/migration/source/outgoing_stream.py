@@ -35,6 +35,7 @@ import numpy as np
 from livemig.errors import ConfigError, PeerError, TransportError
 from livemig.io.channels import end_command, start_command
 from livemig.io.interrupts import deferred
+from livemig.io.tls import TlsSettings, refused
 from livemig.io.uri import ExecUri, TcpUri, UnixUri, Uri
 from livemig.migration.common.failure import FailureLatch
 from livemig.migration.common.stats import TransferStats
@@ -50,6 +51,7 @@ from livemig.migration.source.channels import (
 from livemig.migration.source.multifd_sender import MultifdSender, PacketJob
 from livemig.migration.source.payloads import PagePayload
 from livemig.wire.constants import Command, MultifdCompression, SectionType
+from livemig.wire.multifd import InitPacket
 from livemig.wire.ram import PageRecords, encode_eos, encode_multifd_flush, encode_zero_records
 from livemig.wire.stream import encode_command, encode_footer, encode_section_header
 
@@ -77,7 +79,7 @@ class OutgoingStream:
                  channels: int = 0, compression: MultifdCompression = MultifdCompression.NONE,
                  latch: FailureLatch | None = None, peer: str = "the destination",
                  direct: bool = False, auto_part: bool = False,
-                 main_name: str = "main channel") -> None:
+                 main_name: str = "main channel", tls: TlsSettings | None = None) -> None:
         if channels and not isinstance(uri, (TcpUri, UnixUri)):
             raise ConfigError("multifd needs a tcp: or unix: destination")
         self.uri = uri
@@ -91,6 +93,9 @@ class OutgoingStream:
         self._direct = direct
         self._auto_part = auto_part
         self._main_name = main_name
+        self.tls = tls
+        if tls is not None and not isinstance(uri, (TcpUri, UnixUri)):
+            raise ConfigError(f"TLS needs a tcp: or unix: destination, not {uri}")
         self._sock: socket.socket | None = None
         self._proc: subprocess.Popen[bytes] | None = None
         self._sockets: list[socket.socket] = []
@@ -137,7 +142,7 @@ class OutgoingStream:
                 pipe.flush()
             self._main = MainWriter(write, str(self.uri))
             return
-        sock = connect_channel(self.uri, self.latch)
+        sock = connect_channel(self.uri, self.latch, tls=self.tls, name=self._main_name)
         self._sockets.append(sock)
         self.latch.add_socket(sock)
         self._sock = sock
@@ -160,14 +165,25 @@ class OutgoingStream:
         self.flush()
         let_main_channel_lead(self.uri)
         socks = []
-        for _ in range(self.channels):  # each one closed at the end, even if a later fails
-            s = connect_channel(self.uri, self.latch)
+        for i in range(self.channels):  # each one closed at the end, even if a later fails
+            s = connect_channel(self.uri, self.latch, tls=self.tls, name=f"multifd channel {i}")
             self._sockets.append(s)
             socks.append(s)
+            if self.tls is not None:
+                # QEMU reads a channel's initial packet (blocking its main loop) before it
+                # takes part in the next channel's TLS handshake: send it at once
+                try:
+                    s.sendall(InitPacket(uuid or bytes(16), i).encode())
+                except OSError as e:
+                    tls = refused(f"multifd channel {i}", e)
+                    if tls is not None:
+                        raise tls from e
+                    raise TransportError(f"multifd channel {i}: send failed: "
+                                         f"{e.strerror or e}") from e
         self.sender = MultifdSender(socks, self.compression, uuid, self.latch, self.stats,
                                     group=None if self._direct else self.group,
                                     name="destination multifd channel" if self._direct
-                                    else "multifd channel")
+                                    else "multifd channel", init_sent=self.tls is not None)
 
     def close(self) -> None:
         """Join every thread and close every descriptor (idempotent)."""
