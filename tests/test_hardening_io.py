@@ -319,11 +319,16 @@ def test_bitmap_offset_over_the_header_is_refused(tmp_path: Path, stream: Path) 
 # -- item 14b: fewer multifd channels than expected: the message says the counts differ ------
 
 
-def test_fewer_multifd_channels_says_the_counts_differ(tmp_path: Path) -> None:
+@pytest.mark.parametrize("accept_timeout", ["5", "3600"])
+def test_fewer_multifd_channels_says_the_counts_differ(tmp_path: Path,
+                                                       accept_timeout: str) -> None:
+    """Also with an hour to accept: once the main channel is there, a gap of
+    MULTIFD_CONNECT_GAP without a connection ends the wait (it took 30 s before; the
+    wait below fails the test after 20 s)."""
     path = tmp_path / "m.sock"
     cli = LivemigCli(["receive", f"unix:{path}", "-o", str(tmp_path / "o.snap"), "-q",
-                      "--multifd-channels", "3", "--accept-timeout", "5"], tmp_path,
-                     uri=f"unix:{path}")
+                      "--multifd-channels", "3", "--accept-timeout", accept_timeout],
+                     tmp_path, uri=f"unix:{path}")
     socks = []
     try:
         cli.wait_listening()
@@ -332,7 +337,7 @@ def test_fewer_multifd_channels_says_the_counts_differ(tmp_path: Path) -> None:
             s.connect(str(path))
             s.sendall(first)
             socks.append(s)
-        r = cli.wait()
+        r = cli.wait(timeout=20)
     finally:
         for s in socks:
             s.close()

@@ -37,9 +37,13 @@ QEVM = b"QEVM"
 #: starts must not hang a script forever.
 DEFAULT_ACCEPT_TIMEOUT = 3600.0
 
-#: Seconds between the main connection and the last multifd connection; QEMU
-#: opens them all at once, so a missing channel means a mismatched
-#: multifd-channels setting (QEMU itself would wait forever here).
+#: Seconds to wait for the next multifd connection once the main channel is there:
+#: QEMU opens all of its channels at once (milliseconds apart), so a gap this long
+#: means no more are coming -- a mismatched multifd-channels setting, reported then
+#: instead of after a long wait (QEMU itself would wait forever here). Each new
+#: connection starts the gap again.
+MULTIFD_CONNECT_GAP = 5.0
+#: Seconds a connection gets to say what it is (its first bytes).
 MULTIFD_CONNECT_TIMEOUT = 30.0
 
 
@@ -372,7 +376,7 @@ class Listener:
             return self._accept_tls_migration(multifd_channels, timeout, on_accept)
         main: socket.socket | None = None
         multifd: list[socket.socket] = []
-        deadline = time.monotonic() + timeout
+        overall = deadline = time.monotonic() + timeout
         try:
             while main is None or len(multifd) < multifd_channels:
                 left = deadline - time.monotonic()
@@ -402,7 +406,7 @@ class Listener:
                         conn.close()
                         raise TransportError(f"{self.address}: a second main channel connected")
                     main = conn
-                    deadline = min(deadline, time.monotonic() + MULTIFD_CONNECT_TIMEOUT)
+                    deadline = min(overall, time.monotonic() + MULTIFD_CONNECT_GAP)
                 else:
                     if len(multifd) >= multifd_channels:
                         conn.close()
@@ -411,6 +415,8 @@ class Listener:
                             f"(multifd-channels is {multifd_channels} here; is multifd "
                             "enabled with another channel count on the source?)")
                     multifd.append(conn)
+                    if main is not None:
+                        deadline = min(overall, time.monotonic() + MULTIFD_CONNECT_GAP)
         except BaseException:
             for s in multifd + ([main] if main else []):
                 _close_socket(s)
