@@ -69,7 +69,7 @@ from livemig.wire.events import (
 )
 from livemig.wire.multifd import encode_device_state_header
 from livemig.wire.ram import encode_block_list
-from livemig.wire.stream import encode_file_header, encode_section_header, encode_vmdescription
+from livemig.wire.stream import encode_file_header, encode_vmdescription
 
 PS = limits.TARGET_PAGE_SIZE
 #: Pages of one address chunk always use the same outgoing channel.
@@ -212,9 +212,9 @@ class _Forwarder:
                 if out.body_open:  # END after a PART the relay opened itself
                     self._sync_point(mid_section=False)
                 out.ram_section_id = ev.section_id
-                out.put_raw_section_header(encode_section_header(
-                    ev.kind, ev.section_id, ev.idstr, ev.instance_id, ev.version_id),
-                    ev.section_id)
+                # (the decoder's section headers are the RAM section's START/PART/END)
+                out.section_header(ev.kind, ev.section_id, ev.idstr, ev.instance_id,
+                                   ev.version_id)
         elif isinstance(ev, RamMultifdFlush):
             self._sync_point(mid_section=True)
         elif isinstance(ev, RamEndOfSection):

@@ -261,11 +261,9 @@ class IncomingMachineMigration(MigrationRun):
 
     def query(self) -> dict[str, Any]:
         st = self.status
-        out: dict[str, Any] = {"status": st.value}
+        out = self._query_head()
         if st is MigrationStatus.NONE:
             return out
-        now = self.end_time or time.monotonic()
-        out["total-time"] = int((now - self.start_time) * 1000)
         s = self.stats
         out["ram"] = {"transferred": s.bytes, "remaining": 0, "total": self.machine.ram_size,
                       "duplicate": s.zero_pages, "normal": s.normal_pages,

@@ -55,6 +55,14 @@ class MigrationRun:
     def finished(self) -> bool:
         return self.status in FINISHED
 
+    def _query_head(self) -> dict[str, Any]:
+        """The start of ``query-migrate``: the status and, once started, its total time."""
+        out: dict[str, Any] = {"status": self.status.value}
+        if self.status is not MigrationStatus.NONE:
+            now = self.end_time or time.monotonic()
+            out["total-time"] = int((now - self.start_time) * 1000)
+        return out
+
     def _set_status(self, new: MigrationStatus | str) -> None:
         with self._lock:
             self._set_status_locked(new)

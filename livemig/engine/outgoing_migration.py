@@ -457,11 +457,9 @@ class OutgoingMigration(MigrationRun):
     def query(self) -> dict[str, Any]:
         """``query-migrate`` as QEMU 10 shapes it."""
         st = self.status
-        out: dict[str, Any] = {"status": st.value}
+        out = self._query_head()
         if st is MigrationStatus.NONE:
             return out
-        now = self.end_time or time.monotonic()
-        out["total-time"] = int((now - self.start_time) * 1000)
         if self.setup_time_ms is not None:
             out["setup-time"] = self.setup_time_ms
         if st is MigrationStatus.COMPLETED and self.downtime_ms is not None:

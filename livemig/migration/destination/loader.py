@@ -29,7 +29,7 @@ from livemig.errors import (
     TruncatedStream,
     allocating,
 )
-from livemig.io.channels import ByteSource, LivenessSource, SeekableSource
+from livemig.io.channels import ByteSource, SeekableSource
 from livemig.migration.common.failure import FailureLatch
 from livemig.migration.common.stats import TransferStats
 from livemig.migration.destination.multifd_receiver import MainChannelWatch, MultifdReceiver
@@ -148,7 +148,6 @@ class MainChannelLoader:
         self.max_ram = max_ram
         self.observer = observer
         self.requires_configuration = isinstance(sink, SnapshotSink)
-        self._alive = source.alive if isinstance(source, LivenessSource) else None
         self.source = source
         self.sink = sink
         self.stats = stats

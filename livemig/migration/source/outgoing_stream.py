@@ -235,12 +235,6 @@ class OutgoingStream:
                                       SectionType.SECTION_END)
             self._last_block = None
 
-    def put_raw_section_header(self, raw: bytes, section_id: int) -> None:
-        with self.main.lock:
-            self.put(raw)
-            self.body_open = True
-            self._last_block = None
-
     def command(self, cmd: Command, payload: bytes = b"", *, flush: bool = False) -> None:
         self.put(encode_command(cmd, payload))
         if flush:
